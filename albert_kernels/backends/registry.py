@@ -1,0 +1,111 @@
+"""The one registration point for kernel backends.
+
+A backend is a module that defines the five ops with these signatures (inputs are already
+validated by the op layer, so backends never check user input again):
+
+    attention(q, k, v, key_padding_mask, scale)          q, k, v [B, H, L, D]
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)   q, k, v [T, H, D]
+    add_layer_norm(x, residual, weight, bias, eps)
+    linear_gelu(x, weight, bias, approximate)
+    gelu_ffn(x, w1, b1, w2, b2, approximate)
+
+plus module-level ``DTYPES`` (set of accepted dtypes) and ``HEAD_DIMS`` (accepted attention head
+dims, or None for any). A backend is described by a :class:`BackendSpec` whose ``probe`` tells
+whether it can run on a device type, and whose ``load`` imports the module (lazily: a backend that
+fails to build or import costs nothing until it is asked for).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable, Optional
+
+from ..errors import BackendUnavailable
+
+# Returns None when the backend can run on the device type, else the reason it cannot.
+Probe = Callable[[str], Optional[str]]
+
+
+@dataclass
+class BackendSpec:
+    name: str
+    module: str                       # dotted module path, imported on first use
+    probe: Probe                      # device type -> None (ok) or reason
+    priority: dict = field(default_factory=dict)  # device type -> rank for backend=None (higher wins)
+    _loaded: Optional[ModuleType] = None
+    _load_error: Optional[str] = None
+
+    def load(self) -> ModuleType:
+        if self._loaded is None:
+            if self._load_error is not None:
+                raise BackendUnavailable(self._load_error)
+            try:
+                self._loaded = importlib.import_module(self.module)
+            except BackendUnavailable as e:
+                self._load_error = f"backend {self.name!r} is unavailable: {e}"
+                raise BackendUnavailable(self._load_error) from e
+            except Exception as e:  # an import or build error: report it, keep the others working
+                self._load_error = f"backend {self.name!r} failed to load: {type(e).__name__}: {e}"
+                raise BackendUnavailable(self._load_error) from e
+        return self._loaded
+
+
+_BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Add (or replace) a backend. The op layer never needs to change for a new backend."""
+    _BACKENDS[spec.name] = spec
+
+
+def backend_names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def unavailable_reason(name: str, device_type: str) -> Optional[str]:
+    """None if backend `name` can run on `device_type`, else a sentence saying why not."""
+    spec = _BACKENDS.get(name)
+    if spec is None:
+        return f"unknown backend {name!r}; known: {', '.join(_BACKENDS)}"
+    reason = spec.probe(device_type)
+    if reason is not None:
+        return reason
+    try:
+        spec.load()
+    except BackendUnavailable as e:
+        return str(e)
+    return None
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends that can run on `device` (a str, torch.device or device type), best first."""
+    device_type = _device_type(device)
+    names = [n for n in _BACKENDS if unavailable_reason(n, device_type) is None]
+    return sorted(names, key=lambda n: -_BACKENDS[n].priority.get(device_type, 0))
+
+
+def best_backend(device_type: str) -> str:
+    """The backend ``backend=None`` picks: the available one with the highest priority."""
+    names = [n for n in available_backends(device_type)
+             if _BACKENDS[n].priority.get(device_type, 0) > 0]
+    if not names:
+        raise BackendUnavailable(f"no backend is available for device type {device_type!r}")
+    return names[0]
+
+
+def get_backend(name: Optional[str], device_type: str) -> ModuleType:
+    """The backend module for `name` (or the best one when None) on `device_type`."""
+    if name is None:
+        name = best_backend(device_type)
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
+    reason = unavailable_reason(name, device_type)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} on {device_type}: {reason}")
+    return _BACKENDS[name].load()
+
+
+def _device_type(device) -> str:
+    import torch
+    return torch.device(device).type

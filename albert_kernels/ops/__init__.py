@@ -1,0 +1,127 @@
+"""The public op layer: validate once, pick the backend once, call it.
+
+Every op accepts float32, float16 and bfloat16 tensors (float64 on the reference backend), on CPU
+or CUDA, and is differentiable. ``backend=None`` picks the best backend available for the
+tensors' device (see ``albert_kernels.backends``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..backends import available_backends, get_backend
+from .padding import pad, unpad
+from .validate import (check_approximate, check_backend_support, check_cu_seqlens, check_same,
+                       check_scale, check_tensor, check_vector, describe)
+
+
+def _backend(backend: Optional[str], t: torch.Tensor, head_dim: Optional[int] = None):
+    module = get_backend(backend, t.device.type)
+    check_backend_support(backend or module.__name__.rsplit(".", 1)[-1], module, t.dtype, head_dim)
+    return module
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax attention in the padded layout.
+
+    q, k, v: [B, H, L, D], one float dtype and device. key_padding_mask: bool [B, L], True = real
+    key (keys where it is False get zero weight); a query whose keys are all masked returns zeros.
+    scale defaults to D ** -0.5. Returns [B, H, L, D].
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, rank=4, floating=True)
+    check_same(["q", "k", "v"], [q, k, v])
+    batch, _, seqlen, head_dim = q.shape
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seqlen):
+            raise ValueError(f"key_padding_mask must be bool [B, L] = [{batch}, {seqlen}], "
+                             f"got {describe(key_padding_mask)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on "
+                             f"{q.device}")
+    scale = check_scale(scale, head_dim)
+    module = _backend(backend, q, head_dim)
+    return module.attention(q, k, v, key_padding_mask, scale)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, scale: Optional[float] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax attention over packed variable-length sequences.
+
+    q, k, v: [T, H, D]; cu_seqlens: int32 [B+1], prefix sums of the lengths (cu_seqlens[0] == 0,
+    cu_seqlens[-1] == T); max_seqlen: the longest length. Each sequence attends only to itself.
+    Returns [T, H, D].
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, rank=3, floating=True)
+    check_same(["q", "k", "v"], [q, k, v])
+    check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    scale = check_scale(scale, q.shape[-1])
+    module = _backend(backend, q, q.shape[-1])
+    return module.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float = 1e-12, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dim, statistics in fp32.
+
+    x, residual: [..., N], same shape; weight, bias: [N]. Returns x's shape and dtype.
+    """
+    check_tensor("x", x, min_rank=1, floating=True)
+    check_tensor("residual", residual, floating=True)
+    check_same(["x", "residual"], [x, residual])
+    n = x.shape[-1]
+    check_vector("weight", weight, n, x, "x")
+    check_vector("bias", bias, n, x, "x")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    module = _backend(backend, x)
+    return module.add_layer_norm(x, residual, weight, bias, float(eps))
+
+
+def _check_linear(x, weight, bias, x_name, w_name, b_name) -> None:
+    check_tensor(w_name, weight, rank=2, floating=True)
+    check_same([x_name, w_name], [x, weight], shape=False)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{w_name} must be [N, {x.shape[-1]}] to match {x_name}'s last dim, got "
+                         f"{describe(weight)}")
+    check_vector(b_name, bias, weight.shape[0], x, x_name)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                approximate: str = "tanh", backend: Optional[str] = None) -> torch.Tensor:
+    """gelu(x @ weight.T + bias): x [..., K], weight [N, K], bias [N] -> [..., N].
+
+    approximate="tanh" is transformers' "gelu_new" (ALBERT's default); "none" is the erf GELU.
+    """
+    check_tensor("x", x, min_rank=1, floating=True)
+    _check_linear(x, weight, bias, "x", "weight", "bias")
+    check_approximate(approximate)
+    module = _backend(backend, x)
+    return module.linear_gelu(x, weight, bias, approximate)
+
+
+def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+             b2: torch.Tensor, *, approximate: str = "tanh",
+             backend: Optional[str] = None) -> torch.Tensor:
+    """linear_gelu(x, w1, b1) @ w2.T + b2: x [..., H], w1 [I, H], b1 [I], w2 [H, I], b2 [H]."""
+    check_tensor("x", x, min_rank=1, floating=True)
+    _check_linear(x, w1, b1, "x", "w1", "b1")
+    check_tensor("w2", w2, rank=2, floating=True)
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"w2 must be [N, {w1.shape[0]}] to take w1's output, got {describe(w2)}")
+    check_same(["x", "w2"], [x, w2], shape=False)
+    check_vector("b2", b2, w2.shape[0], x, "x")
+    check_approximate(approximate)
+    module = _backend(backend, x)
+    return module.gelu_ffn(x, w1, b1, w2, b2, approximate)
+
+
+__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad",
+           "pad", "available_backends"]
