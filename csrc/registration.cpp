@@ -1,0 +1,40 @@
+// The one registration file of the albert_kernels extension: the op schemas.
+//
+// Implementations register per device with TORCH_LIBRARY_IMPL(albert_kernels, CPU / CUDA, m) in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu. Fake (meta) kernels and autograd are registered from Python
+// (albert_kernels/backends/extension/ops.py) with torch.library, so torch.compile traces through.
+//
+// Layout conventions (the Python wrappers make inputs contiguous before calling):
+//   x, residual, grad_out of add_layer_norm: [M, N] row-major; mean, rstd: float32 [M].
+//   linear_gelu / gelu_ffn: x [M, K], weights [N, K] (nn.Linear layout); `pre` is the saved
+//     pre-activation x @ W1^T + b1, [M, I], in the input dtype.
+//   attention: q, k, v, out [B, H, L, D] contiguous; key_padding_mask bool [B, L] or None;
+//     lse float32 [B, H, L] (natural log-sum-exp of the scaled scores; -inf for a row with no key).
+//   varlen_attention: q, k, v, out [T, H, D] contiguous; cu_seqlens int32 [B+1];
+//     lse float32 [H, T].
+#include <torch/library.h>
+
+TORCH_LIBRARY(albert_kernels, m) {
+  m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps)"
+        " -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def("add_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor residual, Tensor weight,"
+        " Tensor mean, Tensor rstd) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def("linear_gelu_fwd(Tensor x, Tensor weight, Tensor bias, str approximate)"
+        " -> (Tensor out, Tensor pre)");
+  m.def("linear_gelu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor pre, str approximate)"
+        " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def("gelu_ffn_fwd(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str approximate)"
+        " -> (Tensor out, Tensor pre)");
+  m.def("gelu_ffn_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor pre,"
+        " str approximate) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2,"
+        " Tensor grad_b2)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen,"
+        " float scale) -> (Tensor out, Tensor lse)");
+  m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale)"
+        " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
