@@ -1,0 +1,241 @@
+"""The ALBERT models on the op layer: AlbertModel, AlbertForPreTraining,
+AlbertForSequenceClassification. Semantics follow transformers' ``modeling_albert.py``.
+
+The fast path, in AlbertModel.forward: padding is removed once (the embeddings are computed for
+real tokens only), every layer runs on the packed tokens with ``varlen_attention``, and the
+output is padded once at the end, with zero rows at padded positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import get_backend
+from ..ops import pad, unpad
+from ..ops.validate import check_backend_support
+from .config import AlbertConfig
+from .layers import AlbertEmbeddings, AlbertTransformer, AttentionPlan
+from .weights import WeightsMixin
+
+
+@dataclass
+class AlbertOutput:
+    last_hidden_state: torch.Tensor
+    pooler_output: Optional[torch.Tensor] = None
+
+
+@dataclass
+class AlbertForPreTrainingOutput:
+    loss: Optional[torch.Tensor]
+    prediction_logits: torch.Tensor
+    sop_logits: torch.Tensor
+
+
+@dataclass
+class SequenceClassifierOutput:
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor
+
+
+class AlbertPreTrainedModel(WeightsMixin, nn.Module):
+    """Shared by the ALBERT models: the config, the kernel backend, weight init and loading."""
+
+    def __init__(self, config: AlbertConfig, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(config, AlbertConfig):
+            raise TypeError(f"config must be an albert_kernels.AlbertConfig, got {type(config).__name__}")
+        self.config = config
+        self.backend = backend
+
+    def set_backend(self, backend: Optional[str]) -> "AlbertPreTrainedModel":
+        """Switch the kernels in place (None = best available); the weights are untouched."""
+        for module in self.modules():
+            if isinstance(module, AlbertPreTrainedModel):
+                module.backend = backend
+        return self
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation: N(0, initializer_range) weights, zero biases."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+
+
+class AlbertModel(AlbertPreTrainedModel):
+    def __init__(self, config: AlbertConfig, backend: Optional[str] = None,
+                 add_pooling_layer: bool = True, unpad: bool = True):
+        super().__init__(config, backend)
+        self.unpad = unpad  # False: run every layer on the padded grid (for comparison only)
+        self.embeddings = AlbertEmbeddings(config)
+        self.encoder = AlbertTransformer(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> AlbertOutput:
+        """input_ids [B, L] int; attention_mask [B, L] (1/True = real token) or None.
+
+        Returns last_hidden_state [B, L, hidden] (zero rows at padded positions) and
+        pooler_output [B, hidden] (tanh(pooler(hidden state at position 0))).
+        """
+        ids = self._check_ids(input_ids, attention_mask, token_type_ids, position_ids)
+        input_ids, attention_mask, token_type_ids, position_ids = ids
+        batch, seqlen = input_ids.shape
+        be = get_backend(self.backend, input_ids.device.type)
+        check_backend_support(self.backend or "default", be, self.embeddings.word_embeddings.weight.dtype,
+                              self.config.head_dim)
+        ids = torch.stack([input_ids, token_type_ids, position_ids], dim=-1)     # [B, L, 3]
+        if not self.unpad:
+            plan = AttentionPlan(batch=batch, seqlen=seqlen, key_padding_mask=attention_mask)
+            tokens = ids.reshape(batch * seqlen, 3)
+        elif attention_mask is None:  # nothing to remove: B sequences of L tokens
+            cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=ids.device)
+            plan = AttentionPlan(cu_seqlens=cu, max_seqlen=seqlen)
+            tokens = ids.reshape(batch * seqlen, 3)
+        else:
+            tokens, indices, cu, max_seqlen = unpad(ids, attention_mask)         # [T, 3]
+            plan = AttentionPlan(cu_seqlens=cu, max_seqlen=max_seqlen)
+        x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [T, E]
+        h = self.encoder(x, plan, be)                                             # [T, hidden]
+        if self.unpad and attention_mask is not None:
+            hidden = pad(h, indices, batch, seqlen)
+        else:
+            hidden = h.view(batch, seqlen, -1)
+            if attention_mask is not None:
+                hidden = hidden * attention_mask[..., None].to(hidden.dtype)
+        pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
+        return AlbertOutput(hidden, pooled)
+
+    def _check_ids(self, input_ids, attention_mask, token_type_ids, position_ids):
+        for name, t in (("input_ids", input_ids), ("token_type_ids", token_type_ids),
+                        ("position_ids", position_ids)):
+            if t is None and name != "input_ids":
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point():
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be an integer tensor [B, L], got {got}")
+        batch, seqlen = input_ids.shape
+        if seqlen > self.config.max_position_embeddings and position_ids is None:
+            raise ValueError(f"input_ids has {seqlen} positions but max_position_embeddings is "
+                             f"{self.config.max_position_embeddings}")
+        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids),
+                        ("attention_mask", attention_mask)):
+            if t is not None and tuple(t.shape) != (batch, seqlen):
+                raise ValueError(f"{name} must be [B, L] = [{batch}, {seqlen}] like input_ids, "
+                                 f"got {list(t.shape)}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                    raise ValueError("attention_mask must hold only 0 and 1 (1 = real token)")
+                attention_mask = attention_mask != 0
+        return input_ids, attention_mask, token_type_ids.long(), position_ids.long()
+
+
+class AlbertMLMHead(nn.Module):
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.approximate, self.eps = config.gelu_approximate, config.layer_norm_eps
+        self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+        self.decoder = nn.Linear(config.embedding_size, config.vocab_size)
+        self.decoder.bias = self.bias  # tied, as in transformers
+
+    def forward(self, hidden: torch.Tensor, be) -> torch.Tensor:
+        x = be.linear_gelu(hidden, self.dense.weight, self.dense.bias, self.approximate)
+        x = F.layer_norm(x, x.shape[-1:], self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
+        return self.decoder(x)
+
+
+class AlbertSOPHead(nn.Module):
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.classifier_dropout_prob or 0.0)
+        self.classifier = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+class AlbertForPreTraining(AlbertPreTrainedModel):
+    """ALBERT with the MLM head (decoder tied to the word embeddings) and the SOP head."""
+
+    def __init__(self, config: AlbertConfig, backend: Optional[str] = None):
+        super().__init__(config, backend)
+        self.albert = AlbertModel(config, backend)
+        self.predictions = AlbertMLMHead(config)
+        self.sop_classifier = AlbertSOPHead(config)
+        self.post_init()
+        self.predictions.decoder.weight = self.albert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels: Optional[torch.Tensor] = None,
+                sentence_order_label: Optional[torch.Tensor] = None) -> AlbertForPreTrainingOutput:
+        out = self.albert(input_ids, attention_mask, token_type_ids, position_ids)
+        be = get_backend(self.backend, input_ids.device.type)
+        logits = self.predictions(out.last_hidden_state, be)
+        sop_logits = self.sop_classifier(out.pooler_output)
+        loss = None
+        if labels is not None and sentence_order_label is not None:
+            mlm = F.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
+            loss = mlm + F.cross_entropy(sop_logits.view(-1, 2), sentence_order_label.view(-1))
+        return AlbertForPreTrainingOutput(loss, logits, sop_logits)
+
+
+class AlbertForSequenceClassification(AlbertPreTrainedModel):
+    """Pooled output -> dropout -> classifier, with transformers' loss semantics (problem_type)."""
+
+    def __init__(self, config: AlbertConfig, num_labels: Optional[int] = None,
+                 backend: Optional[str] = None):
+        super().__init__(config, backend)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        self.num_labels = config.num_labels
+        self.albert = AlbertModel(config, backend)
+        self.dropout = nn.Dropout(config.classifier_dropout_prob or 0.0)
+        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels: Optional[torch.Tensor] = None) -> SequenceClassifierOutput:
+        pooled = self.albert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            problem = self.config.problem_type
+            if problem is None:
+                if self.num_labels == 1:
+                    problem = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+                self.config.problem_type = problem
+            if problem == "regression":
+                loss = F.mse_loss(logits.squeeze(), labels.squeeze()) if self.num_labels == 1 \
+                    else F.mse_loss(logits, labels)
+            elif problem == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels)
+        return SequenceClassifierOutput(loss, logits)
