@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from albert_kernels.backends import backend_names, unavailable_reason
-from albert_kernels.tools.cases import CASES, DTYPES, run_case
+from albert_kernels.tools.cases import CASES, DTYPES, case_applies, run_case
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CANDIDATES = [(b, d) for b in backend_names() if b != "reference" for d in DEVICES]
@@ -14,7 +14,7 @@ def _skip_unless_runs(backend: str, device: str, case) -> None:
     reason = unavailable_reason(backend, device)
     if reason is not None:
         pytest.skip(reason)
-    if backend == "triton" and device == "cpu" and not case.quick:
+    if not case_applies(case, backend, device):
         pytest.skip("the Triton interpreter runs the small cases only")
 
 

@@ -46,10 +46,12 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) ->
     check_tensor("indices", indices, rank=1)
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    if indices.device != packed.device:
+        raise ValueError(f"indices is on {indices.device} but packed is on {packed.device}")
     if indices.shape[0] != packed.shape[0]:
         raise ValueError(f"indices has {indices.shape[0]} entries but packed has "
                          f"{packed.shape[0]} rows")
-    if not isinstance(batch, int) or not isinstance(seqlen, int) or batch < 0 or seqlen < 0:
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (batch, seqlen)):
         raise ValueError(f"batch and seqlen must be non-negative ints, got {batch!r}, {seqlen!r}")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= batch * seqlen):
         raise ValueError(f"indices must lie in [0, batch*seqlen) = [0, {batch * seqlen})")

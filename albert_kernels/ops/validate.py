@@ -78,8 +78,10 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 entries, got 0")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"cu_seqlens[0] must be 0, got {values[0]}")

@@ -139,6 +139,11 @@ def _cases() -> list[OpCase]:
 CASES: list[OpCase] = _cases()
 
 
+def case_applies(case: OpCase, backend: str, device: str) -> bool:
+    """The Triton interpreter (Triton on CPU) is slow: it runs the quick cases only."""
+    return case.quick or not (backend == "triton" and torch.device(device).type == "cpu")
+
+
 def run_case(case: OpCase, backend: str, dtype: torch.dtype, device="cpu", *, seed: int = 0,
              backward: bool = True) -> dict[str, Budget]:
     """The case's op on `backend` vs the reference, forward and backward, under the budget."""

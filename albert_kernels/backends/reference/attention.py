@@ -35,6 +35,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # [n, H, D] -> [1, H, n, D], attend within the sequence, back to [n, H, D]
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         outs.append(attention(qs, ks, vs, None, scale)[0].transpose(0, 1))
-    if not outs:
-        return q.new_zeros(q.shape)
+    if not outs:  # no tokens: an empty attention keeps q, k, v in the autograd graph
+        grid = lambda t: t.transpose(0, 1).unsqueeze(0)
+        return attention(grid(q), grid(k), grid(v), None, scale)[0].transpose(0, 1)
     return torch.cat(outs, dim=0)

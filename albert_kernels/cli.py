@@ -1,0 +1,68 @@
+"""The command line: `albert-kernels {info,build,verify,bench,pretrain}` (also `python -m albert_kernels`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _info(args) -> int:
+    from .tools.info import report
+    print(report())
+    return 0
+
+
+def _build(args) -> int:
+    from .backends.extension.build import build
+    path = build(with_cuda=args.cuda, cuda_arch=args.cuda_arch, verbose=args.verbose)
+    print(f"built: {path}")
+    return 0
+
+
+def _verify(args) -> int:
+    from .tools.verify import main as verify_main
+    return verify_main(args)
+
+
+def _bench(args) -> int:
+    from .tools.bench import main as bench_main
+    return bench_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="albert-kernels", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, and which backends are available and why not"
+                   ).set_defaults(func=_info)
+
+    b = sub.add_parser("build", help="compile the extension now instead of at first use")
+    b.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
+                   help="include the CUDA sources (default: when a CUDA device is present)")
+    b.add_argument("--cuda-arch", default=None, help='e.g. "8.0;9.0" (default: 8.0;9.0)')
+    b.add_argument("--verbose", action="store_true")
+    b.set_defaults(func=_build)
+
+    v = sub.add_parser("verify", help="every op and the model, every backend and dtype, against "
+                       "the reference under the error budget; exit 1 on failure")
+    v.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    v.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
+                   help="only this dtype (repeatable)")
+    v.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    v.add_argument("--quick", action="store_true", help="small shapes only")
+    v.add_argument("--no-model", action="store_true", help="skip the model checks")
+    v.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    v.set_defaults(func=_verify)
+
+    from .tools.bench import add_arguments
+    add_arguments(sub.add_parser("bench", help="op and model benchmarks against the baselines"))
+    sub.choices["bench"].set_defaults(func=_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
