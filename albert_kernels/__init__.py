@@ -8,6 +8,7 @@ from .backends import available_backends
 from .errors import BackendUnavailable
 from .model import (AlbertConfig, AlbertForPreTraining, AlbertForSequenceClassification,
                     AlbertModel)
+from .model.hf_patch import patch_hf
 from .ops import add_layer_norm, attention, gelu_ffn, linear_gelu, pad, unpad, varlen_attention
 
 __version__ = "0.1.0"
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "available_backends",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForSequenceClassification",
-    "attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad", "pad",
+    "attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad", "pad", "patch_hf",
 ]

@@ -39,8 +39,14 @@ def _max_abs(t: torch.Tensor) -> float:
 
 
 def check_budget(candidate: torch.Tensor, base: torch.Tensor, gold: torch.Tensor,
-                 dtype: torch.dtype | None = None) -> Budget:
-    """Hold `candidate` to the budget set by `base` (plain PyTorch in dtype) against `gold` (fp64)."""
+                 dtype: torch.dtype | None = None, scale: float | None = None) -> Budget:
+    """Hold `candidate` to the budget set by `base` (plain PyTorch in dtype) against `gold` (fp64).
+
+    `scale` sets the magnitude the floor's ulps are taken of when it is larger than max |gold|:
+    for a set of gradients compared together, the largest of them. A gradient that is zero
+    analytically (a key bias: softmax ignores a constant shift) is then held to a few ulps of
+    the set, not to zero.
+    """
     dtype = dtype or candidate.dtype
     gold = gold.detach().to(torch.float64).cpu()
     cand = candidate.detach().to(torch.float64).cpu()
@@ -55,7 +61,8 @@ def check_budget(candidate: torch.Tensor, base: torch.Tensor, gold: torch.Tensor
         nonfinite = True
     cand, base, gold = cand[finite], base[finite], gold[finite]
     error = _max_abs(cand - gold)
-    floor = FLOOR_ULPS * torch.finfo(dtype).eps * max(_max_abs(gold), torch.finfo(dtype).tiny)
+    magnitude = max(_max_abs(gold), scale or 0.0, torch.finfo(dtype).tiny)
+    floor = FLOOR_ULPS * torch.finfo(dtype).eps * magnitude
     # Where plain PyTorch overflows (base inf, gold finite) it sets no budget: those entries
     # are held to the floor, not to an infinite allowance.
     base_ok = torch.isfinite(base)

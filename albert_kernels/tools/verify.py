@@ -90,7 +90,8 @@ def verify_model(backends: Iterable[str], dtypes: Iterable[str], device: str) ->
         for backend in backends:
             try:
                 cand = _model_run(_tiny_model(DTYPES[dtype], device, backend), batch)
-                results = {n: check_budget(c, b, g, DTYPES[dtype])
+                scale = max(float(g.abs().max()) for g in gold[2:] if g.numel())
+                results = {n: check_budget(c, b, g, DTYPES[dtype], scale if n.startswith("grad") else None)
                            for n, c, b, g in zip(names, cand, base, gold)}
                 name, budget = worst_of(results)
             except Exception as e:
