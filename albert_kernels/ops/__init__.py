@@ -77,6 +77,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     check_tensor("residual", residual, floating=True)
     check_same(["x", "residual"], [x, residual])
     n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"x must have a last dim >= 1 to normalise over, got {describe(x)}")
     check_vector("weight", weight, n, x, "x")
     check_vector("bias", bias, n, x, "x")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:

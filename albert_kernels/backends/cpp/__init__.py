@@ -1,0 +1,14 @@
+"""The "cpp" backend: the compiled extension's C++ CPU kernels (csrc/cpu/*.cpp).
+
+The first import builds the extension (once; cached, see backends/extension/build.py). A build
+failure raises BackendUnavailable, so the registry reports "cpp" unavailable with the compiler's
+error and the other backends keep working.
+"""
+import torch
+
+from ..extension.ops import add_layer_norm, attention, gelu_ffn, linear_gelu, varlen_attention
+
+DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+HEAD_DIMS = None  # any head dim (work buffers are zero-padded to the vector tile)
+
+__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn"]

@@ -1,0 +1,281 @@
+"""Building the compiled extension (C++ CPU kernels, and CUDA kernels where a GPU build is possible).
+
+Just in time on first use (``build()``, called by ``ops.py``), with ``torch.utils.cpp_extension.load``
+and ninja, into a cache directory keyed by everything that changes the binary::
+
+    $ALBERT_KERNELS_BUILD_DIR/<key>    (default root: ~/.cache/albert_kernels)
+    key = hash(source files, compiler flags, CPU ISA flags, CUDA archs, torch and Python versions)
+
+Sources: ``csrc/registration.cpp`` + ``csrc/cpu/*.cpp``, plus ``csrc/cuda/*.cu`` only with CUDA.
+``ALBERT_KERNELS_CSRC`` points the build at another source tree (the tests use it to check that a
+broken source gives a clear :class:`~albert_kernels.errors.BackendUnavailable`).
+
+Two processes may build at once: an ``fcntl.flock`` on ``<build dir>/albert_build.lock`` makes
+the second wait and then reuse the first one's result. The compiler's output (with ``-Xptxas -v``
+for CUDA) is kept in ``<build dir>/build.log``.
+
+The CPU code is vectorised with ATen's ``at::vec::Vectorized`` for the ISA this machine has
+(AVX-512 or AVX2+FMA, read from /proc/cpuinfo), never ``-march=native``; the chosen flags are part
+of the cache key, so a cache shared between machines never hands one CPU another's binary.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ...errors import BackendUnavailable
+
+EXT_NAME = "albert_kernels_ext"
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_CUDA_ARCH = "8.0;9.0"
+_loaded: dict = {}  # the one library loaded in this process: {"key": ..., "path": ...}
+
+
+def csrc_dir() -> Path:
+    return Path(os.environ.get("ALBERT_KERNELS_CSRC", PACKAGE_ROOT / "csrc")).resolve()
+
+
+def cache_root() -> Path:
+    default = Path.home() / ".cache" / "albert_kernels"
+    return Path(os.environ.get("ALBERT_KERNELS_BUILD_DIR", default)).expanduser()
+
+
+def sources(with_cuda: bool) -> list[Path]:
+    root = csrc_dir()
+    files = [root / "registration.cpp"] + sorted((root / "cpu").glob("*.cpp"))
+    if with_cuda:
+        files += sorted((root / "cuda").glob("*.cu"))
+    return files
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    return set(match.group(1).split()) if match else set()
+
+
+def isa_flags() -> list[str]:
+    """Compiler flags for ATen's vectorisation on this CPU (part of the cache key)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+
+
+def cxx_flags() -> list[str]:
+    # -ffp-contract=off: FMAs only where the code asks (at::vec::fmadd), so that a value recomputed
+    # in backward (e.g. the scaled score) rounds exactly as it did in forward
+    return ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG", *isa_flags()]
+
+
+def nvcc_flags(cuda_arch: str) -> list[str]:
+    # exact math: no --use_fast_math. No -std: torch's cpp_extension adds the standard its
+    # headers need (C++20 for torch >= 2.10, whose ATen.h rejects C++17).
+    flags = ["-O3", "-Xptxas", "-v"]
+    for arch in [a.strip() for a in cuda_arch.split(";") if a.strip()]:
+        num = arch.replace(".", "")
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+LD_FLAGS = ["-fopenmp"]
+CUDA_LD_FLAGS = ["-lcublasLt", "-lcublas"]
+
+
+def _cublas_dirs() -> tuple[list[str], list[str]]:
+    """(include dirs, lib dirs) holding cuBLAS(Lt): the toolkit's, else the nvidia-cublas wheel's
+    (pip builds of torch ship cuBLAS as a wheel, with versioned .so files only)."""
+    import importlib.util
+    home = _default_cuda_home()
+    candidates = [(Path(home, "include"), Path(home, "lib64"))] if home else []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13", "cu12", "cublas"):
+            candidates.append((Path(root, sub, "include"), Path(root, sub, "lib")))
+    incs = [str(i) for i, _ in candidates if (i / "cublasLt.h").exists()]
+    libs = [str(lib) for _, lib in candidates if any(lib.glob("libcublasLt.so*"))]
+    return incs, libs
+
+
+def cuda_include_paths() -> list[str]:
+    return _cublas_dirs()[0]
+
+
+def cuda_ld_flags() -> list[str]:
+    """-lcublasLt -lcublas, pointed at the first directory that has them (-l:libX.so.N when only
+    versioned files exist); the same libraries torch itself loads."""
+    _, libs = _cublas_dirs()
+    if not libs:
+        return list(CUDA_LD_FLAGS)
+    lib = Path(libs[0])
+    flags = [f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    for name in ("cublasLt", "cublas"):
+        if (lib / f"lib{name}.so").exists():
+            flags.append(f"-l{name}")
+        else:
+            versioned = sorted(p.name for p in lib.glob(f"lib{name}.so.*"))
+            flags.append(f"-l:{versioned[0]}" if versioned else f"-l{name}")
+    return flags
+
+
+def _default_cuda_home() -> Optional[str]:
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    return "/usr/local/cuda" if Path("/usr/local/cuda").is_dir() else None
+
+
+def cuda_buildable() -> bool:
+    """with_cuda=None means: CUDA build of torch, nvcc found, and a GPU to run the result on."""
+    import torch
+    home = _default_cuda_home()
+    nvcc = (home and Path(home, "bin", "nvcc").exists()) or shutil.which("nvcc")
+    return bool(torch.version.cuda) and bool(nvcc) and torch.cuda.is_available()
+
+
+def cache_key(files: list[Path], cflags: list[str], cuda_flags: list[str]) -> str:
+    import torch
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for header in sorted(csrc_dir().rglob("*.h")) + sorted(csrc_dir().rglob("*.cuh")):
+        h.update(header.name.encode())
+        h.update(header.read_bytes())
+    h.update(repr((cflags, cuda_flags, LD_FLAGS, torch.__version__, torch.version.cuda,
+                   sys.version_info[:2], platform.machine())).encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    import fcntl
+    with open(build_dir / "albert_build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # torch's own FileBaton ("lock") may be left over by a build that was killed; nobody
+            # else can be building here while we hold the flock, so it is stale.
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path):
+    """Send this process's stdout/stderr (and so the compiler's) to log_path while building."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _first_errors(text: str, limit: int = 8) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if re.search(r"\berror\b", ln, re.IGNORECASE)]
+    return "\n".join(lines[:limit]) or "\n".join(text.strip().splitlines()[-limit:])
+
+
+def build(with_cuda: Optional[bool] = None, cuda_arch: Optional[str] = None,
+          verbose: bool = False) -> str:
+    """Compile (if not cached) and load the extension; returns the path of the shared library.
+
+    with_cuda=None: CUDA sources only if this is a CUDA build of torch, nvcc exists and a GPU is
+    visible. cuda_arch: "8.0;9.0" by default. Raises BackendUnavailable with the compiler's
+    first error lines if the build fails.
+    """
+    if with_cuda is None:
+        with_cuda = cuda_buildable()
+    cuda_arch = cuda_arch or os.environ.get("ALBERT_KERNELS_CUDA_ARCH") or DEFAULT_CUDA_ARCH
+    files = sources(with_cuda)
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise BackendUnavailable(f"extension sources not found: {', '.join(missing)}")
+    cflags = cxx_flags()
+    cuda_flags = nvcc_flags(cuda_arch) if with_cuda else []
+    key = cache_key(files, cflags, cuda_flags)
+    if _loaded:
+        if _loaded["key"] == key:
+            return _loaded["path"]
+        raise BackendUnavailable(
+            f"another build of the extension ({_loaded['path']}) is already loaded in this "
+            "process; build this variant in a fresh process (albert-kernels build)")
+    build_dir = cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(build_dir):
+        path = _compile_and_load(files, cflags, cuda_flags, with_cuda, build_dir, verbose)
+    _loaded.update(key=key, path=path)
+    return path
+
+
+def _compile_and_load(files, cflags, cuda_flags, with_cuda, build_dir: Path, verbose) -> str:
+    if _default_cuda_home():  # torch guesses /usr/local (and warns) when CUDA_HOME is unset
+        os.environ.setdefault("CUDA_HOME", _default_cuda_home())
+    from torch.utils import cpp_extension
+    if with_cuda and os.environ.get("CUDA_HOME"):
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # read once at import by torch
+    built = build_dir / f"{EXT_NAME}.so"
+    if not built.exists():
+        print("albert_kernels: compiling the C++ extension (once, ~1 min)...", file=sys.stderr,
+              flush=True)
+    log_path = build_dir / "build.log"
+    try:
+        with _output_to(log_path):
+            cpp_extension.load(
+                name=EXT_NAME, sources=[str(f) for f in files], extra_cflags=cflags,
+                extra_cuda_cflags=cuda_flags or None,
+                extra_ldflags=LD_FLAGS + (cuda_ld_flags() if with_cuda else []),
+                extra_include_paths=[str(csrc_dir() / "cpu")] + (
+                    cuda_include_paths() if with_cuda else []),
+                build_directory=str(build_dir),
+                verbose=True, with_cuda=with_cuda, is_python_module=False)
+    except Exception as e:  # compiler, linker or loader error
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        raise BackendUnavailable(
+            f"building the C++ extension failed (full log: {log_path}):\n"
+            f"{_first_errors(log + chr(10) + str(e))}") from e
+    finally:
+        if verbose and log_path.exists():
+            sys.stderr.write(log_path.read_text(errors="replace"))
+    return str(built)
+
+
+def setuptools_extension():
+    """The extension for setup.py (ALBERT_KERNELS_BUILD_EXT=1): albert_kernels._C, built with
+    this machine's ISA flags; with CUDA sources when torch is a CUDA build and nvcc is found."""
+    import torch
+    from torch.utils import cpp_extension
+    with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    files = [str(f.relative_to(PACKAGE_ROOT)) for f in sources(with_cuda)]
+    kwargs = dict(name="albert_kernels._C", sources=files,
+                  include_dirs=[str(csrc_dir() / "cpu")] + (cuda_include_paths() if with_cuda else []),
+                  extra_compile_args={"cxx": cxx_flags()},
+                  extra_link_args=LD_FLAGS + (cuda_ld_flags() if with_cuda else []))
+    if with_cuda:
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags(DEFAULT_CUDA_ARCH)
+        return cpp_extension.CUDAExtension(**kwargs)
+    return cpp_extension.CppExtension(**kwargs)

@@ -1,0 +1,214 @@
+"""The compiled extension's ops as differentiable, torch.compile-able Python functions.
+
+Importing this module builds (once, cached) and loads the extension, then registers for every
+``torch.ops.albert_kernels.*_fwd`` op a fake (meta) implementation and an autograd formula that
+calls the matching ``*_bwd`` op (which gets a fake implementation too). The five functions at the
+bottom have the backend signature of ``albert_kernels.backends.registry`` and are device-generic:
+the dispatcher picks the CPU or CUDA kernels by the tensors' device. They only reshape to the
+kernels' layouts (see csrc/registration.cpp) and back.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .build import build
+
+
+def _load() -> None:
+    """A library prebuilt by setup.py (albert_kernels/_C*.so) if there is one, else the JIT build."""
+    if os.environ.get("ALBERT_KERNELS_CSRC") is None:
+        prebuilt = sorted(Path(__file__).resolve().parents[2].glob("_C*.so"))
+        if prebuilt:
+            torch.ops.load_library(str(prebuilt[0]))
+            return
+    build()
+
+
+_load()
+_ops = torch.ops.albert_kernels
+
+
+def _stat_dtype(t: torch.Tensor) -> torch.dtype:
+    """Saved statistics (mean, rstd, lse) are fp32, fp64 for fp64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake (meta) implementations
+@torch.library.register_fake("albert_kernels::add_layer_norm_fwd")
+def _(x, residual, weight, bias, eps):
+    m = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(m, dtype=_stat_dtype(x)),
+            x.new_empty(m, dtype=_stat_dtype(x)))
+
+
+@torch.library.register_fake("albert_kernels::add_layer_norm_bwd")
+def _(grad_out, x, residual, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.register_fake("albert_kernels::linear_gelu_fwd")
+def _(x, weight, bias, approximate):
+    pre = x.new_empty(x.shape[0], weight.shape[0])
+    return torch.empty_like(pre), pre
+
+
+@torch.library.register_fake("albert_kernels::linear_gelu_bwd")
+def _(grad_out, x, weight, pre, approximate):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+@torch.library.register_fake("albert_kernels::gelu_ffn_fwd")
+def _(x, w1, b1, w2, b2, approximate):
+    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.register_fake("albert_kernels::gelu_ffn_bwd")
+def _(grad_out, x, w1, w2, pre, approximate):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+@torch.library.register_fake("albert_kernels::attention_fwd")
+def _(q, k, v, key_padding_mask, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_stat_dtype(q))
+
+
+@torch.library.register_fake("albert_kernels::attention_bwd")
+def _(grad_out, q, k, v, out, lse, key_padding_mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake("albert_kernels::varlen_attention_fwd")
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
+
+
+@torch.library.register_fake("albert_kernels::varlen_attention_bwd")
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ---------------------------------------------------------------- autograd
+def _setup_add_ln(ctx, inputs, output):
+    x, residual, weight, _bias, _eps = inputs
+    ctx.save_for_backward(x, residual, weight, output[1], output[2])
+
+
+def _bwd_add_ln(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    gx, gw, gb = _ops.add_layer_norm_bwd(grad_out.contiguous(), x, residual, weight, mean, rstd)
+    return gx, gx, gw, gb, None  # d residual == d x
+
+
+def _setup_linear_gelu(ctx, inputs, output):
+    x, weight, _bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _bwd_linear_gelu(ctx, grad_out, _grad_pre):
+    x, weight, pre = ctx.saved_tensors
+    gx, gw, gb = _ops.linear_gelu_bwd(grad_out.contiguous(), x, weight, pre, ctx.approximate)
+    return gx, gw, gb, None
+
+
+def _setup_gelu_ffn(ctx, inputs, output):
+    x, w1, _b1, w2, _b2, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(x, w1, w2, output[1])
+
+
+def _bwd_gelu_ffn(ctx, grad_out, _grad_pre):
+    x, w1, w2, pre = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2 = _ops.gelu_ffn_bwd(grad_out.contiguous(), x, w1, w2, pre,
+                                               ctx.approximate)
+    return gx, gw1, gb1, gw2, gb2, None
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
+
+
+def _bwd_attention(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    gq, gk, gv = _ops.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding_mask,
+                                    ctx.scale)
+    return gq, gk, gv, None, None
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+
+
+def _bwd_varlen(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    gq, gk, gv = _ops.varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                           ctx.max_seqlen, ctx.scale)
+    return gq, gk, gv, None, None, None
+
+
+for _name, _setup, _bwd in [("add_layer_norm_fwd", _setup_add_ln, _bwd_add_ln),
+                            ("linear_gelu_fwd", _setup_linear_gelu, _bwd_linear_gelu),
+                            ("gelu_ffn_fwd", _setup_gelu_ffn, _bwd_gelu_ffn),
+                            ("attention_fwd", _setup_attention, _bwd_attention),
+                            ("varlen_attention_fwd", _setup_varlen, _bwd_varlen)]:
+    torch.library.register_autograd(f"albert_kernels::{_name}", _bwd, setup_context=_setup)
+
+
+# ---------------------------------------------------------------- the backend functions
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [M, N] contiguous (also when a dim is 0, where reshape(-1, N) is ambiguous)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1]).contiguous()
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """x, residual [..., N] -> LayerNorm(x + residual) [..., N]; kernels see [M, N]."""
+    out, _, _ = _ops.add_layer_norm_fwd(_rows(x), _rows(residual), weight.contiguous(),
+                                        bias.contiguous(), eps)
+    return out.reshape(x.shape)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                approximate: str) -> torch.Tensor:
+    """gelu(x @ weight.T + bias): x [..., K], weight [N, K] -> [..., N]."""
+    out, _ = _ops.linear_gelu_fwd(_rows(x), weight.contiguous(),
+                                  bias.contiguous(), approximate)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+             b2: torch.Tensor, approximate: str) -> torch.Tensor:
+    """linear_gelu(x, w1, b1) @ w2.T + b2: x [..., H] -> [..., H]."""
+    out, _ = _ops.gelu_ffn_fwd(_rows(x), w1.contiguous(),
+                               b1.contiguous(), w2.contiguous(), b2.contiguous(), approximate)
+    return out.reshape(*x.shape[:-1], w2.shape[0])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None."""
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous()
+    out, _ = _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask,
+                                scale)
+    return out
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, scale: float) -> torch.Tensor:
+    """Packed q, k, v [T, H, D]; cu_seqlens int32 [B+1]."""
+    out, _ = _ops.varlen_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(),
+                                       cu_seqlens.contiguous(), max_seqlen, scale)
+    return out
+
+
+__all__ = ["add_layer_norm", "linear_gelu", "gelu_ffn", "attention", "varlen_attention"]

@@ -1,0 +1,198 @@
+// Residual add + LayerNorm on CPU: out = LayerNorm(x + residual) * weight + bias, over rows.
+//
+// Forward  add_layer_norm_fwd(x, residual, weight, bias, eps) -> (out, mean, rstd)
+//   x, residual, out: [M, N] contiguous, storage dtype T (fp32 / fp16 / bf16 / fp64).
+//   weight, bias: [N], dtype T.   mean, rstd: [M], fp32 (fp64 for fp64 inputs).
+//   Parallel over rows: each task owns whole rows. A row's sum s = x + r is formed once in
+//   acc_t (fp32) in a per-thread row buffer (L1-resident for N <= 4096), then mean and variance
+//   are two passes over that buffer in registers (exact two-pass, no cancellation), then one
+//   pass writes out. Saved for backward: mean, rstd (s is recomputed from x and residual).
+//
+// Backward add_layer_norm_bwd(grad_out, x, residual, weight, mean, rstd)
+//     -> (grad_x, grad_weight, grad_bias)
+//   grad_x == grad_residual (returned once; the autograd formula hands it to both inputs).
+//   Rows are cut into fixed chunks of kReduceRows; a task owns whole chunks: it writes grad_x
+//   of its rows and its chunk's partial sums of grad_out * xhat (-> grad_weight) and grad_out
+//   (-> grad_bias), all fp32; the partials are then added in chunk order, so the weight and bias
+//   gradients are bitwise reproducible for any thread count.
+#include "common.h"
+
+#include <cmath>
+
+namespace albert_kernels::cpu {
+namespace {
+
+template <typename scalar_t>
+void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                       const at::Tensor& bias, double eps, at::Tensor& out, at::Tensor& mean,
+                       at::Tensor& rstd) {
+  using acc = acc_t<scalar_t>;
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  const int64_t M = x.size(0), N = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* rp = residual.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc* mean_p = mean.data_ptr<acc>();
+  acc* rstd_p = rstd.data_ptr<acc>();
+  std::vector<acc> w(N), b(N);  // weight and bias in acc_t, converted once
+  load_row_into(weight.data_ptr<scalar_t>(), w.data(), N);
+  load_row_into(bias.data_ptr<scalar_t>(), b.data(), N);
+
+  at::parallel_for(0, M, 16, [&](int64_t row0, int64_t row1) {
+    std::vector<acc> s(N), xbuf(N), rbuf(N), obuf(N);
+    for (int64_t row = row0; row < row1; ++row) {
+      const int64_t off = row * N;
+      const acc* xr = load_row(xp + off, xbuf.data(), N);
+      const acc* rr = load_row(rp + off, rbuf.data(), N);
+      // pass 1: s = x + r, sum
+      V vsum(acc(0));
+      int64_t j = 0;
+      for (; j + W <= N; j += W) {
+        V sv = V::loadu(xr + j) + V::loadu(rr + j);
+        sv.store(s.data() + j);
+        vsum = vsum + sv;
+      }
+      acc sum = at::vec::vec_reduce_all<acc>([](V& a, V& b) { return a + b; }, vsum);
+      for (; j < N; ++j) { s[j] = xr[j] + rr[j]; sum += s[j]; }
+      const acc mu = sum / acc(N);
+      // pass 2: variance around the exact mean
+      const V vmu(mu);
+      V vsq(acc(0));
+      for (j = 0; j + W <= N; j += W) {
+        V d = V::loadu(s.data() + j) - vmu;
+        vsq = at::vec::fmadd(d, d, vsq);
+      }
+      acc sq = at::vec::vec_reduce_all<acc>([](V& a, V& b) { return a + b; }, vsq);
+      for (; j < N; ++j) { acc d = s[j] - mu; sq += d * d; }
+      const acc rs = acc(1) / std::sqrt(sq / acc(N) + acc(eps));
+      mean_p[row] = mu;
+      rstd_p[row] = rs;
+      // pass 3: out = (s - mu) * rstd * w + b
+      acc* o = out_row(op + off, obuf.data());
+      const V vrs(rs);
+      for (j = 0; j + W <= N; j += W) {
+        V y = (V::loadu(s.data() + j) - vmu) * vrs;
+        at::vec::fmadd(y, V::loadu(w.data() + j), V::loadu(b.data() + j)).store(o + j);
+      }
+      for (; j < N; ++j) o[j] = (s[j] - mu) * rs * w[j] + b[j];
+      store_row(o, op + off, N);
+    }
+  });
+}
+
+template <typename scalar_t>
+void add_ln_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x,
+                       const at::Tensor& residual, const at::Tensor& weight,
+                       const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& grad_x,
+                       at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using acc = acc_t<scalar_t>;
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  const int64_t M = x.size(0), N = x.size(1);
+  const scalar_t* gp = grad_out.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* rp = residual.data_ptr<scalar_t>();
+  const acc* mean_p = mean.data_ptr<acc>();
+  const acc* rstd_p = rstd.data_ptr<acc>();
+  scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+  std::vector<acc> w(N);
+  load_row_into(weight.data_ptr<scalar_t>(), w.data(), N);
+  ColumnSums<acc> sums(M, N, /*n_sums=*/2);  // 0: sum dy * xhat (dweight), 1: sum dy (dbias)
+
+  at::parallel_for(0, sums.chunks(), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc> xhat(N), wdy(N), gbuf(N), xbuf(N), rbuf(N), obuf(N);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc* dw = sums.partial(c, 0);
+      acc* db = sums.partial(c, 1);
+      for (int64_t row = sums.row_begin(c); row < sums.row_end(c); ++row) {
+        const int64_t off = row * N;
+        const acc* dy = load_row(gp + off, gbuf.data(), N);
+        const acc* xr = load_row(xp + off, xbuf.data(), N);
+        const acc* rr = load_row(rp + off, rbuf.data(), N);
+        const V vmu(mean_p[row]), vrs(rstd_p[row]);
+        // pass 1: xhat, w * dy, the two row means, and the weight / bias partials
+        V v_a(acc(0)), v_b(acc(0));  // sum (w dy) * xhat, sum w dy
+        int64_t j = 0;
+        for (; j + W <= N; j += W) {
+          V xh = (V::loadu(xr + j) + V::loadu(rr + j) - vmu) * vrs;
+          V g = V::loadu(dy + j);
+          V wg = V::loadu(w.data() + j) * g;
+          xh.store(xhat.data() + j);
+          wg.store(wdy.data() + j);
+          v_a = at::vec::fmadd(wg, xh, v_a);
+          v_b = v_b + wg;
+          at::vec::fmadd(g, xh, V::loadu(dw + j)).store(dw + j);
+          (V::loadu(db + j) + g).store(db + j);
+        }
+        auto add = [](V& a, V& b) { return a + b; };
+        acc sa = at::vec::vec_reduce_all<acc>(add, v_a);
+        acc sb = at::vec::vec_reduce_all<acc>(add, v_b);
+        for (; j < N; ++j) {
+          const acc xh = (xr[j] + rr[j] - mean_p[row]) * rstd_p[row];
+          const acc wg = w[j] * dy[j];
+          xhat[j] = xh; wdy[j] = wg;
+          sa += wg * xh; sb += wg;
+          dw[j] += dy[j] * xh; db[j] += dy[j];
+        }
+        // pass 2: dx = rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat))
+        const acc ma = sa / acc(N), mb = sb / acc(N);
+        const V vma(ma), vmb(mb);
+        acc* o = out_row(gxp + off, obuf.data());
+        for (j = 0; j + W <= N; j += W) {
+          V t = V::loadu(wdy.data() + j) - vmb - V::loadu(xhat.data() + j) * vma;
+          (t * vrs).store(o + j);
+        }
+        for (; j < N; ++j) o[j] = (wdy[j] - mb - xhat[j] * ma) * rstd_p[row];
+        store_row(o, gxp + off, N);
+      }
+    }
+  });
+  sums.finish(grad_weight.data_ptr<scalar_t>(), 0);  // weight, bias have x's dtype
+  sums.finish(grad_bias.data_ptr<scalar_t>(), 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() &&
+                  weight.is_contiguous() && bias.is_contiguous(),
+              "add_layer_norm_fwd: expects contiguous x, residual [M, N] and weight, bias [N]");
+  const int64_t M = x.size(0);
+  auto stat_opts = x.options().dtype(stat_dtype(x.scalar_type()));
+  at::Tensor out = at::empty_like(x);
+  at::Tensor mean = at::empty({M}, stat_opts);
+  at::Tensor rstd = at::empty({M}, stat_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_ln_fwd", [&] {
+    add_ln_fwd_kernel<scalar_t>(x, residual, weight, bias, eps, out, mean, rstd);
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(x.dim() == 2 && grad_out.is_contiguous() && x.is_contiguous() &&
+                  residual.is_contiguous() && weight.is_contiguous() && mean.is_contiguous() &&
+                  rstd.is_contiguous(),
+              "add_layer_norm_bwd: expects contiguous [M, N] tensors");
+  TORCH_CHECK(mean.scalar_type() == stat_dtype(x.scalar_type()),
+              "add_layer_norm_bwd: mean / rstd must be ", stat_dtype(x.scalar_type()));
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = at::empty_like(weight);
+  at::Tensor grad_bias = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_ln_bwd", [&] {
+    add_ln_bwd_kernel<scalar_t>(grad_out, x, residual, weight, mean, rstd, grad_x, grad_weight,
+                                grad_bias);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
+}
+
+}  // namespace albert_kernels::cpu

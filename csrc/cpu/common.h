@@ -1,0 +1,184 @@
+// Shared helpers of the C++ CPU kernels (csrc/cpu/*.cpp).
+//
+// - acc_t<scalar_t>: the compute type. float for float32 / float16 / bfloat16 (so statistics,
+//   softmax and every accumulator are fp32 whatever the input dtype), double for float64.
+// - load_row / store_row: convert one row between the storage dtype and acc_t.
+// - small_gemm: a register-blocked fp32 (or fp64) matrix product for the attention blocks,
+//   written with at::vec::Vectorized so it compiles to the ISA the build chose (AVX2+FMA,
+//   AVX-512 or the portable default).
+// - ColumnSums: deterministic column sums over rows (bias / LayerNorm weight gradients): rows are
+//   cut into fixed chunks of kReduceRows, each chunk sums into its own partial row, and the
+//   partials are added in chunk order, so the result does not depend on the thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace albert_kernels::cpu {
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;  // float for fp32/fp16/bf16, double for fp64
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+inline int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+// Row [n] of storage dtype -> acc_t. When the types agree no copy is made: the returned pointer
+// is `src` itself; otherwise the row is converted into `buf` (at least n elements).
+template <typename scalar_t>
+inline const acc_t<scalar_t>* load_row(const scalar_t* src, acc_t<scalar_t>* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// Copy-converting variant that always writes into `dst` (for zero-padded work buffers).
+template <typename scalar_t>
+inline void load_row_into(const scalar_t* src, acc_t<scalar_t>* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    std::memcpy(dst, src, n * sizeof(scalar_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// acc_t row -> storage dtype.
+template <typename scalar_t>
+inline void store_row(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    if (src != dst) std::memcpy(dst, src, n * sizeof(scalar_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Where a kernel computes a row in acc_t: straight into the output when the types agree,
+// else into a buffer that store_row converts afterwards.
+template <typename scalar_t>
+inline acc_t<scalar_t>* out_row(scalar_t* dst, acc_t<scalar_t>* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// small_gemm: C[M, N] (+)= A[M, K] * B[K, N], T = float or double.
+//   A is addressed as A[i * a_rs + k * a_cs] (so a transposed A costs nothing: swap the strides),
+//   B is row-major with leading dimension ldb, C row-major with ldc.
+//   N must be a multiple of kGemmNR<T> (the work buffers are zero-padded to it).
+// Micro-tile: MR (= 4) rows x two vectors; the B panel (K x NR) stays in L1 across the row tiles.
+template <typename T>
+constexpr int64_t kGemmNR = 2 * Vec<T>::size();
+
+template <typename T, int MR>
+inline void gemm_tile(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb,
+                      T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? Vec<T>::loadu(C + r * ldc) : Vec<T>(T(0));
+    c1[r] = accumulate ? Vec<T>::loadu(C + r * ldc + W) : Vec<T>(T(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec<T> b0 = Vec<T>::loadu(B + k * ldb);
+    const Vec<T> b1 = Vec<T>::loadu(B + k * ldb + W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec<T> a(A[r * a_rs + k * a_cs]);
+      c0[r] = at::vec::fmadd(a, b0, c0[r]);
+      c1[r] = at::vec::fmadd(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r].store(C + r * ldc);
+    c1[r].store(C + r * ldc + W);
+  }
+}
+
+template <typename T>
+inline void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t NR = kGemmNR<T>;
+  constexpr int MR = 4;  // 4 x 2 vectors: 8 accumulators (6 rows measured slower: spills)
+  for (int64_t j = 0; j < N; j += NR) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) {
+      gemm_tile<T, MR>(K, A + i * a_rs, a_rs, a_cs, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    }
+    const T* a = A + i * a_rs;
+    T* c = C + i * ldc + j;
+    switch (M - i) {
+      case 3: gemm_tile<T, 3>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 2: gemm_tile<T, 2>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 1: gemm_tile<T, 1>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic column sums. Usage:
+//   ColumnSums<float> sums(M, N);
+//   at::parallel_for(0, sums.chunks(), 1, [&](int64_t c0, int64_t c1) {
+//     for (c in [c0, c1)) { float* part = sums.partial(c); for rows in sums.rows(c) ... part[j] += }
+//   });
+//   sums.finish(out_ptr)   // out[j] = sum over chunks in order, converted to the output dtype
+constexpr int64_t kReduceRows = 32;
+
+template <typename T>
+struct ColumnSums {
+  int64_t M, N, n_chunks;
+  std::vector<T> partials;  // [n_chunks, N], zero-initialised
+
+  ColumnSums(int64_t M_, int64_t N_, int64_t n_sums = 1)
+      : M(M_), N(N_), n_chunks((M_ + kReduceRows - 1) / kReduceRows),
+        partials(static_cast<size_t>(n_chunks * N_ * n_sums), T(0)) {}
+
+  int64_t chunks() const { return n_chunks; }
+  int64_t row_begin(int64_t c) const { return c * kReduceRows; }
+  int64_t row_end(int64_t c) const { return std::min(M, (c + 1) * kReduceRows); }
+  // Partial row of chunk c for sum number `which` (several sums can share one object).
+  T* partial(int64_t c, int64_t which = 0) {
+    return partials.data() + (which * n_chunks + c) * N;
+  }
+
+  // out[j] = sum_c partial(c, which)[j], summed in chunk order (parallel over columns).
+  template <typename out_t>
+  void finish(out_t* out, int64_t which = 0) {
+    const T* base = partials.data() + which * n_chunks * N;
+    at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+      std::vector<T> acc(static_cast<size_t>(j1 - j0), T(0));
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const T* p = base + c * N;
+        for (int64_t j = j0; j < j1; ++j) acc[j - j0] += p[j];
+      }
+      for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<out_t>(acc[j - j0]);
+    });
+  }
+};
+
+// float for fp32/fp16/bf16 inputs, double for fp64: the dtype of saved statistics (mean, rstd,
+// lse), so that float64 gradcheck sees exact statistics.
+inline at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace albert_kernels::cpu

@@ -1,0 +1,245 @@
+// GELU feed-forward on CPU: linear_gelu = gelu(x @ W^T + b) and ALBERT's whole FFN
+// gelu_ffn = linear_gelu(x, W1, b1) @ W2^T + b2. approximate: "tanh" (gelu_new) or "none" (erf).
+//
+// The matrix products stay with ATen's BLAS (at::addmm / at::mm, MKL here); what is fused is
+// everything around them.
+//
+// Forward  linear_gelu_fwd(x, weight, bias, approximate) -> (out, pre)
+//          gelu_ffn_fwd(x, w1, b1, w2, b2, approximate)  -> (out, pre)
+//   x [M, K] contiguous; weights [N, K] (nn.Linear layout); biases [N]; all dtype T.
+//   pre = x @ W1^T + b1, [M, I], dtype T: saved for backward (gelu(pre) is recomputed there).
+//   Rows are processed in blocks of kBlockRows: the block's GEMM (bias added by the GEMM) is
+//   followed at once by the GELU pass over that block while it is still in cache; gelu_ffn
+//   then runs the second GEMM on the block's activation, so the [M, I] activation is never
+//   written out whole. The GELU pass is parallel over rows, computed in acc_t (fp32).
+//
+// Backward linear_gelu_bwd(grad_out, x, weight, pre, approximate) -> (grad_x, grad_w, grad_b)
+//          gelu_ffn_bwd(grad_out, x, w1, w2, pre, approximate)
+//              -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
+//   One fused pass over pre (parallel over fixed chunks of kReduceRows rows, each task owning
+//   whole chunks) computes dpre = grad_act * gelu'(pre) (and, for gelu_ffn, act = gelu(pre),
+//   sharing the exp / erf) and the chunk's fp32 partial sums of dpre for grad_b; the partials are
+//   added in chunk order (deterministic). grad_b2 is a deterministic column sum of grad_out.
+//   The weight and input gradients are GEMMs on dpre.
+#include "common.h"
+
+#include <cmath>
+#include <string_view>
+
+namespace albert_kernels::cpu {
+namespace {
+
+constexpr int64_t kBlockRows = 256;  // rows per GEMM + epilogue block (see bench_cpu_ops.py)
+
+enum class Gelu { Tanh, Erf };
+
+Gelu parse_approximate(std::string_view approximate) {
+  if (approximate == "tanh") return Gelu::Tanh;
+  TORCH_CHECK(approximate == "none", "approximate must be 'tanh' or 'none', got ", approximate);
+  return Gelu::Erf;
+}
+
+// GELU and its derivative on one vector, in acc_t. tanh form: 0.5 (1 + tanh(u)) == sigmoid(2u),
+// u = sqrt(2/pi) (x + 0.044715 x^3), so gelu(x) = x * sigmoid(2u): one exp, no tanh.
+template <typename acc>
+struct GeluMath {
+  using V = Vec<acc>;
+  static constexpr acc kSqrt2OverPi = acc(0.7978845608028654);
+  static constexpr acc kCubic = acc(0.044715);
+  static constexpr acc kInvSqrt2 = acc(0.7071067811865476);
+  static constexpr acc kInvSqrt2Pi = acc(0.3989422804014327);
+
+  static V sigmoid_2u(const V& x, V* du) {  // sigmoid(2u); du = du/dx
+    const V x2 = x * x;
+    const V inner = at::vec::fmadd(V(kCubic), x2, V(acc(1)));  // 1 + c x^2
+    const V u = V(kSqrt2OverPi) * x * inner;
+    if (du) *du = V(kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), x2, V(acc(1)));
+    return V(acc(1)) / (V(acc(1)) + (V(acc(-2)) * u).exp());
+  }
+  static V forward(Gelu kind, const V& x) {
+    if (kind == Gelu::Tanh) return x * sigmoid_2u(x, nullptr);
+    return V(acc(0.5)) * x * (V(acc(1)) + (x * V(kInvSqrt2)).erf());
+  }
+  // Returns gelu'(x); writes gelu(x) to *y when y is not null.
+  static V grad(Gelu kind, const V& x, V* y) {
+    if (kind == Gelu::Tanh) {
+      V du;
+      const V s = sigmoid_2u(x, &du);
+      if (y) *y = x * s;
+      // d/dx [x s(2u)] = s + x * s (1 - s) * 2 du
+      return s + x * s * (V(acc(1)) - s) * V(acc(2)) * du;
+    }
+    const V cdf = V(acc(0.5)) * (V(acc(1)) + (x * V(kInvSqrt2)).erf());
+    if (y) *y = x * cdf;
+    const V pdf = V(kInvSqrt2Pi) * (V(acc(-0.5)) * x * x).exp();
+    return at::vec::fmadd(x, pdf, cdf);
+  }
+};
+
+// out[rows] = gelu(pre[rows]) for a block of `rows` x N, parallel over rows.
+template <typename scalar_t>
+void gelu_rows(Gelu kind, const scalar_t* pre, scalar_t* out, int64_t rows, int64_t N) {
+  using acc = acc_t<scalar_t>;
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<acc> in_buf(N + W, acc(0)), out_buf(N + W);
+    for (int64_t r = r0; r < r1; ++r) {
+      // rows are padded to a multiple of W in the acc_t buffers so the loop needs no tail
+      const acc* p = in_buf.data();
+      load_row_into(pre + r * N, in_buf.data(), N);
+      for (int64_t j = 0; j < N; j += W) GeluMath<acc>::forward(kind, V::loadu(p + j)).store(out_buf.data() + j);
+      store_row<scalar_t>(out_buf.data(), out + r * N, N);
+    }
+  });
+}
+
+// The fused backward pass: dpre = grad * gelu'(pre) (may write over grad), optionally
+// act = gelu(pre), and the deterministic column sum of dpre into grad_bias.
+template <typename scalar_t>
+void gelu_bwd_rows(Gelu kind, const scalar_t* pre, const scalar_t* grad, scalar_t* dpre,
+                   scalar_t* act, int64_t M, int64_t N, scalar_t* grad_bias) {
+  using acc = acc_t<scalar_t>;
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  const int64_t Np = round_up(N, W);
+  ColumnSums<acc> sums(M, Np);
+  at::parallel_for(0, sums.chunks(), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc> p_buf(Np, acc(0)), g_buf(Np, acc(0)), d_buf(Np), a_buf(Np);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc* part = sums.partial(c);
+      for (int64_t r = sums.row_begin(c); r < sums.row_end(c); ++r) {
+        load_row_into(pre + r * N, p_buf.data(), N);
+        load_row_into(grad + r * N, g_buf.data(), N);  // padded tail stays 0 -> adds 0
+        for (int64_t j = 0; j < Np; j += W) {
+          V y;
+          const V d = V::loadu(g_buf.data() + j) *
+                      GeluMath<acc>::grad(kind, V::loadu(p_buf.data() + j), act ? &y : nullptr);
+          d.store(d_buf.data() + j);
+          if (act) y.store(a_buf.data() + j);
+          (V::loadu(part + j) + d).store(part + j);
+        }
+        store_row<scalar_t>(d_buf.data(), dpre + r * N, N);
+        if (act) store_row<scalar_t>(a_buf.data(), act + r * N, N);
+      }
+    }
+  });
+  std::vector<acc> total(Np);
+  sums.finish(total.data());
+  for (int64_t j = 0; j < N; ++j) grad_bias[j] = static_cast<scalar_t>(total[j]);
+}
+
+// Deterministic column sum of a [M, N] matrix (grad_b2 of gelu_ffn).
+template <typename scalar_t>
+void column_sum(const scalar_t* g, int64_t M, int64_t N, scalar_t* out) {
+  using acc = acc_t<scalar_t>;
+  ColumnSums<acc> sums(M, N);
+  at::parallel_for(0, sums.chunks(), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc> buf(N);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc* part = sums.partial(c);
+      for (int64_t r = sums.row_begin(c); r < sums.row_end(c); ++r) {
+        const acc* row = load_row(g + r * N, buf.data(), N);
+        for (int64_t j = 0; j < N; ++j) part[j] += row[j];
+      }
+    }
+  });
+  sums.finish(out);
+}
+
+// pre = x @ w1^T + b1 and out = gelu(pre), block by block; with w2, b2 defined also
+// out2 = out_block @ w2^T + b2 (the gelu_ffn forward; `out` is then a block-sized scratch).
+void fused_forward(Gelu kind, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                   at::Tensor& pre, at::Tensor& act, const at::Tensor* w2 = nullptr,
+                   const at::Tensor* b2 = nullptr, at::Tensor* out2 = nullptr) {
+  const int64_t M = x.size(0), N = w1.size(0);
+  const at::Tensor w1t = w1.t();
+  for (int64_t r0 = 0; r0 < M; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, M - r0);
+    at::Tensor pre_blk = pre.narrow(0, r0, rows);
+    at::addmm_out(pre_blk, b1, x.narrow(0, r0, rows), w1t);
+    at::Tensor act_blk = out2 ? act.narrow(0, 0, rows) : act.narrow(0, r0, rows);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
+      gelu_rows<scalar_t>(kind, pre_blk.data_ptr<scalar_t>(), act_blk.data_ptr<scalar_t>(), rows,
+                          N);
+    });
+    if (out2) {
+      at::Tensor out_blk = out2->narrow(0, r0, rows);
+      at::addmm_out(out_blk, *b2, act_blk, w2->t());
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const at::Tensor& bias,
+                                                   c10::string_view approximate) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "linear_gelu_fwd: x must be contiguous [M, K]");
+  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  at::Tensor pre = at::empty({x.size(0), weight.size(0)}, x.options());
+  at::Tensor out = at::empty_like(pre);
+  fused_forward(kind, x, weight, bias, pre, out);
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd(const at::Tensor& x, const at::Tensor& w1,
+                                                const at::Tensor& b1, const at::Tensor& w2,
+                                                const at::Tensor& b2,
+                                                c10::string_view approximate) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gelu_ffn_fwd: x must be contiguous [M, H]");
+  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const int64_t M = x.size(0);
+  at::Tensor pre = at::empty({M, w1.size(0)}, x.options());
+  at::Tensor act_scratch = at::empty({std::min(M, kBlockRows), w1.size(0)}, x.options());
+  at::Tensor out = at::empty({M, w2.size(0)}, x.options());
+  fused_forward(kind, x, w1, b1, pre, act_scratch, &w2, &b2, &out);
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& pre, c10::string_view approximate) {
+  TORCH_CHECK(grad_out.is_contiguous() && pre.is_contiguous() && x.is_contiguous(),
+              "linear_gelu_bwd: expects contiguous grad_out, x, pre");
+  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const int64_t M = pre.size(0), N = pre.size(1);
+  at::Tensor dpre = at::empty_like(pre);
+  at::Tensor grad_b = at::empty({N}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_bwd", [&] {
+    gelu_bwd_rows<scalar_t>(kind, pre.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                            dpre.data_ptr<scalar_t>(), nullptr, M, N,
+                            grad_b.data_ptr<scalar_t>());
+  });
+  return {at::mm(dpre, weight), at::mm(dpre.t(), x), grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& pre, c10::string_view approximate) {
+  TORCH_CHECK(grad_out.is_contiguous() && pre.is_contiguous() && x.is_contiguous(),
+              "gelu_ffn_bwd: expects contiguous grad_out, x, pre");
+  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  const int64_t M = pre.size(0), I = pre.size(1), H = grad_out.size(1);
+  at::Tensor grad_b2 = at::empty({H}, w2.options());
+  at::Tensor grad_b1 = at::empty({I}, w1.options());
+  at::Tensor dpre = at::mm(grad_out, w2);  // d act, overwritten in place by d pre
+  at::Tensor act = at::empty_like(pre);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bwd", [&] {
+    column_sum<scalar_t>(grad_out.data_ptr<scalar_t>(), M, H, grad_b2.data_ptr<scalar_t>());
+    gelu_bwd_rows<scalar_t>(kind, pre.data_ptr<scalar_t>(), dpre.data_ptr<scalar_t>(),
+                            dpre.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(), M, I,
+                            grad_b1.data_ptr<scalar_t>());
+  });
+  at::Tensor grad_w2 = at::mm(grad_out.t(), act);
+  return {at::mm(dpre, w1), at::mm(dpre.t(), x), grad_b1, grad_w2, grad_b2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {
+  m.impl("linear_gelu_fwd", &linear_gelu_fwd);
+  m.impl("linear_gelu_bwd", &linear_gelu_bwd);
+  m.impl("gelu_ffn_fwd", &gelu_ffn_fwd);
+  m.impl("gelu_ffn_bwd", &gelu_ffn_bwd);
+}
+
+}  // namespace albert_kernels::cpu

@@ -1,0 +1,238 @@
+"""The compiled extension and its "cpp" backend: registration (opcheck, torch.compile), float64
+gradcheck, determinism, and the build machinery (a broken source gives a clear
+BackendUnavailable; two processes building at once). The op-by-op error budget lives in
+test_ops.py, which runs the "cpp" backend with every other one."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import albert_kernels as ak
+from albert_kernels.backends import unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(unavailable_reason("cpp", "cpu") is not None,
+                                reason=f"cpp backend: {unavailable_reason('cpp', 'cpu')}")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from albert_kernels.backends.extension import ops as ext_ops  # builds once (cached)
+    return ext_ops
+
+
+def _rand(*shape, dtype=torch.float64, grad=True, scale=1.0):
+    return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_(grad)
+
+
+def _mask(batch, seqlen, lengths):
+    return torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]
+
+
+# ------------------------------------------------------------------ gradcheck in float64
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gradcheck_gelu_ops(ops, approximate):
+    torch.manual_seed(0)
+    x, w1, b1 = _rand(3, 5), _rand(7, 5, scale=0.5), _rand(7)
+    w2, b2 = _rand(5, 7, scale=0.5), _rand(5)
+    assert torch.autograd.gradcheck(
+        lambda *a: ak.linear_gelu(*a, approximate=approximate, backend="cpp"), (x, w1, b1))
+    assert torch.autograd.gradcheck(
+        lambda *a: ak.gelu_ffn(*a, approximate=approximate, backend="cpp"), (x, w1, b1, w2, b2))
+
+
+def test_gradcheck_add_layer_norm(ops):
+    torch.manual_seed(0)
+    args = (_rand(2, 3, 11), _rand(2, 3, 11), _rand(11), _rand(11))
+    assert torch.autograd.gradcheck(
+        lambda *a: ak.add_layer_norm(*a, eps=1e-5, backend="cpp"), args)
+
+
+def test_gradcheck_attention(ops):
+    torch.manual_seed(0)
+    q, k, v = (_rand(2, 2, 5, 8) for _ in range(3))
+    mask = _mask(2, 5, [3, 0])  # second batch row: no real key at all
+    fn = lambda q, k, v: ak.attention(q, k, v, key_padding_mask=mask, backend="cpp")
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # no key: zeros, not NaN
+    assert torch.autograd.gradcheck(lambda *a: ak.attention(*a, backend="cpp"), (q, k, v))
+
+
+def test_gradcheck_varlen_attention(ops):
+    torch.manual_seed(0)
+    q, k, v = (_rand(9, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)  # an empty sequence in the middle
+    assert torch.autograd.gradcheck(
+        lambda *a: ak.varlen_attention(*a, cu, 5, backend="cpp"), (q, k, v))
+
+
+# ------------------------------------------------------------------ registration
+def _op_samples():
+    """(op name, args) for every custom op, float32 CPU tensors; forward ops with grad inputs."""
+    torch.manual_seed(0)
+    f = lambda *s, grad=False: torch.randn(*s).requires_grad_(grad)
+    ao = torch.ops.albert_kernels
+    x, r, w, b = f(6, 16, grad=True), f(6, 16, grad=True), f(16, grad=True), f(16, grad=True)
+    _, mean, rstd = ao.add_layer_norm_fwd(x.detach(), r.detach(), w.detach(), b.detach(), 1e-5)
+    w1, b1, w2, b2 = f(24, 16, grad=True), f(24, grad=True), f(16, 24, grad=True), f(16, grad=True)
+    _, pre1 = ao.linear_gelu_fwd(x.detach(), w1.detach(), b1.detach(), "tanh")
+    q, k, v = (f(2, 3, 10, 32, grad=True) for _ in range(3))
+    mask = _mask(2, 10, [7, 10])
+    out, lse = ao.attention_fwd(q.detach(), k.detach(), v.detach(), mask, 0.2)
+    qv, kv, vv = (f(10, 3, 32, grad=True) for _ in range(3))
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    vout, vlse = ao.varlen_attention_fwd(qv.detach(), kv.detach(), vv.detach(), cu, 7, 0.2)
+    d = lambda *ts: [t.detach() for t in ts]
+    return [
+        ("add_layer_norm_fwd", (x, r, w, b, 1e-5)),
+        ("add_layer_norm_bwd", (f(6, 16), *d(x, r, w), mean, rstd)),
+        ("linear_gelu_fwd", (x, w1, b1, "none")),
+        ("linear_gelu_bwd", (f(6, 24), *d(x, w1), pre1, "tanh")),
+        ("gelu_ffn_fwd", (x, w1, b1, w2, b2, "tanh")),
+        ("gelu_ffn_bwd", (f(6, 16), *d(x, w1, w2), pre1, "tanh")),
+        ("attention_fwd", (q, k, v, mask, 0.2)),
+        ("attention_fwd", (q, k, v, None, 0.2)),
+        ("attention_bwd", (f(2, 3, 10, 32), *d(q, k, v), out, lse, mask, 0.2)),
+        ("varlen_attention_fwd", (qv, kv, vv, cu, 7, 0.2)),
+        ("varlen_attention_bwd", (f(10, 3, 32), *d(qv, kv, vv), vout, vlse, cu, 7, 0.2)),
+    ]
+
+
+def test_opcheck_every_op(ops):
+    samples = _op_samples()
+    names = {name for name, _ in samples}
+    registered = {n for n in dir(torch.ops.albert_kernels) if n.endswith(("_fwd", "_bwd"))}
+    assert names == registered, f"opcheck must cover every op: missing {registered - names}"
+    for name, args in samples:
+        torch.library.opcheck(getattr(torch.ops.albert_kernels, name).default, args)
+
+
+def _all_ops(x, r, w, b, w1, b1, w2, b2, q, k, v, mask, qv, kv, vv, cu):
+    y = ak.add_layer_norm(x, r, w, b, backend="cpp")
+    h = ak.linear_gelu(y, w1, b1, backend="cpp")
+    z = ak.gelu_ffn(y, w1, b1, w2, b2, approximate="none", backend="cpp")
+    a = ak.attention(q, k, v, key_padding_mask=mask, backend="cpp")
+    va = ak.varlen_attention(qv, kv, vv, cu, 7, backend="cpp")
+    return y, h, z, a, va
+
+
+def test_torch_compile_fullgraph(ops):
+    torch.manual_seed(0)
+    f = lambda *s: torch.randn(*s)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    args = (f(4, 5, 16), f(4, 5, 16), f(16), f(16), f(24, 16), f(24), f(16, 24), f(16),
+            f(2, 3, 10, 32), f(2, 3, 10, 32), f(2, 3, 10, 32), _mask(2, 10, [4, 10]),
+            f(10, 3, 32), f(10, 3, 32), f(10, 3, 32), cu)
+    eager = _all_ops(*args)
+    # ak.varlen_attention validates cu_seqlens with .tolist(): outside the graph, so call the
+    # backend function (what the op layer calls after validation) inside it.
+    from albert_kernels.backends import cpp
+
+    def traced(x, r, w, b, w1, b1, w2, b2, q, k, v, mask, qv, kv, vv, cu):
+        y = cpp.add_layer_norm(x, r, w, b, 1e-12)
+        return (y, cpp.linear_gelu(y, w1, b1, "tanh"), cpp.gelu_ffn(y, w1, b1, w2, b2, "none"),
+                cpp.attention(q, k, v, mask, 32 ** -0.5),
+                cpp.varlen_attention(qv, kv, vv, cu, 7, 32 ** -0.5))
+
+    compiled = torch.compile(traced, fullgraph=True)
+    grad_args = [a.requires_grad_() if a.is_floating_point() else a for a in args]
+    outs = compiled(*grad_args)
+    for e, c in zip(eager, outs):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+    sum(o.sum() for o in outs).backward()  # backward through the registered autograd
+    assert all(a.grad is not None and torch.isfinite(a.grad).all()
+               for a in grad_args if a.is_floating_point())
+
+
+# ------------------------------------------------------------------ determinism
+def test_weight_gradients_do_not_depend_on_thread_count(ops):
+    torch.manual_seed(0)
+    x, r = torch.randn(333, 96), torch.randn(333, 96)
+    w, b = torch.randn(96).requires_grad_(), torch.randn(96).requires_grad_()
+    w1, b1 = (torch.randn(64, 96) * 0.1).requires_grad_(), torch.randn(64).requires_grad_()
+    g = torch.randn(333, 64)
+
+    def grads():
+        for t in (w, b, w1, b1):
+            t.grad = None
+        y = ak.linear_gelu(ak.add_layer_norm(x, r, w, b, backend="cpp"), w1, b1, backend="cpp")
+        y.backward(g)
+        return [t.grad.clone() for t in (w, b, b1)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads()
+        torch.set_num_threads(max(2, threads))
+        many = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, many):
+        assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------ build machinery
+_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import albert_kernels as ak
+    result = {"available": ak.available_backends("cpu")}
+    try:
+        ak.add_layer_norm(torch.ones(2, 4), torch.ones(2, 4), torch.ones(4), torch.zeros(4),
+                          backend="cpp")
+        result["cpp"] = "ok"
+    except ak.BackendUnavailable as e:
+        result["cpp"] = str(e)
+    y = ak.add_layer_norm(torch.ones(2, 4), torch.ones(2, 4), torch.ones(4), torch.zeros(4))
+    result["default_finite"] = bool(torch.isfinite(y).all())
+    print(json.dumps(result))
+""")
+
+
+def _run_probe(csrc: Path, build_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ALBERT_KERNELS_CSRC=str(csrc), ALBERT_KERNELS_BUILD_DIR=str(build_dir),
+               MAX_JOBS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_broken_source_gives_backend_unavailable(tmp_path):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", csrc)
+    reg = csrc / "registration.cpp"
+    reg.write_text("this is not C++ albert_syntax_error;\n" + reg.read_text())
+    proc = _run_probe(csrc, tmp_path / "build")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "reference" in result["available"] and "cpp" not in result["available"]
+    assert "building the C++ extension failed" in result["cpp"]
+    # the compiler's own error line, naming the file and line
+    assert "registration.cpp:1:1: error:" in result["cpp"], result["cpp"]
+    assert result["default_finite"]
+
+
+def test_two_processes_build_at_once(tmp_path):
+    # A minimal, valid source tree (the schemas only) keeps this quick; the lock is the same.
+    csrc = tmp_path / "csrc"
+    (csrc / "cpu").mkdir(parents=True)
+    shutil.copy(REPO / "csrc" / "registration.cpp", csrc / "registration.cpp")
+    env = dict(os.environ, ALBERT_KERNELS_CSRC=str(csrc),
+               ALBERT_KERNELS_BUILD_DIR=str(tmp_path / "build"), MAX_JOBS="1",
+               PYTHONPATH=str(REPO))
+    code = ("from albert_kernels.backends.extension.build import build; import torch; build(); "
+            "print(hasattr(torch.ops.albert_kernels, 'attention_fwd'))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0, err
+        assert out.strip().endswith("True")
+    compiled = [err.count("compiling the C++ extension") for _, err, _ in results]
+    assert sorted(compiled) == [0, 1], compiled  # one compiled, the other waited and reused it
