@@ -1,0 +1,33 @@
+"""The "cuda" backend: the compiled extension's CUDA C++ kernels (csrc/cuda/*.cu).
+
+    add_layer_norm.cu  residual add + LayerNorm, forward and backward (deterministic dweight/dbias)
+    gelu_ffn.cu        linear_gelu / gelu_ffn through cuBLASLt GEMMs with fused GELU epilogues
+    attention.cu       FlashAttention-2-style attention, padded and varlen (tensor cores for
+                       fp16/bf16, CUDA cores for fp32), deterministic backward
+
+The functions are the extension's device-generic wrappers (the dispatcher picks these kernels for
+CUDA tensors). The first import builds the extension with its CUDA sources (once; cached, see
+backends/extension/build.py); a build failure raises BackendUnavailable with the compiler's error.
+"""
+import torch
+
+from ...errors import BackendUnavailable
+from ..extension import build as _build
+from ..extension.ops import add_layer_norm, attention, gelu_ffn, linear_gelu, varlen_attention
+
+_OPS = ("add_layer_norm_fwd", "add_layer_norm_bwd", "linear_gelu_fwd", "linear_gelu_bwd",
+        "gelu_ffn_fwd", "gelu_ffn_bwd", "attention_fwd", "attention_bwd", "varlen_attention_fwd",
+        "varlen_attention_bwd")
+_missing = [op for op in _OPS
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"albert_kernels::{op}", "CUDA")]
+if _missing:  # e.g. a library built where nvcc or a GPU was missing
+    raise BackendUnavailable(
+        f"the loaded extension ({_build._loaded.get('path', 'prebuilt')}) has no CUDA kernels for "
+        f"{', '.join(_missing)}: it was built without csrc/cuda (rebuild with "
+        "`albert-kernels build --cuda`)")
+
+DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+HEAD_DIMS = {32, 64, 128}  # the head dims attention.cu instantiates (AK_DISPATCH_HEAD_DIM)
+
+__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "DTYPES",
+           "HEAD_DIMS"]

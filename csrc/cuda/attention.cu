@@ -1,0 +1,1041 @@
+// Softmax attention on CUDA: FlashAttention-2-style forward and backward, padded and varlen.
+//
+// Layouts (contiguous; the op wrappers make them so):
+//   padded:  q, k, v, out, grad_* [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or
+//            none; lse float32 [B, H, L].
+//   varlen:  q, k, v, out, grad_* [T, H, D]; cu_seqlens int32 [B+1]; lse float32 [H, T].
+// Both are read through a per-(sequence, head) view (Seq): token i of the view is at
+// base + i * stride (stride D padded, H * D varlen), its lse at lse_base + i.
+// Head dims: 32, 64 and 128 (templates); others are rejected. All offsets are 64-bit.
+//
+// Numerics: scores, the online softmax statistics (running max m and sum l), the output
+// accumulator and every gradient accumulator are fp32; scores are kept in the log2 domain
+// (s * scale * log2(e)) so that exp2 is used. Saved for backward: out and
+// lse = m * ln(2) + ln(l) (natural log-sum-exp of the scaled scores). A query row with no real key
+// (all keys masked, or an empty sequence) has l = 0: it outputs 0 and lse = -inf; backward treats
+// its lse as +inf, so its probabilities, and so all of its gradients, are exactly 0.
+// Key blocks whose keys are all padding are skipped (forward and dq); a dk/dv CTA whose keys are
+// all padding writes zeros and exits.
+//
+// fp16 / bf16: tensor cores through mma.sync.m16n8k16 (inline PTX), operands staged in shared
+// memory by cp.async and read with ldmatrix (rows padded by 16 bytes: no bank conflicts).
+//   attn_fwd_tc_kernel    CTA = 4 warps = 64 query rows (16 per warp) of one (sequence, head);
+//                         loops over key blocks of 64: S = Q K^T (registers), online softmax,
+//                         O += P V with P taken straight from the S accumulators. The next key
+//                         block's K is fetched while the softmax and P V run, its V while the
+//                         next S runs.
+//   attn_bwd_delta_kernel delta_i = sum_d dO_id * O_id (fp32, lse's layout), one warp per row.
+//   attn_bwd_dkdv_tc_kernel CTA = 64 keys (16 per warp) of one (sequence, head), loops over all
+//                         query blocks (BWD_BM rows): recomputes P^T = exp2(S^T - lse) from lse,
+//                         dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+//   attn_bwd_dq_tc_kernel CTA = 64 query rows (16 per warp), loops over key blocks: recomputes
+//                         P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+//   dq is computed by its own kernel rather than by atomics from the dk/dv CTAs: every gradient
+//   is written exactly once by one CTA, so backward is deterministic (at the cost of recomputing
+//   Q K^T and dO V^T once more).
+// fp32: the same algorithm on CUDA cores (no fp32 tensor-core path, no TF32):
+//   attn_fwd_simt_kernel / attn_bwd_dkdv_simt_kernel / attn_bwd_dq_simt_kernel, CTA = 4 warps,
+//   tiles of 32 queries x 32 keys; a lane owns one key (scores) or 1/32 of the head dim (outputs).
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace albert_kernels {
+namespace cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 128;  // every attention kernel: 4 warps
+
+struct AttnParams {
+  const void* q; const void* k; const void* v;
+  const void* out;    // backward: the forward output
+  const void* dout;   // backward: grad of out
+  void* o;            // forward: output
+  void* dq; void* dk; void* dv;
+  float* lse;         // forward: written; backward: read
+  float* delta;       // backward scratch, lse's layout
+  const bool* mask;   // padded: [B, L] or null
+  const int* cu_seqlens;  // varlen: [B + 1] or null
+  int H;
+  int L;              // padded length (unused for varlen)
+  int64_t T;          // varlen: total tokens
+  float scale, scale_log2;
+};
+
+// One (sequence, head) of q / k / v / out: token i at base + i * stride, its lse at lse_base + i.
+struct Seq {
+  int64_t base, stride, lse_base;
+  int len;
+  const bool* mask;
+};
+
+template <int D>
+__device__ __forceinline__ Seq seq_of(const AttnParams& p, int64_t bh) {
+  const int64_t b = bh / p.H, h = bh % p.H;
+  Seq s;
+  if (p.cu_seqlens != nullptr) {
+    const int start = p.cu_seqlens[b];
+    s.len = p.cu_seqlens[b + 1] - start;
+    s.stride = static_cast<int64_t>(p.H) * D;
+    s.base = start * s.stride + h * D;
+    s.lse_base = h * p.T + start;
+    s.mask = nullptr;
+  } else {
+    s.len = p.L;
+    s.stride = D;
+    s.base = bh * p.L * D;
+    s.lse_base = bh * p.L;
+    s.mask = p.mask != nullptr ? p.mask + b * p.L : nullptr;
+  }
+  return s;
+}
+
+__device__ __forceinline__ bool key_valid(const Seq& s, int j) {
+  return j < s.len && (s.mask == nullptr || s.mask[j]);
+}
+
+// lse in the log2 domain for backward; +inf for rows without a real key (or outside the sequence)
+// so that exp2(s - lse2) == 0 for them.
+__device__ __forceinline__ float lse2_of(const AttnParams& p, const Seq& s, int row) {
+  if (row >= s.len) return INFINITY;
+  const float l = p.lse[s.lse_base + row];
+  return l == -INFINITY ? INFINITY : l * kLog2e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+): cp.async, ldmatrix, mma.sync m16n8k16
+// Fragment layout of m16n8k16 (lane = 4 * g + t): A (16x16, row-major) a0: (g, 2t..2t+1),
+// a1: (g+8, 2t..), a2: (g, 2t+8..), a3: (g+8, 2t+8..); B (16x8) b0: (k = 2t..2t+1, n = g),
+// b1: (k = 2t+8.., n = g); C (16x8) c0,c1: (g, 2t..2t+1), c2,c3: (g+8, 2t..2t+1).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; zero-fills instead of reading when !valid.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem))
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one register of two 16-bit values (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// C accumulators of 16 x 16k (two n-tiles per k-step) -> A fragments of the next product.
+__device__ __forceinline__ void zero(float (&c)[4]) { c[0] = c[1] = c[2] = c[3] = 0.f; }
+
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+// Tensor-core tiles in shared memory: row pitch D + 8 elements (16-byte pad).
+template <int D> constexpr int pitch() { return D + 8; }
+
+// Rows [row0, row0 + ROWS) of a view (token stride `stride`) -> smem [ROWS][D + 8] by cp.async;
+// rows at or past len are zero-filled.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t stride, int row0, int len) {
+  constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+  static_assert(ROWS * CHUNKS % kThreads == 0, "tile must split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < ROWS * CHUNKS / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+    const bool valid = row0 + r < len;
+    const T* src = valid ? g + static_cast<int64_t>(row0 + r) * stride + col : g;
+    cp_async_16(smem + r * pitch<D>() + col, src, valid);
+  }
+}
+
+// acc[n-tiles of 8 cols, 2 per ldmatrix] += A (16 x D of a row-major smem tile at rows row0) times
+// B^T where B is a row-major smem tile [cols][D] (rows col0..): i.e. acc = A_rows @ B_rows^T.
+// NT = number of 8-wide n-tiles (must be even).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a_smem, int a_row0,
+                                        const T* b_smem, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, a_smem + (a_row0 + (lane & 15)) * pitch<D>() + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, b_smem + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pitch<D>() + ks * 16 +
+                         ((lane >> 3) & 1) * 8);
+      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[D/8 n-tiles] += P (16 x K, given as accumulators p[K/8][4]) times a row-major smem tile
+// [K][D] (rows 0..K-1): the P V / P^T dO / dS K / dS^T Q products.
+template <typename T, int D, int K>
+__device__ __forceinline__ void mma_pv(float (&acc)[D / 8][4], const float (&p)[K / 8][4],
+                                       const T* b_smem, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, b_smem + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch<D>() +
+                               dp * 16 + (lane >> 4) * 8);
+      mma_16816<T>(acc[2 * dp], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Stores a warp's 16 x D accumulator tile (rows row0 + g and row0 + g + 8 of the view) times `mul`.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T* g_base, const Seq& s, int row0, const float (&acc)[D / 8][4],
+                                           float mul0, float mul1, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int ra = row0 + g, rb = ra + 8;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + 2 * t;
+    if (ra < s.len)
+      *reinterpret_cast<uint32_t*>(g_base + ra * s.stride + col) = pack2<T>(acc[j][0] * mul0, acc[j][1] * mul0);
+    if (rb < s.len)
+      *reinterpret_cast<uint32_t*>(g_base + rb * s.stride + col) = pack2<T>(acc[j][2] * mul1, acc[j][3] * mul1);
+  }
+}
+
+// The first key block at or after nb with a real key; its additive key bias (0 or -inf per key)
+// goes to bias[0, BN). Contains barriers: every thread of the CTA must call it.
+template <int BN>
+__device__ __forceinline__ int next_key_block(const Seq& s, int nb, int n_blocks, float* bias) {
+  for (; nb < n_blocks; ++nb) {
+    bool valid = false;
+    if (threadIdx.x < BN) {
+      valid = key_valid(s, nb * BN + threadIdx.x);
+      bias[threadIdx.x] = valid ? 0.f : -INFINITY;
+    }
+    if (__syncthreads_or(valid)) break;
+  }
+  return nb;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 forward
+// ---------------------------------------------------------------------------------------------
+constexpr int kTcBlockM = 64;  // query rows per forward / dq CTA (16 per warp)
+constexpr int kTcBlockN = 64;  // keys per forward / dq iteration; keys per dk/dv CTA
+template <int D> constexpr int bwd_block_m() { return D >= 128 ? 32 : 64; }  // dk/dv: queries per step
+
+template <typename T, int D>
+constexpr size_t fwd_tc_smem() {
+  return (kTcBlockM + 2 * kTcBlockN) * pitch<D>() * sizeof(T) + 2 * kTcBlockN * sizeof(float);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams p) {
+  constexpr int BM = kTcBlockM, BN = kTcBlockN, NT_S = BN / 8, NT_O = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * pitch<D>();
+  T* Vs = Ks + BN * pitch<D>();
+  float* bias_s = reinterpret_cast<float*>(Vs + BN * pitch<D>());  // [2][BN], double-buffered
+
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int m0 = blockIdx.y * BM;
+  if (m0 >= s.len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+  const T* q = static_cast<const T*>(p.q) + s.base;
+  const T* k = static_cast<const T*>(p.k) + s.base;
+  const T* v = static_cast<const T*>(p.v) + s.base;
+  const int n_blocks = (s.len + BN - 1) / BN;
+
+  load_tile_async<T, D, BM>(Qs, q, s.stride, m0, s.len);
+  int nb = next_key_block<BN>(s, 0, n_blocks, bias_s);
+  if (nb < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.len);
+  cp_async_commit();  // group: Q + K(nb)
+  if (nb < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.len);
+  cp_async_commit();  // group: V(nb)
+
+  float o[NT_O][4];
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j) zero(o[j]);
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  int buf = 0;
+
+  while (nb < n_blocks) {
+    cp_async_wait<1>();  // Q and K(nb) have landed
+    __syncthreads();
+    float sc[NT_S][4];
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j) zero(sc[j]);
+    mma_abt<T, D, NT_S>(sc, Qs, warp * 16, Ks, lane);
+    __syncthreads();  // every warp is done with Ks
+    const int nb_next = next_key_block<BN>(s, nb + 1, n_blocks, bias_s + (buf ^ 1) * BN);
+    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb_next * BN, s.len);
+    cp_async_commit();
+
+    // Online softmax over this block (rows g and g + 8 of the warp's 16; a quad shares a row).
+    const float* bias = bias_s + buf * BN;
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[j][e] = sc[j][e] * p.scale_log2 + bias[j * 8 + 2 * t + (e & 1)];
+        mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
+      }
+    float base[2], alpha[2], rowsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // no real key yet: avoid (-inf) - (-inf)
+      alpha[r] = exp2f(m_run[r] - base[r]);
+      m_run[r] = mx[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[j][e] = exp2f(sc[j][e] - base[e >> 1]);
+        rowsum[e >> 1] += sc[j][e];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rowsum[r];
+#pragma unroll
+    for (int j = 0; j < NT_O; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e >> 1];
+
+    cp_async_wait<1>();  // V(nb) has landed
+    __syncthreads();
+    mma_pv<T, D, BN>(o, sc, Vs, lane);
+    __syncthreads();  // every warp is done with Vs
+    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb_next * BN, s.len);
+    cp_async_commit();
+    nb = nb_next;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    inv[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+  }
+  const int row0 = m0 + warp * 16;
+  store_rows<T, D>(static_cast<T*>(p.o) + s.base, s, row0, o, inv[0], inv[1], lane);
+  if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + (lane >> 2) + 8 * r;
+      if (row < s.len)
+        p.lse[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] * kLn2 + logf(l_run[r]) : -INFINITY;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: delta = rowsum(dO * O)
+// ---------------------------------------------------------------------------------------------
+constexpr int kDeltaRows = 64;  // rows per CTA (16 per warp)
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnParams p) {
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* o = static_cast<const T*>(p.out) + s.base;
+  const T* dout = static_cast<const T*>(p.dout) + s.base;
+  for (int i = 0; i < kDeltaRows / 4; ++i) {
+    const int row = blockIdx.y * kDeltaRows + warp * (kDeltaRows / 4) + i;
+    if (row >= s.len) break;
+    float acc = 0.f;
+#pragma unroll
+    for (int d = lane; d < D; d += 32)
+      acc += to_float(o[row * s.stride + d]) * to_float(dout[row * s.stride + d]);
+    acc = warp_sum(acc);
+    if (lane == 0) p.delta[s.lse_base + row] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 backward: dk, dv
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+constexpr size_t dkdv_tc_smem() {
+  return (2 * kTcBlockN + 2 * bwd_block_m<D>()) * pitch<D>() * sizeof(T) +
+         2 * bwd_block_m<D>() * sizeof(float);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p) {
+  constexpr int BN = kTcBlockN, BM = bwd_block_m<D>(), NT_S = BM / 8, NT_O = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Ks = reinterpret_cast<T*>(smem_raw);
+  T* Vs = Ks + BN * pitch<D>();
+  T* Qs = Vs + BN * pitch<D>();
+  T* dOs = Qs + BM * pitch<D>();
+  float* lse_s = reinterpret_cast<float*>(dOs + BM * pitch<D>());  // [BM], log2 domain
+  float* delta_s = lse_s + BM;                                     // [BM]
+
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int n0 = blockIdx.y * BN;
+  if (n0 >= s.len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int key_row0 = n0 + warp * 16;
+  T* dk = static_cast<T*>(p.dk) + s.base;
+  T* dv = static_cast<T*>(p.dv) + s.base;
+  float acc_k[NT_O][4], acc_v[NT_O][4];
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j) { zero(acc_k[j]); zero(acc_v[j]); }
+
+  const bool any_key = __syncthreads_or(threadIdx.x < BN && key_valid(s, n0 + threadIdx.x));
+  if (!any_key) {  // all keys of this block are padding: their gradients are 0
+    store_rows<T, D>(dk, s, key_row0, acc_k, 0.f, 0.f, lane);
+    store_rows<T, D>(dv, s, key_row0, acc_v, 0.f, 0.f, lane);
+    return;
+  }
+  const bool valid_a = key_valid(s, key_row0 + g), valid_b = key_valid(s, key_row0 + g + 8);
+  const T* q = static_cast<const T*>(p.q) + s.base;
+  const T* dout = static_cast<const T*>(p.dout) + s.base;
+  load_tile_async<T, D, BN>(Ks, static_cast<const T*>(p.k) + s.base, s.stride, n0, s.len);
+  load_tile_async<T, D, BN>(Vs, static_cast<const T*>(p.v) + s.base, s.stride, n0, s.len);
+  cp_async_commit();
+
+  for (int mb = 0; mb * BM < s.len; ++mb) {
+    load_tile_async<T, D, BM>(Qs, q, s.stride, mb * BM, s.len);
+    load_tile_async<T, D, BM>(dOs, dout, s.stride, mb * BM, s.len);
+    cp_async_commit();
+    if (threadIdx.x < BM) {
+      const int row = mb * BM + threadIdx.x;
+      lse_s[threadIdx.x] = lse2_of(p, s, row);
+      delta_s[threadIdx.x] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // P^T = exp2(S^T * scale_log2 - lse2): [16 keys x BM queries] per warp
+    float pt[NT_S][4];
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j) zero(pt[j]);
+    mma_abt<T, D, NT_S>(pt, Ks, warp * 16, Qs, lane);
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool valid = e < 2 ? valid_a : valid_b;
+        const float l2 = lse_s[j * 8 + 2 * t + (e & 1)];
+        pt[j][e] = valid ? exp2f(pt[j][e] * p.scale_log2 - l2) : 0.f;
+      }
+    mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += P^T dO
+
+    // dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+    float ds[NT_S][4];
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j) zero(ds[j]);
+    mma_abt<T, D, NT_S>(ds, Vs, warp * 16, dOs, lane);
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[j][e] = pt[j][e] * (ds[j][e] - delta_s[j * 8 + 2 * t + (e & 1)]);
+    mma_pv<T, D, BM>(acc_k, ds, Qs, lane);  // dK += dS^T Q (times scale at the end)
+    __syncthreads();  // every warp is done with Qs, dOs, lse_s, delta_s
+  }
+  store_rows<T, D>(dk, s, key_row0, acc_k, p.scale, p.scale, lane);
+  store_rows<T, D>(dv, s, key_row0, acc_v, 1.f, 1.f, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 backward: dq
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D>
+constexpr size_t dq_tc_smem() {
+  return (2 * kTcBlockM + 2 * kTcBlockN) * pitch<D>() * sizeof(T) + kTcBlockN * sizeof(float);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnParams p) {
+  constexpr int BM = kTcBlockM, BN = kTcBlockN, NT_S = BN / 8, NT_O = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* dOs = Qs + BM * pitch<D>();
+  T* Ks = dOs + BM * pitch<D>();
+  T* Vs = Ks + BN * pitch<D>();
+  float* bias_s = reinterpret_cast<float*>(Vs + BN * pitch<D>());  // [BN]
+
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int m0 = blockIdx.y * BM;
+  if (m0 >= s.len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = m0 + warp * 16;
+  const T* k = static_cast<const T*>(p.k) + s.base;
+  const T* v = static_cast<const T*>(p.v) + s.base;
+  load_tile_async<T, D, BM>(Qs, static_cast<const T*>(p.q) + s.base, s.stride, m0, s.len);
+  load_tile_async<T, D, BM>(dOs, static_cast<const T*>(p.dout) + s.base, s.stride, m0, s.len);
+  cp_async_commit();
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    lse2[r] = lse2_of(p, s, row);
+    delta[r] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+  }
+  float acc[NT_O][4];
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j) zero(acc[j]);
+
+  const int n_blocks = (s.len + BN - 1) / BN;
+  for (int nb = next_key_block<BN>(s, 0, n_blocks, bias_s); nb < n_blocks;
+       nb = next_key_block<BN>(s, nb + 1, n_blocks, bias_s)) {
+    load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.len);
+    load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.len);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float pr[NT_S][4], ds[NT_S][4];
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j) { zero(pr[j]); zero(ds[j]); }
+    mma_abt<T, D, NT_S>(pr, Qs, warp * 16, Ks, lane);   // S = Q K^T
+    mma_abt<T, D, NT_S>(ds, dOs, warp * 16, Vs, lane);  // dP = dO V^T
+#pragma unroll
+    for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float prob = exp2f(pr[j][e] * p.scale_log2 + bias_s[j * 8 + 2 * t + (e & 1)] - lse2[r]);
+        ds[j][e] = prob * (ds[j][e] - delta[r]);
+      }
+    mma_pv<T, D, BN>(acc, ds, Ks, lane);  // dQ += dS K (times scale at the end)
+    __syncthreads();  // every warp is done with Ks, Vs, bias_s
+  }
+  cp_async_wait<0>();
+  store_rows<T, D>(static_cast<T*>(p.dq) + s.base, s, row0, acc, p.scale, p.scale, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 (CUDA cores): tiles of 32 queries x 32 keys; 4 warps own 8 rows (or keys) each.
+// ---------------------------------------------------------------------------------------------
+constexpr int kSimtTile = 32;
+constexpr int kSimtRowsPerWarp = kSimtTile / 4;
+
+// Rows [row0, row0 + 32) of a view -> smem [32][P] (zero past len).
+template <int D, int P>
+__device__ __forceinline__ void load_tile_f32(float* smem, const float* g, int64_t stride, int row0, int len) {
+  for (int i = threadIdx.x; i < kSimtTile * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    smem[r * P + d] = row0 + r < len ? g[static_cast<int64_t>(row0 + r) * stride + d] : 0.f;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ float dot_f32(const float* a, const float* b) {
+  float acc = 0.f;
+#pragma unroll 16
+  for (int d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+template <int D>
+constexpr size_t fwd_simt_smem() { return (kSimtTile * D + kSimtTile * (D + 1) + kSimtTile * D + kSimtTile) * sizeof(float); }
+
+// Lane j scores key j of the tile; lane l owns output dims l, l + 32, ...
+template <int D>
+__global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParams p) {
+  constexpr int BT = kSimtTile, RPW = kSimtRowsPerWarp, DL = D / 32;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* Qs = reinterpret_cast<float*>(smem_raw);  // [BT][D]
+  float* Ks = Qs + BT * D;                         // [BT][D + 1]
+  float* Vs = Ks + BT * (D + 1);                   // [BT][D]
+  float* bias_s = Vs + BT * D;                     // [BT]
+
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int m0 = blockIdx.y * BT;
+  if (m0 >= s.len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float* k = static_cast<const float*>(p.k) + s.base;
+  const float* v = static_cast<const float*>(p.v) + s.base;
+  load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.base, s.stride, m0, s.len);
+
+  float o[RPW][DL], m_run[RPW], l_run[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < DL; ++c) o[r][c] = 0.f;
+  }
+  for (int n0 = 0; n0 < s.len; n0 += BT) {
+    __syncthreads();  // the previous tile is consumed
+    bool valid = false;
+    if (threadIdx.x < BT) {
+      valid = key_valid(s, n0 + threadIdx.x);
+      bias_s[threadIdx.x] = valid ? 0.f : -INFINITY;
+    }
+    if (!__syncthreads_or(valid)) continue;  // all padding: skip the block
+    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.len);
+    load_tile_f32<D, D>(Vs, v, s.stride, n0, s.len);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      const float* qrow = Qs + (warp * RPW + r) * D;
+      const float sc = dot_f32<D>(qrow, Ks + lane * (D + 1)) * p.scale_log2 + bias_s[lane];
+      const float mx = fmaxf(m_run[r], warp_max(sc));
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m_run[r] - base);
+      const float pj = exp2f(sc - base);
+      l_run[r] = l_run[r] * alpha + warp_sum(pj);
+      m_run[r] = mx;
+#pragma unroll
+      for (int c = 0; c < DL; ++c) o[r][c] *= alpha;
+      for (int j = 0; j < BT; ++j) {
+        const float pb = __shfl_sync(0xffffffffu, pj, j);
+#pragma unroll
+        for (int c = 0; c < DL; ++c) o[r][c] += pb * Vs[j * D + lane + 32 * c];
+      }
+    }
+  }
+  float* out = static_cast<float*>(p.o) + s.base;
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = m0 + warp * RPW + r;
+    if (row >= s.len) continue;
+    const float inv = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+#pragma unroll
+    for (int c = 0; c < DL; ++c) out[row * s.stride + lane + 32 * c] = o[r][c] * inv;
+    if (lane == 0) p.lse[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] * kLn2 + logf(l_run[r]) : -INFINITY;
+  }
+}
+
+template <int D>
+constexpr size_t dkdv_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + 2 * kSimtTile) * sizeof(float); }
+
+// CTA: 32 keys (warp w owns keys 8w..8w+7); lane i scores query i of each 32-query tile; lane l
+// owns gradient dims l, l + 32, ...
+template <int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const AttnParams p) {
+  constexpr int BT = kSimtTile, KPW = kSimtRowsPerWarp, DL = D / 32;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* Ks = reinterpret_cast<float*>(smem_raw);  // [BT][D]
+  float* Vs = Ks + BT * D;                         // [BT][D]
+  float* Qs = Vs + BT * D;                         // [BT][D + 1]
+  float* dOs = Qs + BT * (D + 1);                  // [BT][D + 1]
+  float* lse_s = dOs + BT * (D + 1);               // [BT]
+  float* delta_s = lse_s + BT;                     // [BT]
+
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int n0 = blockIdx.y * BT;
+  if (n0 >= s.len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float acc_k[KPW][DL], acc_v[KPW][DL];
+#pragma unroll
+  for (int kk = 0; kk < KPW; ++kk)
+#pragma unroll
+    for (int c = 0; c < DL; ++c) { acc_k[kk][c] = 0.f; acc_v[kk][c] = 0.f; }
+
+  const bool any_key = __syncthreads_or(threadIdx.x < BT && key_valid(s, n0 + threadIdx.x));
+  if (any_key) {
+    load_tile_f32<D, D>(Ks, static_cast<const float*>(p.k) + s.base, s.stride, n0, s.len);
+    load_tile_f32<D, D>(Vs, static_cast<const float*>(p.v) + s.base, s.stride, n0, s.len);
+    const float* q = static_cast<const float*>(p.q) + s.base;
+    const float* dout = static_cast<const float*>(p.dout) + s.base;
+    for (int mb = 0; mb < s.len; mb += BT) {
+      __syncthreads();  // the previous query tile is consumed
+      load_tile_f32<D, D + 1>(Qs, q, s.stride, mb, s.len);
+      load_tile_f32<D, D + 1>(dOs, dout, s.stride, mb, s.len);
+      if (threadIdx.x < BT) {
+        const int row = mb + threadIdx.x;
+        lse_s[threadIdx.x] = lse2_of(p, s, row);
+        delta_s[threadIdx.x] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < KPW; ++kk) {
+        const int key = warp * KPW + kk;
+        if (!key_valid(s, n0 + key)) continue;  // warp-uniform
+        const float sc = dot_f32<D>(Qs + lane * (D + 1), Ks + key * D);
+        const float dp = dot_f32<D>(dOs + lane * (D + 1), Vs + key * D);
+        const float pi = exp2f(sc * p.scale_log2 - lse_s[lane]);
+        const float dsi = pi * (dp - delta_s[lane]);
+        for (int i = 0; i < BT; ++i) {
+          const float pb = __shfl_sync(0xffffffffu, pi, i);
+          const float db = __shfl_sync(0xffffffffu, dsi, i);
+#pragma unroll
+          for (int c = 0; c < DL; ++c) {
+            acc_v[kk][c] += pb * dOs[i * (D + 1) + lane + 32 * c];
+            acc_k[kk][c] += db * Qs[i * (D + 1) + lane + 32 * c];
+          }
+        }
+      }
+    }
+  }
+  float* dk = static_cast<float*>(p.dk) + s.base;
+  float* dv = static_cast<float*>(p.dv) + s.base;
+#pragma unroll
+  for (int kk = 0; kk < KPW; ++kk) {
+    const int row = n0 + warp * KPW + kk;
+    if (row >= s.len) continue;
+#pragma unroll
+    for (int c = 0; c < DL; ++c) {
+      dk[row * s.stride + lane + 32 * c] = acc_k[kk][c] * p.scale;
+      dv[row * s.stride + lane + 32 * c] = acc_v[kk][c];
+    }
+  }
+}
+
+template <int D>
+constexpr size_t dq_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + kSimtTile) * sizeof(float); }
+
+// CTA: 32 queries (warp w owns rows 8w..8w+7); lane j scores key j of each 32-key tile.
+template <int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnParams p) {
+  constexpr int BT = kSimtTile, RPW = kSimtRowsPerWarp, DL = D / 32;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* Qs = reinterpret_cast<float*>(smem_raw);  // [BT][D]
+  float* dOs = Qs + BT * D;                        // [BT][D]
+  float* Ks = dOs + BT * D;                        // [BT][D + 1]
+  float* Vs = Ks + BT * (D + 1);                   // [BT][D + 1]
+  float* bias_s = Vs + BT * (D + 1);               // [BT]
+
+  const Seq s = seq_of<D>(p, blockIdx.x);
+  const int m0 = blockIdx.y * BT;
+  if (m0 >= s.len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.base, s.stride, m0, s.len);
+  load_tile_f32<D, D>(dOs, static_cast<const float*>(p.dout) + s.base, s.stride, m0, s.len);
+  const float* k = static_cast<const float*>(p.k) + s.base;
+  const float* v = static_cast<const float*>(p.v) + s.base;
+  float acc[RPW][DL], lse2[RPW], delta[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = m0 + warp * RPW + r;
+    lse2[r] = lse2_of(p, s, row);
+    delta[r] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+#pragma unroll
+    for (int c = 0; c < DL; ++c) acc[r][c] = 0.f;
+  }
+  for (int n0 = 0; n0 < s.len; n0 += BT) {
+    __syncthreads();  // the previous key tile is consumed
+    bool valid = false;
+    if (threadIdx.x < BT) {
+      valid = key_valid(s, n0 + threadIdx.x);
+      bias_s[threadIdx.x] = valid ? 0.f : -INFINITY;
+    }
+    if (!__syncthreads_or(valid)) continue;
+    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.len);
+    load_tile_f32<D, D + 1>(Vs, v, s.stride, n0, s.len);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      const int local = warp * RPW + r;
+      const float sc = dot_f32<D>(Qs + local * D, Ks + lane * (D + 1));
+      const float dp = dot_f32<D>(dOs + local * D, Vs + lane * (D + 1));
+      const float pj = exp2f(sc * p.scale_log2 + bias_s[lane] - lse2[r]);
+      const float dsj = pj * (dp - delta[r]);
+      for (int j = 0; j < BT; ++j) {
+        const float db = __shfl_sync(0xffffffffu, dsj, j);
+#pragma unroll
+        for (int c = 0; c < DL; ++c) acc[r][c] += db * Ks[j * (D + 1) + lane + 32 * c];
+      }
+    }
+  }
+  float* dq = static_cast<float*>(p.dq) + s.base;
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = m0 + warp * RPW + r;
+    if (row >= s.len) continue;
+#pragma unroll
+    for (int c = 0; c < DL; ++c) dq[row * s.stride + lane + 32 * c] = acc[r][c] * p.scale;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch
+// ---------------------------------------------------------------------------------------------
+template <typename Kernel>
+void launch(Kernel kernel, int64_t bh, int64_t row_blocks, size_t smem, const AttnParams& p,
+            cudaStream_t stream) {
+  if (bh == 0 || row_blocks == 0) return;
+  TORCH_CHECK(row_blocks <= 65535, "attention: sequence too long (", row_blocks, " row blocks)");
+  TORCH_CHECK(bh <= INT32_MAX, "attention: too many (sequence, head) pairs");
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  kernel<<<dim3(static_cast<unsigned>(bh), static_cast<unsigned>(row_blocks)), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Dynamic shared memory per block must fit the opt-in limit of every target: 163 KB on sm_80
+// (227 KB on sm_90). Largest here (D = 128): dq fp16/bf16 69.9 KB, dk/dv fp32 66.0 KB.
+constexpr size_t kMaxDynamicSmem = 163 * 1024;
+static_assert(fwd_tc_smem<__half, 128>() <= kMaxDynamicSmem && dq_tc_smem<__half, 128>() <= kMaxDynamicSmem &&
+                  dkdv_tc_smem<__half, 128>() <= kMaxDynamicSmem && fwd_simt_smem<128>() <= kMaxDynamicSmem &&
+                  dkdv_simt_smem<128>() <= kMaxDynamicSmem && dq_simt_smem<128>() <= kMaxDynamicSmem,
+              "attention tiles exceed the shared memory of sm_80");
+
+// bh = (sequences x heads), max_len = longest sequence.
+template <typename T, int D>
+void run_fwd(const AttnParams& p, int64_t bh, int64_t max_len, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    launch(attn_fwd_simt_kernel<D>, bh, ceil_div(max_len, kSimtTile), fwd_simt_smem<D>(), p, stream);
+  } else {
+    launch(attn_fwd_tc_kernel<T, D>, bh, ceil_div(max_len, kTcBlockM), fwd_tc_smem<T, D>(), p, stream);
+  }
+}
+
+template <typename T, int D>
+void run_bwd(const AttnParams& p, int64_t bh, int64_t max_len, cudaStream_t stream) {
+  launch(attn_bwd_delta_kernel<T, D>, bh, ceil_div(max_len, kDeltaRows), 0, p, stream);
+  if constexpr (std::is_same_v<T, float>) {
+    launch(attn_bwd_dkdv_simt_kernel<D>, bh, ceil_div(max_len, kSimtTile), dkdv_simt_smem<D>(), p, stream);
+    launch(attn_bwd_dq_simt_kernel<D>, bh, ceil_div(max_len, kSimtTile), dq_simt_smem<D>(), p, stream);
+  } else {
+    launch(attn_bwd_dkdv_tc_kernel<T, D>, bh, ceil_div(max_len, kTcBlockN), dkdv_tc_smem<T, D>(), p, stream);
+    launch(attn_bwd_dq_tc_kernel<T, D>, bh, ceil_div(max_len, kTcBlockM), dq_tc_smem<T, D>(), p, stream);
+  }
+}
+
+// The supported head dims: keep in sync with HEAD_DIMS in albert_kernels/backends/cuda.
+#define AK_DISPATCH_HEAD_DIM(op, d, ...)                                                    \
+  [&] {                                                                                   \
+    switch (d) {                                                                          \
+      case 32: { constexpr int HEAD_DIM = 32; return __VA_ARGS__(); }                    \
+      case 64: { constexpr int HEAD_DIM = 64; return __VA_ARGS__(); }                    \
+      case 128: { constexpr int HEAD_DIM = 128; return __VA_ARGS__(); }                  \
+      default: TORCH_CHECK(false, op, ": the cuda backend supports head dims 32, 64 and 128, got ", d); \
+    }                                                                                     \
+  }()
+
+// Contiguous, and 16-byte aligned (cp.async reads 16-byte chunks): a misaligned view is copied.
+at::Tensor prepare(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return aligned_to(c.data_ptr(), 16) ? c : c.clone();
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
+  TORCH_CHECK(q.is_cuda(), op, ": expected CUDA tensors");
+  TORCH_CHECK(q.dim() == rank && k.sizes() == q.sizes() && v.sizes() == q.sizes(), op,
+              ": q, k, v must have the same shape of rank ", rank);
+  for (const auto* t : {&k, &v}) {
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == q.scalar_type(), op,
+                ": q, k, v must share device and dtype");
+  }
+}
+
+AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  AttnParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  return p;
+}
+
+// Runs run_fwd / run_bwd for q's dtype and head dim.
+void dispatch_fwd(const char* op, const at::Tensor& q, int64_t head_dim, const AttnParams& p,
+                  int64_t bh, int64_t max_len, cudaStream_t stream) {
+  AK_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
+    AK_DISPATCH_HEAD_DIM(op, head_dim, [&] { run_fwd<scalar_t, HEAD_DIM>(p, bh, max_len, stream); });
+  });
+}
+
+void dispatch_bwd(const char* op, const at::Tensor& q, int64_t head_dim, const AttnParams& p,
+                  int64_t bh, int64_t max_len, cudaStream_t stream) {
+  AK_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
+    AK_DISPATCH_HEAD_DIM(op, head_dim, [&] { run_bwd<scalar_t, HEAD_DIM>(p, bh, max_len, stream); });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops: padded
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in,
+                                                 const std::optional<at::Tensor>& mask_in, double scale) {
+  check_qkv("attention_fwd", q_in, k_in, v_in, 4);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3);
+  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  AttnParams p = base_params(q, k, v, scale);
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
+                    mask.size(1) == L && mask.device() == q.device(),
+                "attention_fwd: key_padding_mask must be bool [B, L] on q's device");
+    p.mask = mask.data_ptr<bool>();
+  }
+  TORCH_CHECK(L <= INT32_MAX && H <= INT32_MAX, "attention_fwd: sizes too large");
+  p.H = static_cast<int>(H);
+  p.L = static_cast<int>(L);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (q.numel() == 0) return {out, lse.fill_(-INFINITY)};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_fwd("attention_fwd", q, D, p, B * H, L, stream);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& mask_in,
+    double scale) {
+  check_qkv("attention_bwd", q_in, k_in, v_in, 4);
+  TORCH_CHECK(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "attention_bwd: grad_out and out must have q's shape");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3);
+  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
+  const auto lse = lse_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(lse.numel() == B * H * L, "attention_bwd: lse must be float32 [B, H, L]");
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (q.numel() == 0) return {dq, dk, dv};
+  auto delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  AttnParams p = base_params(q, k, v, scale);
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == B * L,
+                "attention_bwd: key_padding_mask must be bool [B, L]");
+    p.mask = mask.data_ptr<bool>();
+  }
+  p.H = static_cast<int>(H);
+  p.L = static_cast<int>(L);
+  p.out = out.data_ptr(); p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.delta = delta.data_ptr<float>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_bwd("attention_bwd", q, D, p, B * H, L, stream);
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops: varlen
+// ---------------------------------------------------------------------------------------------
+AttnParams varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& cu, double scale) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 &&
+                  cu.device() == q.device(),
+              "varlen_attention: cu_seqlens must be int32 [B + 1] on q's device");
+  AttnParams p = base_params(q, k, v, scale);
+  p.cu_seqlens = cu.data_ptr<int>();
+  p.H = static_cast<int>(q.size(1));
+  p.T = q.size(0);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, const at::Tensor& cu_in,
+                                                        int64_t max_seqlen, double scale) {
+  check_qkv("varlen_attention_fwd", q_in, k_in, v_in, 3);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in), cu = cu_in.contiguous();
+  auto out = at::empty_like(q);
+  auto lse = at::empty({H, T}, q.options().dtype(at::kFloat));
+  AttnParams p = varlen_params(q, k, v, cu, scale);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const int64_t batch = cu.numel() - 1;
+  if (q.numel() == 0 || batch == 0) return {out, lse};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_fwd("varlen_attention_fwd", q, D, p, batch * H, max_seqlen, stream);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_in, int64_t max_seqlen,
+    double scale) {
+  check_qkv("varlen_attention_bwd", q_in, k_in, v_in, 3);
+  TORCH_CHECK(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "varlen_attention_bwd: grad_out and out must have q's shape");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in), cu = cu_in.contiguous();
+  const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
+  const auto lse = lse_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(lse.numel() == H * T, "varlen_attention_bwd: lse must be float32 [H, T]");
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const int64_t batch = cu.numel() - 1;
+  if (q.numel() == 0 || batch == 0) return {dq, dk, dv};
+  auto delta = at::empty({H, T}, q.options().dtype(at::kFloat));
+  AttnParams p = varlen_params(q, k, v, cu, scale);
+  p.out = out.data_ptr(); p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.delta = delta.data_ptr<float>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_bwd("varlen_attention_bwd", q, D, p, batch * H, max_seqlen, stream);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace albert_kernels
+
+TORCH_LIBRARY_IMPL(albert_kernels, CUDA, m) {
+  m.impl("attention_fwd", &albert_kernels::cuda::attention_fwd);
+  m.impl("attention_bwd", &albert_kernels::cuda::attention_bwd);
+  m.impl("varlen_attention_fwd", &albert_kernels::cuda::varlen_attention_fwd);
+  m.impl("varlen_attention_bwd", &albert_kernels::cuda::varlen_attention_bwd);
+}
