@@ -1,0 +1,21 @@
+"""The Triton backend: fused GPU kernels written in Triton, one file per op.
+
+    attention.py       FlashAttention-2 forward/backward, padded (+ key padding mask) and varlen
+    add_layer_norm.py  residual add + LayerNorm forward/backward
+    gelu_ffn.py        GEMM with bias/GELU prologue and epilogue: linear_gelu and gelu_ffn
+    aot.py             ahead-of-time compilation of every kernel for sm_80 / sm_90 (no GPU needed)
+
+It runs on CUDA tensors; on CPU only under ``TRITON_INTERPRET=1`` (set before triton is
+imported), which is how these kernels are verified on machines without a GPU.
+"""
+import torch
+
+from .add_layer_norm import add_layer_norm
+from .attention import attention, varlen_attention
+from .gelu_ffn import gelu_ffn, linear_gelu
+
+DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+HEAD_DIMS = {32, 64, 128}
+
+__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "DTYPES",
+           "HEAD_DIMS"]

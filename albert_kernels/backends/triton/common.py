@@ -1,0 +1,39 @@
+"""Helpers shared by the Triton kernels of this backend (nothing op-specific lives here).
+
+``mma`` is the one place that calls ``tl.dot``. On a GPU it is a plain ``tl.dot`` with fp32
+accumulation: fp16/bf16 operands run on tensor cores (mma.sync on sm_80, wgmma on sm_90), fp32
+operands use ``input_precision="ieee"`` (true fp32 FMA, no TF32: TF32's 10-bit mantissa would not
+hold fp32 results to the error budget of VERIFY.md).
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU verification) ``tl.dot`` is wrong for
+bfloat16: the interpreter stores bf16 as uint16 bit patterns and its ``create_dot`` multiplies
+the bit patterns (triton-lang/triton#11584; upstream declined the fix, #11585: "we just don't
+support it yet"). So, only there, the operands are first converted to fp32 with the interpreter's
+correct bf16 -> fp32 cast. That is the same arithmetic as the GPU path: a product of two bf16 (or
+fp16) values is exact in fp32 and the accumulation is fp32 in both, so only the summation order
+differs. The GPU path itself (bf16 operands into the MMA) is compiled ahead of time for sm_80 and
+sm_90 by ``aot.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Read once at import, like triton itself does: the interpreter replaces kernels at import time.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+_UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation. a [M, K], b [K, N] in fp16/bf16/fp32, acc fp32 [M, N]."""
+    if _UPCAST_DOT_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
