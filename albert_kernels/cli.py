@@ -29,6 +29,11 @@ def _bench(args) -> int:
     return bench_main(args)
 
 
+def _pretrain(args) -> int:
+    from .training.pretrain import main as pretrain_main
+    return pretrain_main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="albert-kernels", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
     from .tools.bench import add_arguments
     add_arguments(sub.add_parser("bench", help="op and model benchmarks against the baselines"))
     sub.choices["bench"].set_defaults(func=_bench)
+
+    from .training.pretrain import add_arguments as add_pretrain_arguments
+    add_pretrain_arguments(sub.add_parser(
+        "pretrain", help="MLM + SOP pretraining of a small ALBERT on the bundled corpus"))
+    sub.choices["pretrain"].set_defaults(func=_pretrain)
     return p
 
 

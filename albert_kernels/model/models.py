@@ -101,7 +101,9 @@ class AlbertModel(AlbertPreTrainedModel):
         check_backend_support(self.backend or "default", be, self.embeddings.word_embeddings.weight.dtype,
                               self.config.head_dim)
         ids = torch.stack([input_ids, token_type_ids, position_ids], dim=-1)     # [B, L, 3]
-        if not self.unpad:
+        # Under torch.compile the padded layout keeps every shape static (no data-dependent
+        # token count), so the whole forward is one graph; eager runs padding-free.
+        if not self.unpad or torch.compiler.is_compiling():
             plan = AttentionPlan(batch=batch, seqlen=seqlen, key_padding_mask=attention_mask)
             tokens = ids.reshape(batch * seqlen, 3)
         elif attention_mask is None:  # nothing to remove: B sequences of L tokens
@@ -113,7 +115,7 @@ class AlbertModel(AlbertPreTrainedModel):
             plan = AttentionPlan(cu_seqlens=cu, max_seqlen=max_seqlen)
         x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [T, E]
         h = self.encoder(x, plan, be)                                             # [T, hidden]
-        if self.unpad and attention_mask is not None:
+        if plan.cu_seqlens is not None and attention_mask is not None:
             hidden = pad(h, indices, batch, seqlen)
         else:
             hidden = h.view(batch, seqlen, -1)
@@ -145,7 +147,8 @@ class AlbertModel(AlbertPreTrainedModel):
             position_ids = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
         if attention_mask is not None:
             if attention_mask.dtype != torch.bool:
-                if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                if not torch.compiler.is_compiling() and \
+                        bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                     raise ValueError("attention_mask must hold only 0 and 1 (1 = real token)")
                 attention_mask = attention_mask != 0
         return input_ids, attention_mask, token_type_ids.long(), position_ids.long()
@@ -162,6 +165,8 @@ class AlbertMLMHead(nn.Module):
         self.decoder.bias = self.bias  # tied, as in transformers
 
     def forward(self, hidden: torch.Tensor, be) -> torch.Tensor:
+        """hidden [..., hidden_size] (the whole [B, L] grid, or the gathered [M] labelled rows)
+        -> logits [..., vocab_size]."""
         x = be.linear_gelu(hidden, self.dense.weight, self.dense.bias, self.approximate)
         x = F.layer_norm(x, x.shape[-1:], self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
         return self.decoder(x)
@@ -178,10 +183,25 @@ class AlbertSOPHead(nn.Module):
 
 
 class AlbertForPreTraining(AlbertPreTrainedModel):
-    """ALBERT with the MLM head (decoder tied to the word embeddings) and the SOP head."""
+    """ALBERT with the MLM head (decoder tied to the word embeddings) and the SOP head.
 
-    def __init__(self, config: AlbertConfig, backend: Optional[str] = None):
+    Sparse MLM head (``sparse_mlm=True``, the default): when ``labels`` are given, the MLM head
+    (dense -> GELU -> LayerNorm -> decoder over the vocabulary) runs only at the positions where
+    ``labels != -100``, as the original ALBERT gathers its at most ``max_predictions_per_seq``
+    positions per sequence. ``prediction_logits`` then holds the logits of those positions only,
+    ``[num_masked, vocab_size]``, in row-major (batch, position) order: the rows that
+    ``dense_logits[labels != -100]`` would select. The loss is the same as the dense computation
+    (cross-entropy averaged over the labelled positions, plus the SOP cross-entropy), and so are
+    the gradients. The rows are gathered from the encoder's output, after the padding-free
+    encoder has put the real tokens back on the [B, L] grid.
+
+    Without ``labels``, or with ``sparse_mlm=False``, ``prediction_logits`` is ``[B, L, vocab_size]``
+    as in transformers (rows at padded positions are the head applied to zero hidden states).
+    """
+
+    def __init__(self, config: AlbertConfig, backend: Optional[str] = None, sparse_mlm: bool = True):
         super().__init__(config, backend)
+        self.sparse_mlm = bool(sparse_mlm)
         self.albert = AlbertModel(config, backend)
         self.predictions = AlbertMLMHead(config)
         self.sop_classifier = AlbertSOPHead(config)
@@ -191,15 +211,39 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels: Optional[torch.Tensor] = None,
                 sentence_order_label: Optional[torch.Tensor] = None) -> AlbertForPreTrainingOutput:
+        """labels [B, L] int (-100 = not predicted); sentence_order_label [B] int (0 = A then B,
+        1 = swapped). The loss is returned when both are given."""
         out = self.albert(input_ids, attention_mask, token_type_ids, position_ids)
+        self._check_labels(input_ids, labels, sentence_order_label)
         be = get_backend(self.backend, input_ids.device.type)
-        logits = self.predictions(out.last_hidden_state, be)
+        hidden, targets = out.last_hidden_state, labels
+        if labels is not None and self.sparse_mlm:
+            selected = labels != -100
+            hidden, targets = hidden[selected], labels[selected]        # [M, hidden], [M]
+        logits = self.predictions(hidden, be)
         sop_logits = self.sop_classifier(out.pooler_output)
         loss = None
         if labels is not None and sentence_order_label is not None:
-            mlm = F.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
+            mlm = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), targets.reshape(-1))
             loss = mlm + F.cross_entropy(sop_logits.view(-1, 2), sentence_order_label.view(-1))
         return AlbertForPreTrainingOutput(loss, logits, sop_logits)
+
+    @staticmethod
+    def _check_labels(input_ids, labels, sentence_order_label) -> None:
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()
+                                   or tuple(labels.shape) != tuple(input_ids.shape)):
+            got = f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, torch.Tensor) \
+                else type(labels).__name__
+            raise ValueError(f"labels must be an integer tensor [B, L] = {list(input_ids.shape)} "
+                             f"like input_ids (-100 = not predicted), got {got}")
+        if sentence_order_label is not None and (
+                not isinstance(sentence_order_label, torch.Tensor)
+                or sentence_order_label.is_floating_point()
+                or sentence_order_label.numel() != input_ids.shape[0]):
+            got = f"{sentence_order_label.dtype} {list(sentence_order_label.shape)}" \
+                if isinstance(sentence_order_label, torch.Tensor) else type(sentence_order_label).__name__
+            raise ValueError(f"sentence_order_label must be an integer tensor [B] = "
+                             f"[{input_ids.shape[0]}], got {got}")
 
 
 class AlbertForSequenceClassification(AlbertPreTrainedModel):
