@@ -140,3 +140,43 @@ def test_unsupported_features_raise():
     dropout = ak.patch_hf(_model("AlbertModel", attention_probs_dropout_prob=0.1).train())
     with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
         dropout(**inputs)
+
+
+def test_fill_mask_pipeline_same_predictions(tmp_path):
+    """A transformers pipeline on a model saved to a local directory, with the SentencePiece
+    tokenizer trained offline on the bundled corpus, predicts the same after patching."""
+    pytest.importorskip("sentencepiece")
+    from albert_kernels.training.data import TOKENIZER_PATH
+    tokenizer = transformers.AlbertTokenizer(vocab_file=str(TOKENIZER_PATH), do_lower_case=True)
+    torch.manual_seed(0)
+    cfg = transformers.AlbertConfig(vocab_size=len(tokenizer), embedding_size=32, hidden_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=128, pad_token_id=tokenizer.pad_token_id)
+    transformers.AlbertForMaskedLM(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = transformers.AlbertForMaskedLM.from_pretrained(tmp_path).eval()
+    fill = transformers.pipeline("fill-mask", model=model, tokenizer=tokenizer, device="cpu")
+    texts = [f"alice was beginning to get very {tokenizer.mask_token} of sitting by her sister.",
+             f"the {tokenizer.mask_token} said nothing."]
+    before = fill(texts, top_k=5)
+    ak.patch_hf(model)
+    after = fill(texts, top_k=5)
+    for b, a in zip(before, after):
+        assert [x["token"] for x in b] == [x["token"] for x in a]
+        assert max(abs(x["score"] - y["score"]) for x, y in zip(b, a)) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ours", "patched"])
+def test_torch_compile_fullgraph(kind):
+    """torch.compile(fullgraph=True) traces our model and a patched transformers model in one
+    graph (the padded layout: static shapes) and gives the same outputs as eager."""
+    torch._dynamo.reset()
+    hf = _model("AlbertModel").eval()
+    model = ak.AlbertModel.from_hf(hf).eval() if kind == "ours" else ak.patch_hf(hf)
+    inputs, mask = _inputs("AlbertModel")
+    call = (lambda m: m(inputs["input_ids"], inputs["attention_mask"])) if kind == "ours" \
+        else (lambda m: m(**inputs))
+    with torch.no_grad():
+        eager = call(model)[0][mask.bool()]
+        compiled = call(torch.compile(model, fullgraph=True))[0][mask.bool()]
+    assert (compiled - eager).abs().max().item() <= 1e-5

@@ -74,7 +74,13 @@ class PatchedAlbertTransformer(AlbertTransformer):
         batch, seqlen, _ = hidden_states.shape
         key_mask = key_padding_mask_from_hf(attention_mask, batch, seqlen)
         be = get_backend(self.backend, hidden_states.device.type)
-        if key_mask is None:
+        if torch.compiler.is_compiling():  # static shapes for one graph: run on the padded grid
+            plan = AttentionPlan(batch=batch, seqlen=seqlen, key_padding_mask=key_mask)
+            h = super().forward(hidden_states.reshape(batch * seqlen, -1), plan, be)
+            out = h.view(batch, seqlen, -1)
+            if key_mask is not None:
+                out = out * key_mask[..., None].to(out.dtype)
+        elif key_mask is None:
             cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32,
                               device=hidden_states.device)
             h = super().forward(hidden_states.reshape(batch * seqlen, -1),

@@ -7,7 +7,7 @@ output is padded once at the end, with zero rows at padded positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -22,21 +22,31 @@ from .layers import AlbertEmbeddings, AlbertTransformer, AttentionPlan
 from .weights import WeightsMixin
 
 
+class _Output:
+    """Like transformers' ModelOutput: fields by name, or by position over the fields that are set."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def __getitem__(self, index):
+        return self.to_tuple()[index]
+
+
 @dataclass
-class AlbertOutput:
+class AlbertOutput(_Output):
     last_hidden_state: torch.Tensor
     pooler_output: Optional[torch.Tensor] = None
 
 
 @dataclass
-class AlbertForPreTrainingOutput:
+class AlbertForPreTrainingOutput(_Output):
     loss: Optional[torch.Tensor]
     prediction_logits: torch.Tensor
     sop_logits: torch.Tensor
 
 
 @dataclass
-class SequenceClassifierOutput:
+class SequenceClassifierOutput(_Output):
     loss: Optional[torch.Tensor]
     logits: torch.Tensor
 
