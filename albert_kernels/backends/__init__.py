@@ -4,6 +4,9 @@ from .registry import (BackendSpec, available_backends, backend_names, best_back
 
 
 def _always(device_type: str):
+    import torch
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     return None if device_type in ("cpu", "cuda") else f"no support for device type {device_type!r}"
 
 

@@ -21,6 +21,7 @@ of the cache key, so a cache shared between machines never hands one CPU another
 from __future__ import annotations
 
 import contextlib
+import logging
 import hashlib
 import os
 import platform
@@ -235,6 +236,9 @@ def build(with_cuda: Optional[bool] = None, cuda_arch: Optional[str] = None,
 def _compile_and_load(files, cflags, cuda_flags, with_cuda, build_dir: Path, verbose) -> str:
     if _default_cuda_home():  # torch guesses /usr/local (and warns) when CUDA_HOME is unset
         os.environ.setdefault("CUDA_HOME", _default_cuda_home())
+    # torch warns "No CUDA runtime is found" on a machine without a GPU: true, and irrelevant to
+    # a CPU build, so it is kept out of every user's output.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
     if with_cuda and os.environ.get("CUDA_HOME"):
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # read once at import by torch
