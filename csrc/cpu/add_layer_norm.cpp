@@ -39,43 +39,74 @@ void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at
   load_row_into(weight.data_ptr<scalar_t>(), w.data(), N);
   load_row_into(bias.data_ptr<scalar_t>(), b.data(), N);
 
-  at::parallel_for(0, M, 16, [&](int64_t row0, int64_t row1) {
-    std::vector<acc> s(N), xbuf(N), rbuf(N), obuf(N);
+  // Rows per task: a row is only ~N * 12 bytes of traffic, so tasks are made large enough
+  // (>= 64 rows) that the per-task overhead vanishes; the buffers are allocated once per task.
+  const int64_t grain = std::max<int64_t>(64, M / (4 * std::max(1, at::get_num_threads())));
+  at::parallel_for(0, M, grain, [&, N](int64_t row0, int64_t row1) {  // N by value: no reloads
+    std::vector<acc> s_buf(round_up(N, W)), xbuf(N), rbuf(N), obuf(N);
+    // raw local pointers: the stores below must not make the compiler reload them every step
+    acc* __restrict__ s = s_buf.data();
+    const acc* __restrict__ wp = w.data();
+    const acc* __restrict__ bp = b.data();
+    auto add = [](V& a, V& b) { return a + b; };
     for (int64_t row = row0; row < row1; ++row) {
       const int64_t off = row * N;
       const acc* xr = load_row(xp + off, xbuf.data(), N);
       const acc* rr = load_row(rp + off, rbuf.data(), N);
-      // pass 1: s = x + r, sum
-      V vsum(acc(0));
+      // pass 1: s = x + r, sum (four independent accumulators: no add-latency chain)
+      V vs0(acc(0)), vs1(acc(0)), vs2(acc(0)), vs3(acc(0));
       int64_t j = 0;
+      for (; j + 4 * W <= N; j += 4 * W) {
+        V a0 = V::loadu(xr + j) + V::loadu(rr + j);
+        V a1 = V::loadu(xr + j + W) + V::loadu(rr + j + W);
+        V a2 = V::loadu(xr + j + 2 * W) + V::loadu(rr + j + 2 * W);
+        V a3 = V::loadu(xr + j + 3 * W) + V::loadu(rr + j + 3 * W);
+        a0.store(s + j);
+        a1.store(s + j + W);
+        a2.store(s + j + 2 * W);
+        a3.store(s + j + 3 * W);
+        vs0 = vs0 + a0; vs1 = vs1 + a1; vs2 = vs2 + a2; vs3 = vs3 + a3;
+      }
       for (; j + W <= N; j += W) {
         V sv = V::loadu(xr + j) + V::loadu(rr + j);
-        sv.store(s.data() + j);
-        vsum = vsum + sv;
+        sv.store(s + j);
+        vs0 = vs0 + sv;
       }
-      acc sum = at::vec::vec_reduce_all<acc>([](V& a, V& b) { return a + b; }, vsum);
+      V vsum = (vs0 + vs1) + (vs2 + vs3);
+      acc sum = at::vec::vec_reduce_all<acc>(add, vsum);
       for (; j < N; ++j) { s[j] = xr[j] + rr[j]; sum += s[j]; }
       const acc mu = sum / acc(N);
       // pass 2: variance around the exact mean
       const V vmu(mu);
-      V vsq(acc(0));
-      for (j = 0; j + W <= N; j += W) {
-        V d = V::loadu(s.data() + j) - vmu;
-        vsq = at::vec::fmadd(d, d, vsq);
+      V vq0(acc(0)), vq1(acc(0)), vq2(acc(0)), vq3(acc(0));
+      for (j = 0; j + 4 * W <= N; j += 4 * W) {
+        V d0 = V::loadu(s + j) - vmu;
+        V d1 = V::loadu(s + j + W) - vmu;
+        V d2 = V::loadu(s + j + 2 * W) - vmu;
+        V d3 = V::loadu(s + j + 3 * W) - vmu;
+        vq0 = at::vec::fmadd(d0, d0, vq0);
+        vq1 = at::vec::fmadd(d1, d1, vq1);
+        vq2 = at::vec::fmadd(d2, d2, vq2);
+        vq3 = at::vec::fmadd(d3, d3, vq3);
       }
-      acc sq = at::vec::vec_reduce_all<acc>([](V& a, V& b) { return a + b; }, vsq);
+      for (; j + W <= N; j += W) {
+        V d = V::loadu(s + j) - vmu;
+        vq0 = at::vec::fmadd(d, d, vq0);
+      }
+      V vsq = (vq0 + vq1) + (vq2 + vq3);
+      acc sq = at::vec::vec_reduce_all<acc>(add, vsq);
       for (; j < N; ++j) { acc d = s[j] - mu; sq += d * d; }
       const acc rs = acc(1) / std::sqrt(sq / acc(N) + acc(eps));
       mean_p[row] = mu;
       rstd_p[row] = rs;
       // pass 3: out = (s - mu) * rstd * w + b
-      acc* o = out_row(op + off, obuf.data());
+      acc* __restrict__ o = out_row(op + off, obuf.data());
       const V vrs(rs);
       for (j = 0; j + W <= N; j += W) {
-        V y = (V::loadu(s.data() + j) - vmu) * vrs;
-        at::vec::fmadd(y, V::loadu(w.data() + j), V::loadu(b.data() + j)).store(o + j);
+        V y = (V::loadu(s + j) - vmu) * vrs;
+        at::vec::fmadd(y, V::loadu(wp + j), V::loadu(bp + j)).store(o + j);
       }
-      for (; j < N; ++j) o[j] = (s[j] - mu) * rs * w[j] + b[j];
+      for (; j < N; ++j) o[j] = (s[j] - mu) * rs * wp[j] + bp[j];
       store_row(o, op + off, N);
     }
   });

@@ -15,7 +15,8 @@
 //   scores S = (Q scale) K^T [kBlockM, kBlockN] (fp32) is the only piece of the L x L matrix
 //   that ever exists.
 //   All products are small_gemm (common.h); running max, sum and the output accumulator are
-//   fp32. Saved for backward: out and lse.
+//   fp32; exponentials are fast_exp (common.h), the same in forward and backward. Saved for
+//   backward: out and lse.
 //
 // Backward attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask?, scale)
 //          varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
@@ -125,7 +126,7 @@ void softmax_block(acc* S, int64_t rows, int64_t bn_pad, int64_t valid, acc* m, 
     const acc m_new = std::max(m[r], block_max);  // finite: the block has a real key
     V vsum(acc(0));
     for (int64_t j = 0; j < bn_pad; j += W) {
-      V e = (V::loadu(s + j) - V(m_new)).exp();
+      V e = fast_exp<acc>(V::loadu(s + j) - V(m_new));
       e.store(s + j);
       vsum = vsum + e;
     }
@@ -215,7 +216,7 @@ void backward_slice(const HeadSlice<scalar_t>& hs, const scalar_t* grad_out, con
       const V vl(lse[hs.lse_offset + q0 + r]);
       V vdi(acc(0));
       for (int64_t j = 0; j < ld; j += W) {
-        const V pv = (V::loadu(s + j) - vl).exp();
+        const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
         pv.store(s + j);
         vdi = at::vec::fmadd(pv, V::loadu(dp + j), vdi);
       }

@@ -8,10 +8,12 @@
 //          gelu_ffn_fwd(x, w1, b1, w2, b2, approximate)  -> (out, pre)
 //   x [M, K] contiguous; weights [N, K] (nn.Linear layout); biases [N]; all dtype T.
 //   pre = x @ W1^T + b1, [M, I], dtype T: saved for backward (gelu(pre) is recomputed there).
-//   Rows are processed in blocks of kBlockRows: the block's GEMM (bias added by the GEMM) is
-//   followed at once by the GELU pass over that block while it is still in cache; gelu_ffn
-//   then runs the second GEMM on the block's activation, so the [M, I] activation is never
-//   written out whole. The GELU pass is parallel over rows, computed in acc_t (fp32).
+//   linear_gelu: one GEMM over all rows (bias added by the GEMM), then one parallel GELU pass
+//   pre -> out. gelu_ffn: rows are processed in blocks of kBlockRows: the block's GEMM is
+//   followed at once by the GELU pass over that block while it is still in cache, then the
+//   second GEMM on the block's activation, so the [M, I] activation is never written out
+//   whole. The GELU pass is parallel over rows, computed in acc_t (fp32); its exp is
+//   fast_exp (common.h), shared with the backward.
 //
 // Backward linear_gelu_bwd(grad_out, x, weight, pre, approximate) -> (grad_x, grad_w, grad_b)
 //          gelu_ffn_bwd(grad_out, x, w1, w2, pre, approximate)
@@ -54,7 +56,7 @@ struct GeluMath {
     const V inner = at::vec::fmadd(V(kCubic), x2, V(acc(1)));  // 1 + c x^2
     const V u = V(kSqrt2OverPi) * x * inner;
     if (du) *du = V(kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), x2, V(acc(1)));
-    return V(acc(1)) / (V(acc(1)) + (V(acc(-2)) * u).exp());
+    return V(acc(1)) / (V(acc(1)) + fast_exp<acc>(V(acc(-2)) * u));
   }
   static V forward(Gelu kind, const V& x) {
     if (kind == Gelu::Tanh) return x * sigmoid_2u(x, nullptr);
@@ -82,14 +84,22 @@ void gelu_rows(Gelu kind, const scalar_t* pre, scalar_t* out, int64_t rows, int6
   using acc = acc_t<scalar_t>;
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
-  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<acc> in_buf(N + W, acc(0)), out_buf(N + W);
     for (int64_t r = r0; r < r1; ++r) {
-      // rows are padded to a multiple of W in the acc_t buffers so the loop needs no tail
-      const acc* p = in_buf.data();
-      load_row_into(pre + r * N, in_buf.data(), N);
-      for (int64_t j = 0; j < N; j += W) GeluMath<acc>::forward(kind, V::loadu(p + j)).store(out_buf.data() + j);
-      store_row<scalar_t>(out_buf.data(), out + r * N, N);
+      if constexpr (std::is_same_v<scalar_t, acc>) {  // fp32 / fp64: straight from pre to out
+        const acc* p = pre + r * N;
+        acc* o = out + r * N;
+        int64_t j = 0;
+        for (; j + W <= N; j += W) GeluMath<acc>::forward(kind, V::loadu(p + j)).store(o + j);
+        if (j < N) GeluMath<acc>::forward(kind, V::loadu(p + j, N - j)).store(o + j, N - j);
+      } else {
+        // rows are padded to a multiple of W in the acc_t buffers so the loop needs no tail
+        const acc* p = in_buf.data();
+        load_row_into(pre + r * N, in_buf.data(), N);
+        for (int64_t j = 0; j < N; j += W) GeluMath<acc>::forward(kind, V::loadu(p + j)).store(out_buf.data() + j);
+        store_row<scalar_t>(out_buf.data(), out + r * N, N);
+      }
     }
   });
 }
@@ -154,8 +164,11 @@ void fused_forward(Gelu kind, const at::Tensor& x, const at::Tensor& w1, const a
                    const at::Tensor* b2 = nullptr, at::Tensor* out2 = nullptr) {
   const int64_t M = x.size(0), N = w1.size(0);
   const at::Tensor w1t = w1.t();
-  for (int64_t r0 = 0; r0 < M; r0 += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, M - r0);
+  // linear_gelu (no second GEMM): one GEMM over all rows (BLAS is fastest on the whole matrix),
+  // then one parallel GELU pass. gelu_ffn: blocks of kBlockRows, so the activation stays small.
+  const int64_t block = out2 ? kBlockRows : std::max<int64_t>(M, 1);
+  for (int64_t r0 = 0; r0 < M; r0 += block) {
+    const int64_t rows = std::min(block, M - r0);
     at::Tensor pre_blk = pre.narrow(0, r0, rows);
     at::addmm_out(pre_blk, b1, x.narrow(0, r0, rows), w1t);
     at::Tensor act_blk = out2 ? act.narrow(0, 0, rows) : act.narrow(0, r0, rows);
