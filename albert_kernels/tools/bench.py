@@ -143,24 +143,22 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: str) -> None:
+def plot(rows: list[dict], machine_info: dict, path: str) -> None:
+    """Bar chart of each row's speed-up vs its group's baseline (rows as written to --json)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rat = ratios(results)
-    rows = [(r.workload.group, r.workload.name, rat[id(r)]["speedup_vs_baseline"])
-            for r in results if rat[id(r)]["speedup_vs_baseline"] and not r.workload.baseline]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
-    labels = [f"{g.split(' (')[0][:40]} | {n}" for g, n, _ in rows]
-    values = [v for _, _, v in rows]
-    colors = ["tab:green" if n.startswith("ours") else "tab:gray" for _, n, _ in rows]
-    ax.barh(range(len(rows)), values, color=colors)
+    rows = [r for r in rows if r["speedup_vs_baseline"] and not r["baseline"]]
+    fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [r["speedup_vs_baseline"] for r in rows],
+            color=["tab:green" if r["name"].startswith("ours") else "tab:gray" for r in rows])
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{r['group'].split(' (')[0]} | {r['name']}" for r in rows],
+                  fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speed-up vs the group's baseline (time ratio, higher is faster)")
-    m = machine()
-    ax.set_title(f"albert_kernels bench - {m['gpus'][0] if m['gpus'] else m['cpu']}", fontsize=9)
+    device = machine_info["gpus"][0] if machine_info["gpus"] else machine_info["cpu"]
+    ax.set_title(f"albert_kernels bench - {device}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -205,14 +203,15 @@ def main(args) -> int:
                       file=sys.stderr, flush=True)
             results.append(run_workload(w, args.device, args.min_time))
     print(format_table(results))
+    rat = ratios(results)
+    rows = [{**r.as_dict(), **rat[id(r)]} for r in results]
     if args.json:
-        rat = ratios(results)
         doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "config": {k: getattr(args, k) for k in ("device", "dtype", "preset", "batch", "seq",
                                                          "padding", "mode", "min_time", "quick")},
-               "results": [{**r.as_dict(), **rat[id(r)]} for r in results]}
+               "results": rows}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
     if args.plot:
-        plot(results, args.plot)
+        plot(rows, machine(), args.plot)
     return 0
