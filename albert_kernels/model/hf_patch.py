@@ -38,15 +38,17 @@ def key_padding_mask_from_hf(mask, batch: int, seqlen: int) -> Optional[torch.Te
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"patch_hf supports padding masks only, got a {type(mask).__name__} "
                          "(use attn_implementation 'eager' or 'sdpa')")
+    additive = False
     if mask.dim() == 4:
         if mask.shape[1] != 1 or mask.shape[-1] != seqlen:
             raise ValueError(f"patch_hf expects a [B, 1, Lq, L] padding mask, got {list(mask.shape)}")
         mask = mask[:, 0, 0, :]  # a padding mask masks keys: every query row is the same
+        additive = mask.is_floating_point()  # transformers' 4D float masks: 0 = attend, -big = not
     if tuple(mask.shape) != (batch, seqlen):
         raise ValueError(f"attention_mask must be [B, L] = [{batch}, {seqlen}], got {list(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
-    return mask == 0 if mask.is_floating_point() and bool((mask < 0).any()) else mask != 0
+    return mask == 0 if additive else mask != 0
 
 
 class PatchedAlbertTransformer(AlbertTransformer):
