@@ -132,14 +132,15 @@ def format_table(results: list[Result]) -> str:
             group = w.group
             lines.append(f"\n{group}")
             lines.append(f"  {'':44s} {'median':>10s} {'min-max':>19s} {'throughput':>16s} "
-                         f"{'vs base':>8s} {'of ceil':>8s}")
+                         f"{'vs base':>8s} {'of ceil':>8s} {'1st call':>9s}")
         x = rat[id(r)]
         speed = f"{x['speedup_vs_baseline']:.2f}x" if x["speedup_vs_baseline"] else "-"
         ceil = f"{100 * x['fraction_of_ceiling']:.0f}%" if x["fraction_of_ceiling"] else "-"
         mark = " (ceiling)" if w.ceiling else (" (baseline)" if w.baseline else "")
         lines.append(f"  {(w.name + mark)[:44]:44s} {1e3 * r.median_s:8.2f}ms "
                      f"{1e3 * r.min_s:8.2f}-{1e3 * r.max_s:8.2f}ms "
-                     f"{r.throughput:10.1f} {w.unit:8s} {speed:>6s} {ceil:>8s}")
+                     f"{r.throughput:10.1f} {w.unit:8s} {speed:>6s} {ceil:>8s} "
+                     f"{r.first_call_s:8.2f}s")
     return "\n".join(lines)
 
 

@@ -114,4 +114,10 @@ def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: st
         model = model.to(device=device, dtype=dtype).train(mode == "train")
         out.append(Workload(group, f"ours ({backend})", _step(model, batch_tensors, mode, False),
                             tokens, "tokens/s", baseline=not hf and backend == "reference"))
+    if compile_baseline and mode == "forward":
+        # torch.compile of ours: one graph on the padded layout (static shapes), so it computes
+        # on padding; its first call (compile time) is reported as first_call_s.
+        out.append(Workload(group, f"torch.compile(ours ({backend}))",
+                            _step(torch.compile(model, dynamic=False), batch_tensors, mode, False),
+                            tokens, "tokens/s"))
     return out
