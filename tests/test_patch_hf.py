@@ -166,13 +166,15 @@ def test_fill_mask_pipeline_same_predictions(tmp_path):
         assert max(abs(x["score"] - y["score"]) for x, y in zip(b, a)) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", [b for b in ak.available_backends("cpu") if b != "triton"])
 @pytest.mark.parametrize("kind", ["ours", "patched"])
-def test_torch_compile_fullgraph(kind):
+def test_torch_compile_fullgraph(kind, backend):
     """torch.compile(fullgraph=True) traces our model and a patched transformers model in one
     graph (the padded layout: static shapes) and gives the same outputs as eager."""
     torch._dynamo.reset()
     hf = _model("AlbertModel").eval()
-    model = ak.AlbertModel.from_hf(hf).eval() if kind == "ours" else ak.patch_hf(hf)
+    model = ak.AlbertModel.from_hf(hf, backend=backend).eval() if kind == "ours" \
+        else ak.patch_hf(hf, backend=backend)
     inputs, mask = _inputs("AlbertModel")
     call = (lambda m: m(inputs["input_ids"], inputs["attention_mask"])) if kind == "ours" \
         else (lambda m: m(**inputs))
