@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 
 from ..backends import get_backend
-from ..ops import pad, unpad
 from .config import AlbertConfig
-from .layers import AlbertTransformer, AttentionPlan
+from .layers import AlbertTransformer, pack_tokens
 
 
 def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -76,22 +75,9 @@ class PatchedAlbertTransformer(AlbertTransformer):
         batch, seqlen, _ = hidden_states.shape
         key_mask = key_padding_mask_from_hf(attention_mask, batch, seqlen)
         be = get_backend(self.backend, hidden_states.device.type)
-        if torch.compiler.is_compiling():  # static shapes for one graph: run on the padded grid
-            plan = AttentionPlan(batch=batch, seqlen=seqlen, key_padding_mask=key_mask)
-            h = super().forward(hidden_states.reshape(batch * seqlen, -1), plan, be)
-            out = h.view(batch, seqlen, -1)
-            if key_mask is not None:
-                out = out * key_mask[..., None].to(out.dtype)
-        elif key_mask is None:
-            cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32,
-                              device=hidden_states.device)
-            h = super().forward(hidden_states.reshape(batch * seqlen, -1),
-                                AttentionPlan(cu_seqlens=cu, max_seqlen=seqlen), be)
-            out = h.view(batch, seqlen, -1)
-        else:
-            x, indices, cu, max_seqlen = unpad(hidden_states, key_mask)
-            h = super().forward(x, AttentionPlan(cu_seqlens=cu, max_seqlen=max_seqlen), be)
-            out = pad(h, indices, batch, seqlen)
+        # Under torch.compile: the padded grid, static shapes for one graph.
+        tokens, plan, unpack = pack_tokens(hidden_states, key_mask, torch.compiler.is_compiling())
+        out = unpack(super().forward(tokens, plan, be))
         return BaseModelOutput(last_hidden_state=out) if return_dict else (out,)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import pad, unpad
 from .config import AlbertConfig
 
 
@@ -34,6 +35,35 @@ class AttentionPlan:
         grid = lambda t: t.view(self.batch, self.seqlen, *t.shape[1:]).transpose(1, 2)
         ctx = be.attention(grid(q), grid(k), grid(v), self.key_padding_mask, scale)
         return ctx.transpose(1, 2).reshape(q.shape)
+
+
+def pack_tokens(grid: torch.Tensor, key_mask: Optional[torch.Tensor], padded: bool):
+    """Lay a [B, L, ...] batch out as tokens for the layers: the one place that removes padding.
+
+    Returns (tokens [N, ...], plan, unpack): packed real tokens with cu_seqlens (the fast path;
+    without a mask, B sequences of L tokens), or, with `padded` (torch.compile: static shapes),
+    every position with the key padding mask. ``unpack(h)`` puts [N, ...] back on the [B, L]
+    grid with zero rows at padded positions.
+    """
+    batch, seqlen = grid.shape[:2]
+    indices = None
+    if padded:
+        plan = AttentionPlan(batch=batch, seqlen=seqlen, key_padding_mask=key_mask)
+        tokens = grid.reshape(batch * seqlen, *grid.shape[2:])
+    elif key_mask is None:
+        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=grid.device)
+        plan = AttentionPlan(cu_seqlens=cu, max_seqlen=seqlen)
+        tokens = grid.reshape(batch * seqlen, *grid.shape[2:])
+    else:
+        tokens, indices, cu, max_seqlen = unpad(grid, key_mask)
+        plan = AttentionPlan(cu_seqlens=cu, max_seqlen=max_seqlen)
+
+    def unpack(h: torch.Tensor) -> torch.Tensor:
+        if indices is not None:
+            return pad(h, indices, batch, seqlen)
+        out = h.view(batch, seqlen, *h.shape[1:])
+        return out if key_mask is None else out * key_mask[..., None].to(out.dtype)
+    return tokens, plan, unpack
 
 
 class AlbertEmbeddings(nn.Module):

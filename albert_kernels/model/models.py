@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import get_backend
-from ..ops import pad, unpad
 from ..ops.validate import check_backend_support
 from .config import AlbertConfig
-from .layers import AlbertEmbeddings, AlbertTransformer, AttentionPlan
+from .layers import AlbertEmbeddings, AlbertTransformer, pack_tokens
 from .weights import WeightsMixin
 
 
@@ -113,24 +112,10 @@ class AlbertModel(AlbertPreTrainedModel):
         ids = torch.stack([input_ids, token_type_ids, position_ids], dim=-1)     # [B, L, 3]
         # Under torch.compile the padded layout keeps every shape static (no data-dependent
         # token count), so the whole forward is one graph; eager runs padding-free.
-        if not self.unpad or torch.compiler.is_compiling():
-            plan = AttentionPlan(batch=batch, seqlen=seqlen, key_padding_mask=attention_mask)
-            tokens = ids.reshape(batch * seqlen, 3)
-        elif attention_mask is None:  # nothing to remove: B sequences of L tokens
-            cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=ids.device)
-            plan = AttentionPlan(cu_seqlens=cu, max_seqlen=seqlen)
-            tokens = ids.reshape(batch * seqlen, 3)
-        else:
-            tokens, indices, cu, max_seqlen = unpad(ids, attention_mask)         # [T, 3]
-            plan = AttentionPlan(cu_seqlens=cu, max_seqlen=max_seqlen)
+        padded = not self.unpad or torch.compiler.is_compiling()
+        tokens, plan, unpack = pack_tokens(ids, attention_mask, padded)           # [T, 3]
         x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [T, E]
-        h = self.encoder(x, plan, be)                                             # [T, hidden]
-        if plan.cu_seqlens is not None and attention_mask is not None:
-            hidden = pad(h, indices, batch, seqlen)
-        else:
-            hidden = h.view(batch, seqlen, -1)
-            if attention_mask is not None:
-                hidden = hidden * attention_mask[..., None].to(hidden.dtype)
+        hidden = unpack(self.encoder(x, plan, be))                                # [B, L, hidden]
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return AlbertOutput(hidden, pooled)
 
