@@ -38,7 +38,7 @@
 namespace albert_kernels::cpu {
 namespace {
 
-constexpr int64_t kBlockM = 32;   // query rows per task / per block (a multiple of the tile's 4)
+constexpr int64_t kBlockM = 48;   // query rows per task / per block (a multiple of the 6-row tile)
 constexpr int64_t kBlockN = 128;  // keys per online-softmax step
 
 // One (sequence, head): rows of q/k/v/out/grads at base + row * row_stride, lse at lse[row].
@@ -60,6 +60,7 @@ struct Workspace {
   Workspace(int64_t D_, int64_t max_keys, bool backward)
       : D(D_), Dp(round_up(D_, kGemmNR<acc>)), Np(round_up(std::max<int64_t>(max_keys, 1), kGemmNR<acc>)) {
     kt.assign(Dp * Np, acc(0));
+    k.assign(Np * Dp, acc(0));
     v.assign(Np * Dp, acc(0));
     q.assign(kBlockM * Dp, acc(0));
     o.assign(kBlockM * Dp, acc(0));
@@ -68,13 +69,12 @@ struct Workspace {
     l.assign(kBlockM, acc(0));
     if (backward) {
       vt.assign(Dp * Np, acc(0));
-      k.assign(Np * Dp, acc(0));
       s.assign(kBlockM * Np, acc(0));
       p.assign(kBlockM * Np, acc(0));
       dq.assign(kBlockM * Dp, acc(0));
       dk.assign(Np * Dp, acc(0));
       dv.assign(Np * Dp, acc(0));
-          }
+    }
   }
 };
 
@@ -87,24 +87,38 @@ void load_scaled_q(const scalar_t* src, acc* dst, int64_t D, acc scale) {
   for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
 }
 
-// Gather the slice's real keys into K^T [Dp, ld] (and optionally K, V [.., Dp], V^T [Dp, ld]),
-// with zero columns / rows beyond n_keys up to the padded width.
+// Gather the slice's real keys into K, V [ld, Dp] (acc_t rows; zero rows beyond n_keys, zero
+// columns beyond D) and K^T [Dp, ld] (plus V^T [Dp, ld] for backward), by blocked transposes.
 template <typename scalar_t, typename acc>
 void gather_keys(const HeadSlice<scalar_t>& hs, const scalar_t* k, const scalar_t* v,
                  Workspace<acc>& ws, int64_t ld, bool backward) {
   const int64_t D = ws.D, Dp = ws.Dp;
-  std::vector<acc> row(Dp, acc(0));
-  for (int64_t j = 0; j < ld; ++j) {
-    const bool real = j < hs.n_keys;
-    const int64_t key = real ? (hs.keys ? hs.keys[j] : j) : 0;
-    const int64_t off = hs.offset + key * hs.row_stride;
-    if (real) load_row_into(k + off, row.data(), D); else std::fill(row.begin(), row.end(), acc(0));
-    for (int64_t d = 0; d < D; ++d) ws.kt[d * ld + j] = row[d];
-    if (backward) std::copy(row.begin(), row.end(), ws.k.begin() + j * Dp);
-    acc* vrow = ws.v.data() + j * Dp;
-    if (real) load_row_into(v + off, vrow, D); else std::fill(vrow, vrow + Dp, acc(0));
-    if (backward) for (int64_t d = 0; d < D; ++d) ws.vt[d * ld + j] = vrow[d];
+  constexpr int64_t kAhead = 8;  // rows prefetched ahead
+  const auto key_off = [&](int64_t j) {
+    return hs.offset + (hs.keys ? hs.keys[j] : j) * hs.row_stride;
+  };
+  for (int64_t j = 0; j < std::min(kAhead, hs.n_keys); ++j) {
+    prefetch_row(k + key_off(j), D * sizeof(scalar_t));
+    prefetch_row(v + key_off(j), D * sizeof(scalar_t));
   }
+  for (int64_t j = 0; j < ld; ++j) {
+    if (j + kAhead < hs.n_keys) {
+      prefetch_row(k + key_off(j + kAhead), D * sizeof(scalar_t));
+      prefetch_row(v + key_off(j + kAhead), D * sizeof(scalar_t));
+    }
+    acc* krow = ws.k.data() + j * Dp;
+    acc* vrow = ws.v.data() + j * Dp;
+    if (j < hs.n_keys) {
+      const int64_t off = key_off(j);
+      load_row_into(k + off, krow, D);
+      load_row_into(v + off, vrow, D);
+    } else {
+      std::fill(krow, krow + D, acc(0));
+      std::fill(vrow, vrow + D, acc(0));
+    }
+  }
+  transpose(ws.k.data(), Dp, ws.kt.data(), ld, ld, Dp);
+  if (backward) transpose(ws.v.data(), Dp, ws.vt.data(), ld, ld, Dp);
 }
 
 // Online softmax over one block of (already scaled) scores S [rows, bn_pad], `valid` real
@@ -158,8 +172,13 @@ void forward_block(const HeadSlice<scalar_t>& hs, int64_t q0, int64_t q1, const 
     }
     return;
   }
+  const scalar_t* q_rows = q + hs.offset + q0 * hs.row_stride;
+  for (int64_t r = 0; r < std::min<int64_t>(rows, 8); ++r) {
+    prefetch_row(q_rows + r * hs.row_stride, D * sizeof(scalar_t));
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    load_scaled_q(q + hs.offset + (q0 + r) * hs.row_stride, ws.q.data() + r * Dp, D, scale);
+    if (r + 8 < rows) prefetch_row(q_rows + (r + 8) * hs.row_stride, D * sizeof(scalar_t));
+    load_scaled_q(q_rows + r * hs.row_stride, ws.q.data() + r * Dp, D, scale);
     ws.m[r] = -std::numeric_limits<acc>::infinity();
     ws.l[r] = acc(0);
   }

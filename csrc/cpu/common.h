@@ -15,6 +15,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <cstdint>
@@ -87,6 +90,13 @@ inline acc_t<scalar_t>* out_row(scalar_t* dst, acc_t<scalar_t>* buf) {
   }
 }
 
+// Ask for a row that will be read soon (attention reads rows of one head at a stride of the
+// whole token, which the hardware prefetcher follows poorly).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
 // exp for the softmax / GELU kernels: ATen's fast exp_u20 (polynomial, <= 20 ulp, about twice
 // the speed of the Sleef u10 exp) for float; the exact exp otherwise (fp64 gradcheck). Forward
 // and backward of a kernel both call this one, so recomputed values round identically.
@@ -104,7 +114,13 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
 //   A is addressed as A[i * a_rs + k * a_cs] (so a transposed A costs nothing: swap the strides),
 //   B is row-major with leading dimension ldb, C row-major with ldc.
 //   N must be a multiple of kGemmNR<T> (the work buffers are zero-padded to it).
-// Micro-tile: MR (= 4) rows x two vectors; the B panel (K x NR) stays in L1 across the row tiles.
+// Micro-tile: MR rows x two vectors (NR = 16 floats with AVX2); the B panel (K x NR) stays in L1
+// across the row tiles. Every C element is one fma chain over k in increasing order, whatever
+// the tile it falls in, so a product recomputed with other M, N rounds identically.
+// float on an AVX2/AVX-512 build: a hand-scheduled 6 x 16 tile in raw AVX2 intrinsics (12 ymm
+// accumulators + 2 B vectors + 1 broadcast = 15 of the 16 registers; written with
+// at::vec::Vectorized the same tile spills). Otherwise (double, portable builds): 4 x 2 vectors
+// with at::vec.
 template <typename T>
 constexpr int64_t kGemmNR = 2 * Vec<T>::size();
 
@@ -135,11 +151,10 @@ inline void gemm_tile(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T
   }
 }
 
-template <typename T>
-inline void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
-                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+template <typename T, int MR>
+inline void gemm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                      const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int64_t NR = kGemmNR<T>;
-  constexpr int MR = 4;  // 4 x 2 vectors: 8 accumulators (6 rows measured slower: spills)
   for (int64_t j = 0; j < N; j += NR) {
     int64_t i = 0;
     for (; i + MR <= M; i += MR) {
@@ -148,11 +163,145 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs
     const T* a = A + i * a_rs;
     T* c = C + i * ldc + j;
     switch (M - i) {
+      case 5: gemm_tile<T, 5>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 4: gemm_tile<T, 4>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
       case 3: gemm_tile<T, 3>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
       case 2: gemm_tile<T, 2>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
       case 1: gemm_tile<T, 1>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
       default: break;
     }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+template <>
+inline constexpr int64_t kGemmNR<float> = 16;
+
+template <int MR>
+inline void gemm_tile_avx2(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
+    c1[r] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  const float* a = A;
+  const float* b = B;
+  for (int64_t k = 0; k < K; ++k, a += a_cs, b += ldb) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    const __m256 b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * a_rs);
+      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(C + r * ldc, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+  }
+}
+
+template <>
+inline void gemm_tile<float, 6>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate) {
+  gemm_tile_avx2<6>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+template <>
+inline void gemm_tile<float, 5>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate) {
+  gemm_tile_avx2<5>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+template <>
+inline void gemm_tile<float, 4>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate) {
+  gemm_tile_avx2<4>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+template <>
+inline void gemm_tile<float, 3>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate) {
+  gemm_tile_avx2<3>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+template <>
+inline void gemm_tile<float, 2>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate) {
+  gemm_tile_avx2<2>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+template <>
+inline void gemm_tile<float, 1>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                                const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate) {
+  gemm_tile_avx2<1>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+#endif
+
+template <typename T>
+inline void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_rows<T, 6>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+    return;
+  }
+#endif
+  gemm_rows<T, 4>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// transpose: dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols. float on an AVX2 build
+// moves 8 x 8 blocks through registers (the attention kernels transpose K and V once per head
+// slice; element by element that was a fifth of the forward's time).
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // rows 0-3 and 4-7 of each 128-bit lane, columns grouped by two
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const int b = 4 * h;
+    r[b + 0] = _mm256_shuffle_ps(t[b + 0], t[b + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[b + 1] = _mm256_shuffle_ps(t[b + 0], t[b + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[b + 2] = _mm256_shuffle_ps(t[b + 1], t[b + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[b + 3] = _mm256_shuffle_ps(t[b + 1], t[b + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+template <typename T>
+inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
+                      int64_t cols) {
+  int64_t r0 = 0, c0 = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; r0 + 8 <= rows; r0 += 8) {
+      for (int64_t c = 0; c + 8 <= cols; c += 8) {
+        transpose_8x8(src + r0 * lds + c, lds, dst + c * ldd + r0, ldd);
+      }
+    }
+    c0 = cols / 8 * 8;  // left: the column tail of the block rows, and the row tail
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < r0 ? c0 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
   }
 }
 
