@@ -85,12 +85,22 @@ def available_backends(device="cpu") -> list[str]:
     return sorted(names, key=lambda n: -_BACKENDS[n].priority.get(device_type, 0))
 
 
+# best_backend's answers, per device type, for one set of registered backends (every op call
+# with backend=None asks; probing all backends each time cost ~0.1 ms per call).
+_BEST: dict = {}
+
+
 def best_backend(device_type: str) -> str:
     """The backend ``backend=None`` picks: the available one with the highest priority."""
+    key = (device_type, tuple((n, id(s)) for n, s in _BACKENDS.items()))
+    name = _BEST.get(key)
+    if name is not None and _BACKENDS[name]._load_error is None:
+        return name
     names = [n for n in available_backends(device_type)
              if _BACKENDS[n].priority.get(device_type, 0) > 0]
     if not names:
         raise BackendUnavailable(f"no backend is available for device type {device_type!r}")
+    _BEST[key] = names[0]
     return names[0]
 
 
@@ -100,6 +110,9 @@ def get_backend(name: Optional[str], device_type: str) -> ModuleType:
         name = best_backend(device_type)
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
+    spec = _BACKENDS.get(name)
+    if spec is not None and spec._loaded is not None and spec.probe(device_type) is None:
+        return spec._loaded  # the common case, once loaded: no import machinery per call
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} on {device_type}: {reason}")

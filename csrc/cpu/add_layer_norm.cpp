@@ -102,11 +102,18 @@ void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at
       // pass 3: out = (s - mu) * rstd * w + b
       acc* __restrict__ o = out_row(op + off, obuf.data());
       const V vrs(rs);
-      for (j = 0; j + W <= N; j += W) {
+      const int64_t n = N;  // a local bound: the stores to o must not force reloads of N
+      for (j = 0; j + 2 * W <= n; j += 2 * W) {
+        V y0 = (V::loadu(s + j) - vmu) * vrs;
+        V y1 = (V::loadu(s + j + W) - vmu) * vrs;
+        at::vec::fmadd(y0, V::loadu(wp + j), V::loadu(bp + j)).store(o + j);
+        at::vec::fmadd(y1, V::loadu(wp + j + W), V::loadu(bp + j + W)).store(o + j + W);
+      }
+      for (; j + W <= n; j += W) {
         V y = (V::loadu(s + j) - vmu) * vrs;
         at::vec::fmadd(y, V::loadu(wp + j), V::loadu(bp + j)).store(o + j);
       }
-      for (; j < N; ++j) o[j] = (s[j] - mu) * rs * wp[j] + bp[j];
+      for (; j < n; ++j) o[j] = (s[j] - mu) * rs * wp[j] + bp[j];
       store_row(o, op + off, N);
     }
   });

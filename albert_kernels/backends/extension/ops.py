@@ -166,6 +166,8 @@ for _name, _setup, _bwd in [("add_layer_norm_fwd", _setup_add_ln, _bwd_add_ln),
 # ---------------------------------------------------------------- the backend functions
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., N] -> [M, N] contiguous (also when a dim is 0, where reshape(-1, N) is ambiguous)."""
+    if t.dim() == 2 and t.is_contiguous():  # the model's token-major tensors: nothing to do
+        return t
     return t.reshape(t.shape[:-1].numel(), t.shape[-1]).contiguous()
 
 
@@ -174,7 +176,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     """x, residual [..., N] -> LayerNorm(x + residual) [..., N]; kernels see [M, N]."""
     out, _, _ = _ops.add_layer_norm_fwd(_rows(x), _rows(residual), weight.contiguous(),
                                         bias.contiguous(), eps)
-    return out.reshape(x.shape)
+    return out if x.dim() == 2 else out.reshape(x.shape)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
