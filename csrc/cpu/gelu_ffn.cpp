@@ -1,19 +1,20 @@
 // GELU feed-forward on CPU: linear_gelu = gelu(x @ W^T + b) and ALBERT's whole FFN
 // gelu_ffn = linear_gelu(x, W1, b1) @ W2^T + b2. approximate: "tanh" (gelu_new) or "none" (erf).
 //
-// The matrix products stay with ATen's BLAS (at::addmm / at::mm, MKL here); what is fused is
+// The matrix products stay with ATen's BLAS (at::mm / at::addmm, MKL here); what is fused is
 // everything around them.
 //
 // Forward  linear_gelu_fwd(x, weight, bias, approximate) -> (out, pre)
 //          gelu_ffn_fwd(x, w1, b1, w2, b2, approximate)  -> (out, pre)
 //   x [M, K] contiguous; weights [N, K] (nn.Linear layout); biases [N]; all dtype T.
 //   pre = x @ W1^T + b1, [M, I], dtype T: saved for backward (gelu(pre) is recomputed there).
-//   linear_gelu: one GEMM over all rows (bias added by the GEMM), then one parallel GELU pass
-//   pre -> out. gelu_ffn: rows are processed in blocks of kBlockRows: the block's GEMM is
-//   followed at once by the GELU pass over that block while it is still in cache, then the
-//   second GEMM on the block's activation, so the [M, I] activation is never written out
-//   whole. The GELU pass is parallel over rows, computed in acc_t (fp32); its exp is
-//   fast_exp (common.h), shared with the backward.
+//   The GEMM runs without bias (beta = 0); one epilogue pass (bias_gelu_rows) then adds b1,
+//   writes pre back and writes gelu(pre): the bias costs no pass of its own. linear_gelu: one
+//   GEMM over all rows, then the epilogue in parallel over rows. gelu_ffn: rows are processed
+//   in blocks of kBlockRows: the block's GEMM is followed at once by the epilogue over that
+//   block while it is still in cache, then the second GEMM on the block's activation, so the
+//   [M, I] activation is never written out whole. The epilogue computes in acc_t (fp32); its
+//   exp is fast_exp (common.h), shared with the backward.
 //
 // Backward linear_gelu_bwd(grad_out, x, weight, pre, approximate) -> (grad_x, grad_w, grad_b)
 //          gelu_ffn_bwd(grad_out, x, w1, w2, pre, approximate)
@@ -42,31 +43,44 @@ Gelu parse_approximate(std::string_view approximate) {
 }
 
 // GELU and its derivative on one vector, in acc_t. tanh form: 0.5 (1 + tanh(u)) == sigmoid(2u),
-// u = sqrt(2/pi) (x + 0.044715 x^3), so gelu(x) = x * sigmoid(2u): one exp, no tanh.
+// u = sqrt(2/pi) (x + 0.044715 x^3), so gelu(x) = x * sigmoid(2u) = x / (1 + exp(t)) with
+// t = -2u = x (kA + kB x^2): one exp and one reciprocal (an approximate reciprocal refined by
+// a Newton step on AVX2: ~1 ulp, and much cheaper than a vector division), no tanh.
 template <typename acc>
 struct GeluMath {
   using V = Vec<acc>;
   static constexpr acc kSqrt2OverPi = acc(0.7978845608028654);
   static constexpr acc kCubic = acc(0.044715);
+  static constexpr acc kA = acc(-2 * 0.7978845608028654);             // -2 sqrt(2/pi)
+  static constexpr acc kB = acc(-2 * 0.7978845608028654 * 0.044715);  // kA * 0.044715
   static constexpr acc kInvSqrt2 = acc(0.7071067811865476);
   static constexpr acc kInvSqrt2Pi = acc(0.3989422804014327);
 
-  static V sigmoid_2u(const V& x, V* du) {  // sigmoid(2u); du = du/dx
-    const V x2 = x * x;
-    const V inner = at::vec::fmadd(V(kCubic), x2, V(acc(1)));  // 1 + c x^2
-    const V u = V(kSqrt2OverPi) * x * inner;
-    if (du) *du = V(kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), x2, V(acc(1)));
-    return V(acc(1)) / (V(acc(1)) + fast_exp<acc>(V(acc(-2)) * u));
+  static V reciprocal(const V& d) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc, float> && V::size() == 8) {
+      const __m256 dv = d;
+      const __m256 r = _mm256_rcp_ps(dv);  // 12 bits; one Newton step: r (2 - d r)
+      return V(_mm256_mul_ps(r, _mm256_fnmadd_ps(dv, r, _mm256_set1_ps(2.f))));
+    }
+#endif
+    return V(acc(1)) / d;
+  }
+  static V sigmoid_2u(const V& x, const V& x2) {  // sigmoid(2u) = 1 / (1 + exp(t))
+    // t <= 80: exp stays finite, so the reciprocal's Newton step never meets inf * 0
+    const V t = at::vec::minimum(x * at::vec::fmadd(V(kB), x2, V(kA)), V(acc(80)));
+    return reciprocal(V(acc(1)) + fast_exp<acc>(t));
   }
   static V forward(Gelu kind, const V& x) {
-    if (kind == Gelu::Tanh) return x * sigmoid_2u(x, nullptr);
+    if (kind == Gelu::Tanh) return x * sigmoid_2u(x, x * x);
     return V(acc(0.5)) * x * (V(acc(1)) + (x * V(kInvSqrt2)).erf());
   }
-  // Returns gelu'(x); writes gelu(x) to *y when y is not null.
+  // Returns gelu'(x); writes gelu(x) to *y when y is not null (the same value forward gives).
   static V grad(Gelu kind, const V& x, V* y) {
     if (kind == Gelu::Tanh) {
-      V du;
-      const V s = sigmoid_2u(x, &du);
+      const V x2 = x * x;
+      const V s = sigmoid_2u(x, x2);
+      const V du = V(kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), x2, V(acc(1)));  // du/dx
       if (y) *y = x * s;
       // d/dx [x s(2u)] = s + x * s (1 - s) * 2 du
       return s + x * s * (V(acc(1)) - s) * V(acc(2)) * du;
@@ -78,26 +92,52 @@ struct GeluMath {
   }
 };
 
-// out[rows] = gelu(pre[rows]) for a block of `rows` x N, parallel over rows.
+// The GEMM's epilogue, for a block of `rows` x N, parallel over rows: z = x + bias and
+// out = gelu(z), with z written to `z_out` when it is not null (linear_gelu passes its GEMM
+// output as both x and z_out: z lands over it as the pre-activation saved for backward). The
+// GEMM itself runs without bias (beta = 0), so the bias costs no pass of its own.
 template <typename scalar_t>
-void gelu_rows(Gelu kind, const scalar_t* pre, scalar_t* out, int64_t rows, int64_t N) {
+void bias_gelu_rows(Gelu kind, const scalar_t* x, const scalar_t* bias, scalar_t* z_out,
+                    scalar_t* out, int64_t rows, int64_t N) {
   using acc = acc_t<scalar_t>;
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
+  std::vector<acc> b_acc(N + W, acc(0));  // bias in acc_t, padded so the loops need no tail
+  load_row_into(bias, b_acc.data(), N);
+  const acc* bp = b_acc.data();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<acc> in_buf(N + W, acc(0)), out_buf(N + W);
+    std::vector<acc> z_buf(N + W, acc(0)), out_buf(N + W);
     for (int64_t r = r0; r < r1; ++r) {
-      if constexpr (std::is_same_v<scalar_t, acc>) {  // fp32 / fp64: straight from pre to out
-        const acc* p = pre + r * N;
+      if constexpr (std::is_same_v<scalar_t, acc>) {  // fp32 / fp64: no buffers
+        const acc* p = x + r * N;
+        acc* zr = z_out ? z_out + r * N : nullptr;
         acc* o = out + r * N;
         int64_t j = 0;
-        for (; j + W <= N; j += W) GeluMath<acc>::forward(kind, V::loadu(p + j)).store(o + j);
-        if (j < N) GeluMath<acc>::forward(kind, V::loadu(p + j, N - j)).store(o + j, N - j);
+        for (; j + 2 * W <= N; j += 2 * W) {  // two vectors per step: independent exp chains
+          const V z0 = V::loadu(p + j) + V::loadu(bp + j);
+          const V z1 = V::loadu(p + j + W) + V::loadu(bp + j + W);
+          if (zr) {
+            z0.store(zr + j);
+            z1.store(zr + j + W);
+          }
+          GeluMath<acc>::forward(kind, z0).store(o + j);
+          GeluMath<acc>::forward(kind, z1).store(o + j + W);
+        }
+        for (; j < N; j += W) {
+          const int64_t n = std::min<int64_t>(W, N - j);
+          const V z = V::loadu(p + j, n) + V::loadu(bp + j, n);
+          if (zr) z.store(zr + j, n);
+          GeluMath<acc>::forward(kind, z).store(o + j, n);
+        }
       } else {
-        // rows are padded to a multiple of W in the acc_t buffers so the loop needs no tail
-        const acc* p = in_buf.data();
-        load_row_into(pre + r * N, in_buf.data(), N);
-        for (int64_t j = 0; j < N; j += W) GeluMath<acc>::forward(kind, V::loadu(p + j)).store(out_buf.data() + j);
+        acc* z = z_buf.data();
+        load_row_into(x + r * N, z, N);
+        for (int64_t j = 0; j < N; j += W) {
+          const V zv = V::loadu(z + j) + V::loadu(bp + j);
+          zv.store(z + j);
+          GeluMath<acc>::forward(kind, zv).store(out_buf.data() + j);
+        }
+        if (z_out) store_row<scalar_t>(z, z_out + r * N, N);
         store_row<scalar_t>(out_buf.data(), out + r * N, N);
       }
     }
@@ -170,11 +210,12 @@ void fused_forward(Gelu kind, const at::Tensor& x, const at::Tensor& w1, const a
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
     at::Tensor pre_blk = pre.narrow(0, r0, rows);
-    at::addmm_out(pre_blk, b1, x.narrow(0, r0, rows), w1t);
+    at::mm_out(pre_blk, x.narrow(0, r0, rows), w1t);
     at::Tensor act_blk = out2 ? act.narrow(0, 0, rows) : act.narrow(0, r0, rows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
-      gelu_rows<scalar_t>(kind, pre_blk.data_ptr<scalar_t>(), act_blk.data_ptr<scalar_t>(), rows,
-                          N);
+      scalar_t* z = pre_blk.data_ptr<scalar_t>();
+      bias_gelu_rows<scalar_t>(kind, z, b1.data_ptr<scalar_t>(), z, act_blk.data_ptr<scalar_t>(),
+                               rows, N);
     });
     if (out2) {
       at::Tensor out_blk = out2->narrow(0, r0, rows);
@@ -192,6 +233,21 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
   at::Tensor out = at::empty_like(pre);
   fused_forward(kind, x, weight, bias, pre, out);
   return {out, pre};
+}
+
+// The epilogue on its own (inference: no saved pre-activation): gelu(x + bias), x [M, N].
+at::Tensor bias_gelu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "bias_gelu: x must be contiguous [M, N]");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(1) && bias.is_contiguous() &&
+                  bias.scalar_type() == x.scalar_type(),
+              "bias_gelu: bias must be contiguous [N] of x's dtype");
+  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu", [&] {
+    bias_gelu_rows<scalar_t>(kind, x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), nullptr,
+                             out.data_ptr<scalar_t>(), x.size(0), x.size(1));
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd(const at::Tensor& x, const at::Tensor& w1,
@@ -253,6 +309,7 @@ TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {
   m.impl("linear_gelu_bwd", &linear_gelu_bwd);
   m.impl("gelu_ffn_fwd", &gelu_ffn_fwd);
   m.impl("gelu_ffn_bwd", &gelu_ffn_bwd);
+  m.impl("bias_gelu", &bias_gelu);
 }
 
 }  // namespace albert_kernels::cpu
