@@ -74,11 +74,13 @@ def test_bench_quick_json(tmp_path):
     doc = json.loads(path.read_text())
     assert {"cpu", "cores", "torch", "triton"} <= set(doc["machine"])
     assert doc["config"]["device"] == "cpu" and doc["config"]["dtype"] == "float32"
+    assert doc["config"]["memory"] is False     # --quick: no fresh processes unless --memory
     groups = {r["group"].split(" ")[0] for r in doc["results"]}
     assert {"ALBERT-base", "add_layer_norm", "linear_gelu", "attention"} <= groups
     for r in doc["results"]:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["repeats"] >= 3 and r["throughput"] > 0
+        assert r["peak_mem_mb"] is None and r["base_mem_mb"] is None
     names = {r["name"] for r in doc["results"]}
     assert "ours (reference)" in names and "copy (same bytes)" in names
     baselines = [r for r in doc["results"] if r["baseline"]]

@@ -1,10 +1,35 @@
 """`albert-kernels bench`: op and model benchmarks against the baselines of PERF.md.
 
 Every figure is reported beside baselines measured in the same process and run, as a ratio:
-median time over repeats after warm-up (CUDA events on GPU), with the spread (min-max).
+median time over repeats after warm-up (CUDA events on GPU), with the spread (min-max); and peak
+memory (PERF.md "Memory"): on GPU `torch.cuda.max_memory_allocated()` over the timed calls, on CPU
+(model workloads, `--memory`) the peak resident set of a fresh process that builds that workload
+alone and calls it twice (tools/memory.py).
+
+`--json FILE` writes {"machine", "date", "config", "results"}; each result row has:
+  group, name, unit          what is measured, who does it, the throughput unit
+  work_per_call              bytes, FLOPs or real tokens per call
+  median_s, min_s, max_s     call time over `repeats` timed calls after warm-up (null: --memory-only)
+  first_call_s               the first call alone (compilation, caches)
+  throughput                 work_per_call / median_s in `unit`
+  baseline, ceiling          whether the row is its group's baseline / a hardware ceiling
+  speedup_vs_baseline        baseline median_s / median_s (null without timing)
+  fraction_of_ceiling        throughput / the ceiling row's throughput
+  baseline_name, ceiling_name
+  peak_mem_mb                MiB. GPU: torch.cuda.max_memory_allocated() over the timed calls.
+                             CPU: peak resident set (VmHWM) of a fresh process that imports the
+                             modules, builds the inputs and this workload alone, and calls it twice;
+                             null where not measured (op rows; --no-memory, the default with --quick)
+  base_mem_mb                CPU: peak resident set of a fresh process that imports the same modules
+                             and builds the same inputs, but no workload, and runs nothing; the
+                             workload's own memory is peak_mem_mb - base_mem_mb. null on GPU
+  mem_vs_baseline            peak_mem_mb / the group baseline's peak_mem_mb (transformers sdpa for
+                             the model rows: PERF.md's target is ours (cpp) <= 0.75 in training)
+  own_mem_vs_baseline        (peak_mem_mb - base_mem_mb) / the same for the group's baseline
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -14,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import memory
 from .info import machine
 from .model_workloads import model_workloads
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
@@ -24,18 +50,29 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class Result:
+    """Times (None when not timed: --memory-only) and peak memory (None when not measured)."""
     workload: Workload
-    median_s: float
-    min_s: float
-    max_s: float
-    repeats: int
-    first_call_s: float
+    median_s: Optional[float] = None
+    min_s: Optional[float] = None
+    max_s: Optional[float] = None
+    repeats: int = 0
+    first_call_s: Optional[float] = None
     peak_mem_mb: Optional[float] = None
+    base_mem_mb: Optional[float] = None
 
     @property
-    def throughput(self) -> float:
+    def throughput(self) -> Optional[float]:
+        if self.median_s is None:
+            return None
         scale = 1e9 if self.workload.unit in ("GB/s", "GFLOP/s") else 1.0
         return self.workload.work / self.median_s / scale
+
+    @property
+    def own_mem_mb(self) -> Optional[float]:
+        """CPU: the workload's own memory, its process's peak minus the baseline process's."""
+        if self.peak_mem_mb is None or self.base_mem_mb is None:
+            return None
+        return self.peak_mem_mb - self.base_mem_mb
 
     def as_dict(self) -> dict:
         w = self.workload
@@ -43,7 +80,7 @@ class Result:
                 "median_s": self.median_s, "min_s": self.min_s, "max_s": self.max_s,
                 "repeats": self.repeats, "first_call_s": self.first_call_s,
                 "throughput": self.throughput, "baseline": w.baseline, "ceiling": w.ceiling,
-                "peak_mem_mb": self.peak_mem_mb}
+                "peak_mem_mb": self.peak_mem_mb, "base_mem_mb": self.base_mem_mb}
 
 
 def measure(fn: Callable, device: str, min_time_s: float = 1.0, min_repeats: int = 3,
@@ -104,8 +141,13 @@ def collect(args) -> list[Workload]:
     return builders
 
 
+def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    return num / den if num is not None and den else None
+
+
 def ratios(results: list[Result]) -> dict[int, dict]:
-    """Per result: time ratio against its group's baseline and fraction of the group's ceiling."""
+    """Per result: time and memory ratios against its group's baseline, fraction of the group's
+    ceiling (None where a figure is missing)."""
     out = {}
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -115,32 +157,58 @@ def ratios(results: list[Result]) -> dict[int, dict]:
         ceil = next((r for r in rs if r.workload.ceiling), None)
         for r in rs:
             out[id(r)] = {
-                "speedup_vs_baseline": base.median_s / r.median_s if base else None,
-                "fraction_of_ceiling": r.throughput / ceil.throughput if ceil else None,
+                "speedup_vs_baseline": _ratio(base.median_s, r.median_s) if base else None,
+                "fraction_of_ceiling": _ratio(r.throughput, ceil.throughput) if ceil else None,
                 "baseline_name": base.workload.name if base else None,
                 "ceiling_name": ceil.workload.name if ceil else None,
+                "mem_vs_baseline": _ratio(r.peak_mem_mb, base.peak_mem_mb) if base else None,
+                "own_mem_vs_baseline": _ratio(r.own_mem_mb, base.own_mem_mb) if base else None,
             }
     return out
 
 
+def _fmt(value: Optional[float], spec: str, width: int, suffix: str = "") -> str:
+    return f"{format(value, spec) + suffix if value is not None else '-':>{width}s}"
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else 1e3 * seconds
+
+
 def format_table(results: list[Result]) -> str:
+    """One block per group; memory columns when any row has a peak (own = peak - baseline process,
+    the ratios against the group's baseline row)."""
     rat = ratios(results)
+    mem = any(r.peak_mem_mb is not None for r in results)
     lines, group = [], None
     for r in results:
         w = r.workload
         if w.group != group:
             group = w.group
-            lines.append(f"\n{group}")
+            base_mem = next((x.base_mem_mb for x in results
+                             if x.workload.group == group and x.base_mem_mb is not None), None)
+            lines.append(f"\n{group}" + (f"  [memory: a process with the imports and inputs "
+                                          f"alone peaks at {base_mem:.0f} MiB]"
+                                          if base_mem is not None else ""))
             lines.append(f"  {'':44s} {'median':>10s} {'min-max':>19s} {'throughput':>16s} "
-                         f"{'vs base':>8s} {'of ceil':>8s} {'1st call':>9s}")
+                         f"{'vs base':>8s} {'of ceil':>8s} {'1st call':>9s}"
+                         + (f" {'peak MiB':>9s} {'own MiB':>8s} {'peak/base':>9s} "
+                            f"{'own/base':>8s}" if mem else ""))
         x = rat[id(r)]
-        speed = f"{x['speedup_vs_baseline']:.2f}x" if x["speedup_vs_baseline"] else "-"
-        ceil = f"{100 * x['fraction_of_ceiling']:.0f}%" if x["fraction_of_ceiling"] else "-"
+        ceil = x["fraction_of_ceiling"]
         mark = " (ceiling)" if w.ceiling else (" (baseline)" if w.baseline else "")
-        lines.append(f"  {(w.name + mark)[:44]:44s} {1e3 * r.median_s:8.2f}ms "
-                     f"{1e3 * r.min_s:8.2f}-{1e3 * r.max_s:8.2f}ms "
-                     f"{r.throughput:10.1f} {w.unit:8s} {speed:>6s} {ceil:>8s} "
-                     f"{r.first_call_s:8.2f}s")
+        spread = (f"{_ms(r.min_s):8.2f}-{_ms(r.max_s):8.2f}ms" if r.median_s is not None
+                  else f"{'-':>19s}")
+        line = (f"  {(w.name + mark)[:44]:44s} {_fmt(_ms(r.median_s), '.2f', 10, 'ms')} {spread} "
+                f"{_fmt(r.throughput, '.1f', 10)} {w.unit:8s} "
+                f"{_fmt(x['speedup_vs_baseline'], '.2f', 6, 'x')} "
+                f"{_fmt(None if ceil is None else 100 * ceil, '.0f', 8, '%')} "
+                f"{_fmt(r.first_call_s, '.2f', 9, 's')}")
+        if mem:
+            line += (f" {_fmt(r.peak_mem_mb, '.0f', 9)} {_fmt(r.own_mem_mb, '.0f', 8)} "
+                     f"{_fmt(x['mem_vs_baseline'], '.2f', 9, 'x')} "
+                     f"{_fmt(x['own_mem_vs_baseline'], '.2f', 8, 'x')}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -178,9 +246,50 @@ def add_arguments(p) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per workload")
     p.add_argument("--quick", action="store_true", help="tiny sizes and short timings (a smoke run)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: peak resident memory of each model workload, each in a fresh process "
+                   "that builds it alone and calls it twice (a process start, ~5-10 s, plus two "
+                   "calls per workload; default: on for the model benchmarks on CPU, off with "
+                   "--quick). GPU: the peak allocated memory is always reported")
+    p.add_argument("--memory-only", action="store_true",
+                   help="CPU model benchmarks: measure memory, skip the timing")
     p.add_argument("--json", metavar="FILE", help="write machine, configurations and results")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios vs the baselines")
     p.add_argument("--quiet", action="store_true", help="no progress, just the table")
+
+
+def _memory_options(args) -> Optional[str]:
+    """Resolve --memory's default; the reason the options conflict, if they do."""
+    cpu = torch.device(args.device).type == "cpu"
+    if args.memory_only:
+        if not cpu:
+            return ("--memory-only measures CPU memory in fresh processes; on cuda the peak "
+                    "allocated memory comes with the timing")
+        if args.memory is False:
+            return "--memory-only and --no-memory contradict each other"
+        if args.ops:
+            return "--memory-only measures the model workloads only: add --model (and no --ops)"
+        if args.plot:
+            return "--plot draws time ratios: --memory-only has none"
+        args.memory = True
+    if args.memory is None:
+        args.memory = cpu and args.model and not args.quick and memory.supported()
+    if args.memory and cpu and not args.model:
+        return "--memory on CPU measures the model workloads: add --model"
+    args.memory = args.memory and cpu    # on GPU, the peak comes with the timing
+    return None
+
+
+def _run(w: Workload, args, base_mem: dict[str, float], say: Callable[[str], None]) -> Result:
+    """Time `w` (unless --memory-only), then measure its CPU memory (with --memory)."""
+    r = Result(w) if args.memory_only else run_workload(w, args.device, args.min_time)
+    if args.memory and w.rebuild is not None:
+        if w.group not in base_mem:
+            say("memory: a fresh process with the imports and inputs alone")
+            base_mem[w.group] = memory.baseline_peak_mib(w)
+        say("memory: a fresh process with this workload alone")
+        r.peak_mem_mb, r.base_mem_mb = memory.workload_peak_mib(w), base_mem[w.group]
+    return r
 
 
 def main(args) -> int:
@@ -190,26 +299,33 @@ def main(args) -> int:
         return 1
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if not args.ops and not args.model:
-        args.ops = args.model = True
+        args.ops, args.model = not args.memory_only, True
     if args.quick:
         args.batch, args.seq, args.min_time = min(args.batch, 2), min(args.seq, 32), 0.05
         args.no_compile = True
-    results = []
+    conflict = _memory_options(args)
+    if conflict:
+        print(conflict, file=sys.stderr)
+        return 1
+    results, base_mem = [], {}
     builders = collect(args)
     for i, build in enumerate(builders, 1):
         workloads = build()
         for j, w in enumerate(workloads, 1):
-            if not args.quiet:
-                print(f"[{i}/{len(builders)}] {w.group[:60]} :: {w.name} ({j}/{len(workloads)})",
-                      file=sys.stderr, flush=True)
-            results.append(run_workload(w, args.device, args.min_time))
+            tag = f"[{i}/{len(builders)}] {w.group[:60]} :: {w.name} ({j}/{len(workloads)})"
+            say = (lambda what: None) if args.quiet else (
+                lambda what, tag=tag: print(f"{tag} {what}", file=sys.stderr, flush=True))
+            if not args.memory_only:
+                say("timing")
+            results.append(_run(w, args, base_mem, say))
     print(format_table(results))
     rat = ratios(results)
     rows = [{**r.as_dict(), **rat[id(r)]} for r in results]
     if args.json:
         doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "config": {k: getattr(args, k) for k in ("device", "dtype", "preset", "batch", "seq",
-                                                         "padding", "mode", "min_time", "quick")},
+                                                         "padding", "mode", "min_time", "quick",
+                                                         "no_compile", "memory", "memory_only")},
                "results": rows}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)

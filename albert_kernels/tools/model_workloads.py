@@ -2,15 +2,20 @@
 transformers (eager, sdpa, torch.compile) on the same weights and inputs, and the GEMM floor."""
 from __future__ import annotations
 
+from typing import Callable, Optional, Sequence, Union
+
 import torch
 import torch.nn.functional as F
 
 from ..model import AlbertConfig, AlbertForPreTraining, AlbertModel
 from ..model.config import PRESETS
-from .workloads import Workload, ours_backends, padding_mask, realistic_lengths
+from .workloads import Rebuild, Workload, ours_backends, padding_mask, realistic_lengths
+
+GEMM_FLOOR = "GEMM floor (encoder GEMMs on real tokens)"
 
 
-def _inputs(cfg: AlbertConfig, batch: int, seqlen: int, padding: str, device):
+def model_inputs(cfg: AlbertConfig, batch: int, seqlen: int, padding: str, device):
+    """[ids, attention_mask, MLM labels, SOP labels] of one padded batch, and its real tokens."""
     lengths = realistic_lengths(batch, seqlen, padding)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(5, cfg.vocab_size, (batch, seqlen), generator=gen)
@@ -21,22 +26,38 @@ def _inputs(cfg: AlbertConfig, batch: int, seqlen: int, padding: str, device):
     return [t.to(device) for t in (ids, mask, labels, sop)], int(lengths.sum())
 
 
-def _hf_models(cfg: AlbertConfig, mode: str, dtype, device):
-    """transformers models with our config's weights, one per attention implementation."""
+def _transformers():
+    """transformers with its ALBERT modules loaded (None if not installed). Loading them here, not
+    lazily at the first model, puts their import in every process that builds these workloads,
+    the memory baseline's included."""
     try:
         import transformers
     except ImportError:
-        return {}
+        return None
+    transformers.AlbertModel, transformers.AlbertForPreTraining   # noqa: B018 (lazy imports)
+    return transformers
+
+
+def _hf_model(transformers, cfg: AlbertConfig, impl: str, mode: str, dtype, device):
+    """A transformers model with our config. Seed 0: every attention implementation gets the same
+    weights (transformers initialises them in the same order whatever `impl`)."""
     cls = transformers.AlbertForPreTraining if mode == "train" else transformers.AlbertModel
-    models = {}
-    for impl in ("eager", "sdpa"):
-        hf_cfg = transformers.AlbertConfig(**{k: v for k, v in cfg.to_dict().items()
-                                              if k not in ("extra", "model_type")},
-                                           attn_implementation=impl)
+    hf_cfg = transformers.AlbertConfig(**{k: v for k, v in cfg.to_dict().items()
+                                          if k not in ("extra", "model_type")},
+                                       attn_implementation=impl)
+    torch.manual_seed(0)
+    return cls(hf_cfg).to(device=device, dtype=dtype).train(mode == "train")
+
+
+def _ours_model(cfg: AlbertConfig, mode: str, backend: str, hf_sdpa, dtype, device):
+    """Our model on `backend`: with transformers' weights when there is a transformers model."""
+    cls = AlbertForPreTraining if mode == "train" else AlbertModel
+    if hf_sdpa is not None:
+        model = cls.from_hf(hf_sdpa, backend=backend)
+    else:
         torch.manual_seed(0)
-        models[impl] = cls(hf_cfg).to(device=device, dtype=dtype).train(mode == "train")
-    models["eager"].load_state_dict(models["sdpa"].state_dict())
-    return models
+        model = cls(cfg, backend=backend)
+    return model.to(device=device, dtype=dtype).train(mode == "train")
 
 
 def _step(model, batch, mode: str, hf: bool):
@@ -79,45 +100,87 @@ def gemm_floor(cfg: AlbertConfig, tokens: int, mode: str, dtype, device, group: 
                 if mode == "train":
                     torch.matmul(grads[out_f], w)                 # grad of the input
                     torch.matmul(grads[out_f].t(), acts[in_f])    # grad of the weight
-    return Workload(group, "GEMM floor (encoder GEMMs on real tokens)", run, tokens, "tokens/s",
-                    ceiling=True)
+    return Workload(group, GEMM_FLOOR, run, tokens, "tokens/s", ceiling=True)
 
 
-def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: str, dtype,
-                    device, compile_baseline: bool = True) -> list[Workload]:
+def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: str,
+                    dtype: Union[torch.dtype, str], device, compile_baseline: bool = True,
+                    only: Optional[Sequence[str]] = None) -> list[Workload]:
+    """One batch through ALBERT `preset` (inference forward, or an MLM + SOP training step): the
+    GEMM floor, transformers eager and sdpa (the baseline) and torch.compile of it, ours on each
+    backend, and in forward mode torch.compile of ours; same inputs and weights for all.
+
+    dtype: a torch dtype or its name ("float32"). only: build just the workloads with these names
+    (in this order); an empty list builds the inputs and nothing else. Every workload returned
+    carries the `Rebuild` that builds it alone in a fresh process.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if mode not in ("forward", "train"):
         raise ValueError(f"mode must be 'forward' or 'train', got {mode!r}")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype or its name, e.g. 'float32', got {dtype!r}")
+        dtype = getattr(torch, dtype)
     cfg = AlbertConfig.preset(preset)
-    batch_tensors, tokens = _inputs(cfg, batch, seqlen, padding, device)
+    batch_tensors, tokens = model_inputs(cfg, batch, seqlen, padding, device)
     group = (f"ALBERT-{preset} {mode} B{batch} L{seqlen} padding={padding} "
              f"{str(dtype).replace('torch.', '')} ({tokens} real tokens)")
-    out = [gemm_floor(cfg, tokens, mode, dtype, device, group)]
-    hf = _hf_models(cfg, mode, dtype, device)
-    if hf:
-        out.append(Workload(group, "transformers eager", _step(hf["eager"], batch_tensors, mode, True),
-                            tokens, "tokens/s"))
-        out.append(Workload(group, "transformers sdpa", _step(hf["sdpa"], batch_tensors, mode, True),
-                            tokens, "tokens/s", baseline=True))
+    builders = _builders(cfg, batch_tensors, tokens, group, mode, dtype, device, compile_baseline)
+    names = list(builders) if only is None else list(only)
+    unknown = [n for n in names if n not in builders]
+    if unknown:
+        raise ValueError(f"only must name workloads of {list(builders)}, got {unknown}")
+    rebuild = dict(preset=preset, batch=batch, seqlen=seqlen, padding=padding, mode=mode,
+                   dtype=str(dtype).replace("torch.", ""), device=str(device),
+                   compile_baseline=compile_baseline)
+    out = []
+    for name in names:
+        w = builders[name]()
+        w.rebuild = Rebuild(f"{__name__}:model_workloads", rebuild)
+        out.append(w)
+    return out
+
+
+def _builders(cfg: AlbertConfig, batch_tensors, tokens: int, group: str, mode: str, dtype, device,
+              compile_baseline: bool) -> dict[str, Callable[[], Workload]]:
+    """Workload name -> function that builds it. A model is built when a workload first needs it
+    (ours copies transformers sdpa's weights) and shared by the workloads built after."""
+    transformers = _transformers()
+    models: dict[str, torch.nn.Module] = {}
+
+    def hf(impl: str):
+        if impl not in models:
+            models[impl] = _hf_model(transformers, cfg, impl, mode, dtype, device)
+        return models[impl]
+
+    def ours(backend: str):
+        key = f"ours ({backend})"
+        if key not in models:
+            source = hf("sdpa") if transformers else None
+            models[key] = _ours_model(cfg, mode, backend, source, dtype, device)
+        return models[key]
+
+    def workload(name: str, model, is_hf: bool, baseline: bool = False):
+        return lambda: Workload(group, name, _step(model(), batch_tensors, mode, is_hf), tokens,
+                                "tokens/s", baseline=baseline)
+
+    compiled = lambda make: lambda: torch.compile(make(), dynamic=False)
+    out = {GEMM_FLOOR: lambda: gemm_floor(cfg, tokens, mode, dtype, device, group)}
+    if transformers:
+        out["transformers eager"] = workload("transformers eager", lambda: hf("eager"), True)
+        out["transformers sdpa"] = workload("transformers sdpa", lambda: hf("sdpa"), True,
+                                            baseline=True)
         if compile_baseline:
-            compiled = torch.compile(hf["sdpa"], dynamic=False)
-            out.append(Workload(group, "torch.compile(transformers sdpa)",
-                                _step(compiled, batch_tensors, mode, True), tokens, "tokens/s"))
-    cls = AlbertForPreTraining if mode == "train" else AlbertModel
-    for backend in ["reference"] + ours_backends(device):
-        if hf:
-            model = cls.from_hf(hf["sdpa"], backend=backend)
-        else:
-            torch.manual_seed(0)
-            model = cls(cfg, backend=backend)
-        model = model.to(device=device, dtype=dtype).train(mode == "train")
-        out.append(Workload(group, f"ours ({backend})", _step(model, batch_tensors, mode, False),
-                            tokens, "tokens/s", baseline=not hf and backend == "reference"))
+            name = "torch.compile(transformers sdpa)"
+            out[name] = workload(name, compiled(lambda: hf("sdpa")), True)
+    backends = ["reference"] + ours_backends(device)
+    for be in backends:
+        out[f"ours ({be})"] = workload(f"ours ({be})", lambda be=be: ours(be), False,
+                                       baseline=not transformers and be == "reference")
     if compile_baseline and mode == "forward":
         # torch.compile of ours: one graph on the padded layout (static shapes), so it computes
         # on padding; its first call (compile time) is reported as first_call_s.
-        out.append(Workload(group, f"torch.compile(ours ({backend}))",
-                            _step(torch.compile(model, dynamic=False), batch_tensors, mode, False),
-                            tokens, "tokens/s"))
+        name = f"torch.compile(ours ({backends[-1]}))"
+        out[name] = workload(name, compiled(lambda: ours(backends[-1])), False)
     return out

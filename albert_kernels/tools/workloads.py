@@ -2,6 +2,8 @@
 
 A workload is a callable plus how much work one call does (bytes, FLOPs or real tokens), so that
 time turns into throughput; workloads of one group are compared with the group's baseline.
+Workloads that carry a `Rebuild` can be built again, alone, in a fresh process: that is how their
+peak memory is measured on CPU (tools/memory.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,18 @@ from .. import ops
 from ..backends import available_backends
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    """How a fresh process builds one workload and nothing else, from JSON values.
+
+    `builder` names a function as "package.module:function"; `builder(**kwargs, only=[name])`
+    returns [the workload called `name`], and `builder(**kwargs, only=[])` builds the inputs and
+    imports the modules those workloads use, but no workload (the memory baseline).
+    """
+    builder: str
+    kwargs: dict
+
+
 @dataclass
 class Workload:
     group: str                  # what is measured: "model forward", "add_layer_norm", ...
@@ -25,6 +39,7 @@ class Workload:
     baseline: bool = False      # the group's reference point for ratios
     ceiling: bool = False       # a hardware ceiling (copy bandwidth, GEMM), not a competitor
     setup_s: float = 0.0        # one-time cost outside the timing (torch.compile), if any
+    rebuild: Optional[Rebuild] = None   # to build it alone in a fresh process (its CPU memory)
 
 
 def realistic_lengths(batch: int, seqlen: int, padding: str, seed: int = 0) -> torch.Tensor:
