@@ -68,7 +68,7 @@ struct GeluMath {
   }
   static V sigmoid_2u(const V& x, const V& x2) {  // sigmoid(2u) = 1 / (1 + exp(t))
     // t <= 80: exp stays finite, so the reciprocal's Newton step never meets inf * 0
-    const V t = at::vec::minimum(x * at::vec::fmadd(V(kB), x2, V(kA)), V(acc(80)));
+    const V t = at::vec::clamp_max(x * at::vec::fmadd(V(kB), x2, V(kA)), V(acc(80)));
     return reciprocal(V(acc(1)) + fast_exp<acc>(t));
   }
   static V forward(Gelu kind, const V& x) {
@@ -95,53 +95,67 @@ struct GeluMath {
 // The GEMM's epilogue, for a block of `rows` x N, parallel over rows: z = x + bias and
 // out = gelu(z), with z written to `z_out` when it is not null (linear_gelu passes its GEMM
 // output as both x and z_out: z lands over it as the pre-activation saved for backward). The
-// GEMM itself runs without bias (beta = 0), so the bias costs no pass of its own.
-template <typename scalar_t>
-void bias_gelu_rows(Gelu kind, const scalar_t* x, const scalar_t* bias, scalar_t* z_out,
-                    scalar_t* out, int64_t rows, int64_t N) {
+// GEMM itself runs without bias (beta = 0), so the bias costs no pass of its own. The GELU
+// kind is a template parameter (no branch per vector) and everything the inner loop reads is
+// a local, so the compiler keeps constants and pointers in registers.
+template <Gelu K, typename scalar_t>
+void bias_gelu_rows_k(const scalar_t* x, const scalar_t* bias, scalar_t* z_out, scalar_t* out,
+                      int64_t rows, int64_t N) {
   using acc = acc_t<scalar_t>;
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
   std::vector<acc> b_acc(N + W, acc(0));  // bias in acc_t, padded so the loops need no tail
   load_row_into(bias, b_acc.data(), N);
-  const acc* bp = b_acc.data();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<acc> z_buf(N + W, acc(0)), out_buf(N + W);
+  const acc* bias_acc = b_acc.data();
+  at::parallel_for(0, rows, 16, [=](int64_t r0, int64_t r1) {
+    const int64_t n = N;
+    const acc* __restrict__ bp = bias_acc;
+    std::vector<acc> z_buf(n + W, acc(0)), out_buf(n + W);
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (std::is_same_v<scalar_t, acc>) {  // fp32 / fp64: no buffers
-        const acc* p = x + r * N;
-        acc* zr = z_out ? z_out + r * N : nullptr;
-        acc* o = out + r * N;
+        const acc* __restrict__ p = x + r * n;
+        acc* __restrict__ zr = z_out ? z_out + r * n : nullptr;
+        acc* __restrict__ o = out + r * n;
         int64_t j = 0;
-        for (; j + 2 * W <= N; j += 2 * W) {  // two vectors per step: independent exp chains
-          const V z0 = V::loadu(p + j) + V::loadu(bp + j);
-          const V z1 = V::loadu(p + j + W) + V::loadu(bp + j + W);
-          if (zr) {
-            z0.store(zr + j);
-            z1.store(zr + j + W);
+        if (zr) {
+          for (; j + W <= n; j += W) {
+            const V z = V::loadu(p + j) + V::loadu(bp + j);
+            z.store(zr + j);
+            GeluMath<acc>::forward(K, z).store(o + j);
           }
-          GeluMath<acc>::forward(kind, z0).store(o + j);
-          GeluMath<acc>::forward(kind, z1).store(o + j + W);
+        } else {
+          for (; j + W <= n; j += W) {
+            GeluMath<acc>::forward(K, V::loadu(p + j) + V::loadu(bp + j)).store(o + j);
+          }
         }
-        for (; j < N; j += W) {
-          const int64_t n = std::min<int64_t>(W, N - j);
-          const V z = V::loadu(p + j, n) + V::loadu(bp + j, n);
-          if (zr) z.store(zr + j, n);
-          GeluMath<acc>::forward(kind, z).store(o + j, n);
+        if (j < n) {
+          const V z = V::loadu(p + j, n - j) + V::loadu(bp + j, n - j);
+          if (zr) z.store(zr + j, n - j);
+          GeluMath<acc>::forward(K, z).store(o + j, n - j);
         }
       } else {
         acc* z = z_buf.data();
-        load_row_into(x + r * N, z, N);
-        for (int64_t j = 0; j < N; j += W) {
+        load_row_into(x + r * n, z, n);
+        for (int64_t j = 0; j < n; j += W) {
           const V zv = V::loadu(z + j) + V::loadu(bp + j);
           zv.store(z + j);
-          GeluMath<acc>::forward(kind, zv).store(out_buf.data() + j);
+          GeluMath<acc>::forward(K, zv).store(out_buf.data() + j);
         }
-        if (z_out) store_row<scalar_t>(z, z_out + r * N, N);
-        store_row<scalar_t>(out_buf.data(), out + r * N, N);
+        if (z_out) store_row<scalar_t>(z, z_out + r * n, n);
+        store_row<scalar_t>(out_buf.data(), out + r * n, n);
       }
     }
   });
+}
+
+template <typename scalar_t>
+void bias_gelu_rows(Gelu kind, const scalar_t* x, const scalar_t* bias, scalar_t* z_out,
+                    scalar_t* out, int64_t rows, int64_t N) {
+  if (kind == Gelu::Tanh) {
+    bias_gelu_rows_k<Gelu::Tanh>(x, bias, z_out, out, rows, N);
+  } else {
+    bias_gelu_rows_k<Gelu::Erf>(x, bias, z_out, out, rows, N);
+  }
 }
 
 // The fused backward pass: dpre = grad * gelu'(pre) (may write over grad), optionally
