@@ -356,7 +356,7 @@ def main(args) -> int:
             lambda what: print(f"{tag} {what}", file=sys.stderr, flush=True))
         timed = [None] * len(workloads)
         # CPU model benchmarks: calls of seconds each, on a noisy shared machine: round-robin
-        if (not args.memory_only and torch.device(args.device).type == "cpu"
+        if (workloads and not args.memory_only and torch.device(args.device).type == "cpu"
                 and all(w.unit == "tokens/s" for w in workloads)):
             group_say = progress(f"[{i}/{len(builders)}] {workloads[0].group[:60]} ::")
             group_say(f"timing {len(workloads)} workloads round-robin")
