@@ -74,6 +74,41 @@ def test_gradcheck_varlen_attention(ops):
         lambda *a: ak.varlen_attention(*a, cu, 5, backend="cpp"), (q, k, v))
 
 
+@pytest.mark.slow
+def test_cpu_sources_compile_for_every_isa():
+    """The CPU kernels must compile for every vector ISA the build may pick, not only this
+    machine's: an AVX-512 host (the GPU machines) builds the same sources with other at::vec
+    specialisations (vec_reduce_all was not declared there without ATen/cpu/vec/functional.h, and
+    the extension, CUDA kernels included, would not have built). Syntax and templates only
+    (-fsyntax-only), two compilers at a time."""
+    import sysconfig
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.cpp_extension import include_paths
+
+    from albert_kernels.backends.extension.build import ISA_FLAGS, isa_flags
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    # this machine's own ISA is compiled for real by the extension build the other tests use
+    jobs = [(isa, src) for isa in ISA_FLAGS if ISA_FLAGS[isa] != isa_flags()
+            for src in sorted((REPO / "csrc" / "cpu").glob("*.cpp"))]
+
+    def compile_one(job):
+        isa, src = job
+        cmd = [cxx, "-std=c++20", "-fsyntax-only", "-fopenmp", *includes, *ISA_FLAGS[isa],
+               str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        return isa, src.name, proc.returncode, proc.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f"{isa} {name}:\n{err[-2000:]}" for isa, name, rc, err in
+                    pool.map(compile_one, jobs) if rc != 0]
+    assert not failures, "\n".join(failures)
+
+
 # ------------------------------------------------------------------ registration
 def _op_samples():
     """(op name, args) for every custom op, float32 CPU tensors; forward ops with grad inputs."""

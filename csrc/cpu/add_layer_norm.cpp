@@ -48,7 +48,7 @@ void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at
     acc* __restrict__ s = s_buf.data();
     const acc* __restrict__ wp = w.data();
     const acc* __restrict__ bp = b.data();
-    auto add = [](V& a, V& b) { return a + b; };
+    auto add = [](const V& a, const V& b) { return a + b; };
     for (int64_t row = row0; row < row1; ++row) {
       const int64_t off = row * N;
       const acc* xr = load_row(xp + off, xbuf.data(), N);
@@ -163,7 +163,7 @@ void add_ln_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x,
           at::vec::fmadd(g, xh, V::loadu(dw + j)).store(dw + j);
           (V::loadu(db + j) + g).store(db + j);
         }
-        auto add = [](V& a, V& b) { return a + b; };
+        auto add = [](const V& a, const V& b) { return a + b; };
         acc sa = at::vec::vec_reduce_all<acc>(add, v_a);
         acc sb = at::vec::vec_reduce_all<acc>(add, v_b);
         for (; j < N; ++j) {

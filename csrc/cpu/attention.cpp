@@ -136,7 +136,7 @@ void softmax_block(acc* S, int64_t rows, int64_t bn_pad, int64_t valid, acc* m, 
     V vmax(neg_inf);
     for (int64_t j = 0; j < bn_pad; j += W) vmax = at::vec::maximum(vmax, V::loadu(s + j));
     const acc block_max = at::vec::vec_reduce_all<acc>(
-        [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+        [](const V& a, const V& b) { return at::vec::maximum(a, b); }, vmax);
     const acc m_new = std::max(m[r], block_max);  // finite: the block has a real key
     V vsum(acc(0));
     for (int64_t j = 0; j < bn_pad; j += W) {
@@ -144,7 +144,7 @@ void softmax_block(acc* S, int64_t rows, int64_t bn_pad, int64_t valid, acc* m, 
       e.store(s + j);
       vsum = vsum + e;
     }
-    const acc block_sum = at::vec::vec_reduce_all<acc>([](V& a, V& b) { return a + b; }, vsum);
+    const acc block_sum = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vsum);
     if (m[r] == neg_inf) {  // first block: nothing accumulated yet
       l[r] = block_sum;
     } else {
@@ -239,7 +239,7 @@ void backward_slice(const HeadSlice<scalar_t>& hs, const scalar_t* grad_out, con
         pv.store(s + j);
         vdi = at::vec::fmadd(pv, V::loadu(dp + j), vdi);
       }
-      acc di = at::vec::vec_reduce_all<acc>([](V& a, V& b) { return a + b; }, vdi);
+      acc di = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vdi);
       // padded keys: dP = 0 there (zero V^T columns), so they added nothing to di; P := 0
       for (int64_t j = hs.n_keys; j < ld; ++j) s[j] = 0;
       const V vd(di);

@@ -65,17 +65,27 @@ def _cpu_flags() -> set[str]:
     return set(match.group(1).split()) if match else set()
 
 
+# The vector ISAs the CPU kernels are built for (ATen's CPU_CAPABILITY names): the flags, and the
+# /proc/cpuinfo flags a CPU needs for them. Every one must compile (tests/test_cpp_extension.py).
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+}
+_ISA_NEEDS = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+              "AVX2": {"avx2", "fma", "f16c"}}
+
+
 def isa_flags() -> list[str]:
     """Compiler flags for ATen's vectorisation on this CPU (part of the cache key)."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+        return ISA_FLAGS["DEFAULT"]
     flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if {"avx2", "fma", "f16c"} <= flags:
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    for isa in ("AVX512", "AVX2"):
+        if _ISA_NEEDS[isa] <= flags:
+            return ISA_FLAGS[isa]
+    return ISA_FLAGS["DEFAULT"]
 
 
 def cxx_flags() -> list[str]:
