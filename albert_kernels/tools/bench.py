@@ -83,8 +83,23 @@ class Result:
                 "peak_mem_mb": self.peak_mem_mb, "base_mem_mb": self.base_mem_mb}
 
 
-def measure(fn: Callable, device: str, min_time_s: float = 1.0, min_repeats: int = 3,
-            max_repeats: int = 50, warmup: int = 1) -> tuple[list[float], float]:
+MIN_REPEATS, MAX_REPEATS = 3, 50
+
+
+def _timed_call(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _wants_more(times: list[float], min_time_s: float, min_repeats: int, max_repeats: int) -> bool:
+    """Whether a workload needs more timed calls: `min_repeats`, then up to `min_time_s` of
+    timing, never more than `max_repeats`."""
+    return len(times) < min_repeats or (sum(times) < min_time_s and len(times) < max_repeats)
+
+
+def measure(fn: Callable, device: str, min_time_s: float = 1.0, min_repeats: int = MIN_REPEATS,
+            max_repeats: int = MAX_REPEATS, warmup: int = 1) -> tuple[list[float], float]:
     """Times of repeated calls after warm-up (the first call is timed on its own: it includes
     compilation and caches). CUDA: events around each call."""
     cuda = torch.device(device).type == "cuda"
@@ -97,21 +112,17 @@ def measure(fn: Callable, device: str, min_time_s: float = 1.0, min_repeats: int
     for _ in range(warmup):
         fn()
     sync()
-    times, total = [], 0.0
-    while len(times) < min_repeats or (total < min_time_s and len(times) < max_repeats):
+    times = []
+    while _wants_more(times, min_time_s, min_repeats, max_repeats):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
-            dt = start.elapsed_time(end) / 1e3
+            times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-        times.append(dt)
-        total += dt
+            times.append(_timed_call(fn))
     return times, first
 
 
@@ -124,14 +135,8 @@ def run_workload(w: Workload, device: str, min_time_s: float) -> Result:
     return Result(w, statistics.median(times), min(times), max(times), len(times), first, peak)
 
 
-def _timed_call(fn: Callable) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def run_interleaved(workloads: list[Workload], min_time_s: float, min_repeats: int = 3,
-                    max_repeats: int = 50, say: Callable[[str], None] = lambda what: None
+def run_interleaved(workloads: list[Workload], min_time_s: float, min_repeats: int = MIN_REPEATS,
+                    max_repeats: int = MAX_REPEATS, say: Callable[[str], None] = lambda what: None
                     ) -> list[Result]:
     """CPU: time a group's workloads round-robin, one call of each per round, so that a slow
     phase of a shared machine (run-to-run spread 10-30% here) falls on every workload alike and
@@ -144,10 +149,7 @@ def run_interleaved(workloads: list[Workload], min_time_s: float, min_repeats: i
         first.append(_timed_call(w.fn))
         w.fn()
     times: list[list[float]] = [[] for _ in workloads]
-
-    def wanted(ts: list[float]) -> bool:
-        return len(ts) < min_repeats or (sum(ts) < min_time_s and len(ts) < max_repeats)
-
+    wanted = lambda ts: _wants_more(ts, min_time_s, min_repeats, max_repeats)
     rounds = 0
     while any(wanted(ts) for ts in times):
         rounds += 1

@@ -40,6 +40,7 @@ namespace {
 
 constexpr int64_t kBlockM = 48;   // query rows per task / per block (a multiple of the 6-row tile)
 constexpr int64_t kBlockN = 128;  // keys per online-softmax step
+constexpr int64_t kPrefetchRows = 8;  // strided q / k / v rows asked for ahead of their use
 
 // One (sequence, head): rows of q/k/v/out/grads at base + row * row_stride, lse at lse[row].
 template <typename scalar_t>
@@ -93,18 +94,17 @@ template <typename scalar_t, typename acc>
 void gather_keys(const HeadSlice<scalar_t>& hs, const scalar_t* k, const scalar_t* v,
                  Workspace<acc>& ws, int64_t ld, bool backward) {
   const int64_t D = ws.D, Dp = ws.Dp;
-  constexpr int64_t kAhead = 8;  // rows prefetched ahead
   const auto key_off = [&](int64_t j) {
     return hs.offset + (hs.keys ? hs.keys[j] : j) * hs.row_stride;
   };
-  for (int64_t j = 0; j < std::min(kAhead, hs.n_keys); ++j) {
+  for (int64_t j = 0; j < std::min(kPrefetchRows, hs.n_keys); ++j) {
     prefetch_row(k + key_off(j), D * sizeof(scalar_t));
     prefetch_row(v + key_off(j), D * sizeof(scalar_t));
   }
   for (int64_t j = 0; j < ld; ++j) {
-    if (j + kAhead < hs.n_keys) {
-      prefetch_row(k + key_off(j + kAhead), D * sizeof(scalar_t));
-      prefetch_row(v + key_off(j + kAhead), D * sizeof(scalar_t));
+    if (j + kPrefetchRows < hs.n_keys) {
+      prefetch_row(k + key_off(j + kPrefetchRows), D * sizeof(scalar_t));
+      prefetch_row(v + key_off(j + kPrefetchRows), D * sizeof(scalar_t));
     }
     acc* krow = ws.k.data() + j * Dp;
     acc* vrow = ws.v.data() + j * Dp;
@@ -173,11 +173,13 @@ void forward_block(const HeadSlice<scalar_t>& hs, int64_t q0, int64_t q1, const 
     return;
   }
   const scalar_t* q_rows = q + hs.offset + q0 * hs.row_stride;
-  for (int64_t r = 0; r < std::min<int64_t>(rows, 8); ++r) {
+  for (int64_t r = 0; r < std::min(rows, kPrefetchRows); ++r) {
     prefetch_row(q_rows + r * hs.row_stride, D * sizeof(scalar_t));
   }
   for (int64_t r = 0; r < rows; ++r) {
-    if (r + 8 < rows) prefetch_row(q_rows + (r + 8) * hs.row_stride, D * sizeof(scalar_t));
+    if (r + kPrefetchRows < rows) {
+      prefetch_row(q_rows + (r + kPrefetchRows) * hs.row_stride, D * sizeof(scalar_t));
+    }
     load_scaled_q(q_rows + r * hs.row_stride, ws.q.data() + r * Dp, D, scale);
     ws.m[r] = -std::numeric_limits<acc>::infinity();
     ws.l[r] = acc(0);

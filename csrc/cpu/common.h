@@ -16,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+// AVX2 + FMA intrinsics are available (AVX2 and AVX-512 builds): the hand-written float paths.
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define ALBERT_KERNELS_AVX2 1
 #include <immintrin.h>
 #endif
 #include <torch/library.h>
@@ -125,56 +127,7 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
 template <typename T>
 constexpr int64_t kGemmNR = 2 * Vec<T>::size();
 
-template <typename T, int MR>
-inline void gemm_tile(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb,
-                      T* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t W = Vec<T>::size();
-  Vec<T> c0[MR], c1[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = accumulate ? Vec<T>::loadu(C + r * ldc) : Vec<T>(T(0));
-    c1[r] = accumulate ? Vec<T>::loadu(C + r * ldc + W) : Vec<T>(T(0));
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec<T> b0 = Vec<T>::loadu(B + k * ldb);
-    const Vec<T> b1 = Vec<T>::loadu(B + k * ldb + W);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const Vec<T> a(A[r * a_rs + k * a_cs]);
-      c0[r] = at::vec::fmadd(a, b0, c0[r]);
-      c1[r] = at::vec::fmadd(a, b1, c1[r]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    c0[r].store(C + r * ldc);
-    c1[r].store(C + r * ldc + W);
-  }
-}
-
-template <typename T, int MR>
-inline void gemm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
-                      const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t NR = kGemmNR<T>;
-  for (int64_t j = 0; j < N; j += NR) {
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR) {
-      gemm_tile<T, MR>(K, A + i * a_rs, a_rs, a_cs, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    }
-    const T* a = A + i * a_rs;
-    T* c = C + i * ldc + j;
-    switch (M - i) {
-      case 5: gemm_tile<T, 5>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
-      case 4: gemm_tile<T, 4>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
-      case 3: gemm_tile<T, 3>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
-      case 2: gemm_tile<T, 2>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
-      case 1: gemm_tile<T, 1>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
-      default: break;
-    }
-  }
-}
-
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#ifdef ALBERT_KERNELS_AVX2
 template <>
 inline constexpr int64_t kGemmNR<float> = 16;
 
@@ -205,62 +158,81 @@ inline void gemm_tile_avx2(int64_t K, const float* A, int64_t a_rs, int64_t a_cs
     _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
   }
 }
-
-template <>
-inline void gemm_tile<float, 6>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                                const float* B, int64_t ldb, float* C, int64_t ldc,
-                                bool accumulate) {
-  gemm_tile_avx2<6>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-template <>
-inline void gemm_tile<float, 5>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                                const float* B, int64_t ldb, float* C, int64_t ldc,
-                                bool accumulate) {
-  gemm_tile_avx2<5>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-template <>
-inline void gemm_tile<float, 4>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                                const float* B, int64_t ldb, float* C, int64_t ldc,
-                                bool accumulate) {
-  gemm_tile_avx2<4>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-template <>
-inline void gemm_tile<float, 3>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                                const float* B, int64_t ldb, float* C, int64_t ldc,
-                                bool accumulate) {
-  gemm_tile_avx2<3>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-template <>
-inline void gemm_tile<float, 2>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                                const float* B, int64_t ldb, float* C, int64_t ldc,
-                                bool accumulate) {
-  gemm_tile_avx2<2>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
-template <>
-inline void gemm_tile<float, 1>(int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                                const float* B, int64_t ldb, float* C, int64_t ldc,
-                                bool accumulate) {
-  gemm_tile_avx2<1>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-}
 #endif
+
+template <typename T, int MR>
+inline void gemm_tile_vec(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
+                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? Vec<T>::loadu(C + r * ldc) : Vec<T>(T(0));
+    c1[r] = accumulate ? Vec<T>::loadu(C + r * ldc + W) : Vec<T>(T(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec<T> b0 = Vec<T>::loadu(B + k * ldb);
+    const Vec<T> b1 = Vec<T>::loadu(B + k * ldb + W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec<T> a(A[r * a_rs + k * a_cs]);
+      c0[r] = at::vec::fmadd(a, b0, c0[r]);
+      c1[r] = at::vec::fmadd(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r].store(C + r * ldc);
+    c1[r].store(C + r * ldc + W);
+  }
+}
+
+// One MR x kGemmNR tile: the AVX2 one for float where there is one, else the at::vec one.
+template <typename T, int MR>
+inline void gemm_tile(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb,
+                      T* C, int64_t ldc, bool accumulate) {
+#ifdef ALBERT_KERNELS_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_tile_avx2<MR>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+  } else
+#endif
+  {
+    gemm_tile_vec<T, MR>(K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+  }
+}
 
 template <typename T>
 inline void small_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                        const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    gemm_rows<T, 6>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-    return;
-  }
+  constexpr int64_t NR = kGemmNR<T>;
+#ifdef ALBERT_KERNELS_AVX2
+  constexpr int MR = std::is_same_v<T, float> ? 6 : 4;
+#else
+  constexpr int MR = 4;
 #endif
-  gemm_rows<T, 4>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+  for (int64_t j = 0; j < N; j += NR) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) {
+      gemm_tile<T, MR>(K, A + i * a_rs, a_rs, a_cs, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    }
+    const T* a = A + i * a_rs;
+    T* c = C + i * ldc + j;
+    switch (M - i) {  // the last rows, fewer than MR
+      case 5: gemm_tile<T, 5>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 4: gemm_tile<T, 4>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 3: gemm_tile<T, 3>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 2: gemm_tile<T, 2>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      case 1: gemm_tile<T, 1>(K, a, a_rs, a_cs, B + j, ldb, c, ldc, accumulate); break;
+      default: break;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // transpose: dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols. float on an AVX2 build
 // moves 8 x 8 blocks through registers (the attention kernels transpose K and V once per head
 // slice; element by element that was a fifth of the forward's time).
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#ifdef ALBERT_KERNELS_AVX2
 inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
 #pragma GCC unroll 8
@@ -291,7 +263,7 @@ template <typename T>
 inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
                       int64_t cols) {
   int64_t r0 = 0, c0 = 0;
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#ifdef ALBERT_KERNELS_AVX2
   if constexpr (std::is_same_v<T, float>) {
     for (; r0 + 8 <= rows; r0 += 8) {
       for (int64_t c = 0; c + 8 <= cols; c += 8) {

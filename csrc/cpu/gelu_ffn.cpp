@@ -57,7 +57,7 @@ struct GeluMath {
   static constexpr acc kInvSqrt2Pi = acc(0.3989422804014327);
 
   static V reciprocal(const V& d) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#ifdef ALBERT_KERNELS_AVX2
     if constexpr (std::is_same_v<acc, float> && V::size() == 8) {
       const __m256 dv = d;
       const __m256 r = _mm256_rcp_ps(dv);  // 12 bits; one Newton step: r (2 - d r)
