@@ -13,10 +13,15 @@ import torch
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale              # [B, H, L, L]
     if key_padding_mask is None:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale          # [B, H, L, L]
         return torch.matmul(torch.softmax(scores, dim=-1), v)
     keep = key_padding_mask[:, None, None, :]                          # [B, 1, 1, L]
+    # Padded key/value slots may hold anything (NaN, inf): select them away before any product,
+    # so neither the output nor a gradient of a real row ever multiplies them by 0.
+    slot = ~key_padding_mask[:, None, :, None]                         # [B, 1, L, 1]
+    k, v = k.masked_fill(slot, 0), v.masked_fill(slot, 0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # A query whose keys are all padding has a row of -inf: softmax gives NaN; the contract is 0.
