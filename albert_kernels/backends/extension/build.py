@@ -6,9 +6,11 @@ and ninja, into a cache directory keyed by everything that changes the binary::
     $ALBERT_KERNELS_BUILD_DIR/<key>    (default root: ~/.cache/albert_kernels)
     key = hash(source files, compiler flags, CPU ISA flags, CUDA archs, torch and Python versions)
 
-Sources: ``csrc/registration.cpp`` + ``csrc/cpu/*.cpp``, plus ``csrc/cuda/*.cu`` only with CUDA.
-``ALBERT_KERNELS_CSRC`` points the build at another source tree (the tests use it to check that a
-broken source gives a clear :class:`~albert_kernels.errors.BackendUnavailable`).
+Sources: ``csrc/registration.cpp`` + ``csrc/cpu/*.cpp``, plus ``csrc/cuda/*.cu`` only with CUDA,
+found by :func:`csrc_dir`: ``ALBERT_KERNELS_CSRC`` if set (the tests point it at a broken copy to
+check that a bad source gives a clear :class:`~albert_kernels.errors.BackendUnavailable`), else the
+copy a wheel carries as ``albert_kernels/csrc`` (setup.py puts it there), else the repository's
+``csrc/`` (an editable checkout). docs/build.md lists every build environment variable.
 
 Two processes may build at once: an ``fcntl.flock`` on ``<build dir>/albert_build.lock`` makes
 the second wait and then reuse the first one's result. The compiler's output (with ``-Xptxas -v``
@@ -34,13 +36,24 @@ from typing import Optional
 from ...errors import BackendUnavailable
 
 EXT_NAME = "albert_kernels_ext"
-PACKAGE_ROOT = Path(__file__).resolve().parents[3]
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]   # the repository root in a checkout
+PACKAGED_CSRC = Path(__file__).resolve().parents[2] / "csrc"  # albert_kernels/csrc in a wheel
 DEFAULT_CUDA_ARCH = "8.0;9.0"
 _loaded: dict = {}  # the one library loaded in this process: {"key": ..., "path": ...}
 
 
 def csrc_dir() -> Path:
-    return Path(os.environ.get("ALBERT_KERNELS_CSRC", PACKAGE_ROOT / "csrc")).resolve()
+    """The C++/CUDA source tree to build: $ALBERT_KERNELS_CSRC, else the sources packaged inside
+    an installed wheel (albert_kernels/csrc), else the checkout's csrc/. A tree without
+    registration.cpp is passed over; when none has it, build() names the missing files."""
+    override = os.environ.get("ALBERT_KERNELS_CSRC")
+    if override:
+        return Path(override).expanduser().resolve()
+    checkout = PACKAGE_ROOT / "csrc"
+    for root in (PACKAGED_CSRC, checkout):
+        if (root / "registration.cpp").is_file():
+            return root.resolve()
+    return checkout.resolve()
 
 
 def cache_root() -> Path:
@@ -225,7 +238,9 @@ def build(with_cuda: Optional[bool] = None, cuda_arch: Optional[str] = None,
     files = sources(with_cuda)
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise BackendUnavailable(f"extension sources not found: {', '.join(missing)}")
+        raise BackendUnavailable(
+            f"extension sources not found: {', '.join(missing)} (looked in $ALBERT_KERNELS_CSRC, "
+            f"{PACKAGED_CSRC} and {PACKAGE_ROOT / 'csrc'})")
     cflags = cxx_flags()
     cuda_flags = nvcc_flags(cuda_arch) if with_cuda else []
     key = cache_key(files, cflags, cuda_flags)
@@ -290,6 +305,7 @@ def setuptools_extension():
                   extra_compile_args={"cxx": cxx_flags()},
                   extra_link_args=LD_FLAGS + (cuda_ld_flags() if with_cuda else []))
     if with_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags(DEFAULT_CUDA_ARCH)
+        arch = os.environ.get("ALBERT_KERNELS_CUDA_ARCH") or DEFAULT_CUDA_ARCH
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags(arch)
         return cpp_extension.CUDAExtension(**kwargs)
     return cpp_extension.CppExtension(**kwargs)

@@ -1,0 +1,149 @@
+"""The built packages carry their kernels: a wheel and an sdist, each installed into a fresh virtual
+environment outside the checkout, build the C++ extension from the sources they ship and run it.
+
+The checkout's files (tracked and untracked, not ignored) are copied to a temporary folder first,
+so that no build/ or egg-info of the shared tree leaks into the packages. The virtual environment
+sees the system's torch, numpy and ninja (--system-site-packages: nothing is downloaded) and gets
+the package with --no-deps. Wheel and sdist installs build into one private
+ALBERT_KERNELS_BUILD_DIR: the wheel's first use compiles there from the packaged
+albert_kernels/csrc; the sdist's install must then find the same cache key (the key hashes every
+source file, so the sdist's installed sources are byte for byte the wheel's) and reuse it, which
+keeps the test to one compilation (~70 s on 2 cores). Marked slow; .ci/run runs it.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+# Run inside the virtual environment, from a folder outside the checkout.
+_PROBE = textwrap.dedent("""
+    import json, sys
+    import torch
+    import albert_kernels as ak
+    from albert_kernels.backends.extension import build
+    from albert_kernels.tools.budget import check_budget
+
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.randn(64, 96, generator=gen), torch.randn(64, 96, generator=gen)
+    w, b = torch.randn(96, generator=gen), torch.randn(96, generator=gen)
+    y = ak.add_layer_norm(x, r, w, b, eps=1e-12, backend="cpp")
+    ln = lambda *t: torch.nn.functional.layer_norm(t[0] + t[1], (96,), t[2], t[3], 1e-12)
+    ln_budget = check_budget(y, ln(x, r, w, b), ln(*(t.double() for t in (x, r, w, b))))
+
+    q, k, v = (torch.randn(2, 3, 40, 32, generator=gen) for _ in range(3))
+    mask = torch.arange(40)[None, :] < torch.tensor([40, 17])[:, None]
+    o = ak.attention(q, k, v, key_padding_mask=mask, backend="cpp")
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :])
+    att_budget = check_budget(o, sdpa(q, k, v), sdpa(q.double(), k.double(), v.double()))
+
+    print(json.dumps({
+        "package": ak.__file__, "csrc": str(build.csrc_dir()), "prefix": sys.prefix,
+        "available": ak.available_backends("cpu"), "loaded": build._loaded.get("path"),
+        "add_layer_norm": [ln_budget.ok, str(ln_budget)],
+        "attention": [att_budget.ok, str(att_budget)],
+    }))
+""")
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _copy_checkout(dest: Path) -> Path:
+    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                  cwd=REPO).stdout.split("\0")
+    for name in filter(None, listed):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def _clean_env(build_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "ALBERT_KERNELS_CSRC", "PIP_REQUIRE_VIRTUALENV")}
+    return dict(env, ALBERT_KERNELS_BUILD_DIR=str(build_dir), PIP_NO_INDEX="1",
+                PIP_DISABLE_PIP_VERSION_CHECK="1")
+
+
+def _install_and_probe(package: Path, where: Path, build_dir: Path) -> dict:
+    env_dir = where / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    env = _clean_env(build_dir)
+    # this interpreter's pip, installing into the venv (which sees the system's setuptools: a venv
+    # made with pip would shadow it with ensurepip's older one, too old to build a wheel)
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+          "--no-build-isolation", str(package)], env=env, cwd=where)
+    run_dir = where / "elsewhere"
+    run_dir.mkdir()
+    out = _run([str(python), "-c", _PROBE], env=env, cwd=run_dir).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    installed = Path(result["package"]).resolve()
+    assert env_dir.resolve() in installed.parents, result   # the venv's copy, not the checkout
+    assert Path(result["csrc"]) == installed.parent / "csrc", result  # the packaged sources
+    assert "cpp" in result["available"], result
+    assert Path(result["loaded"]).resolve().is_relative_to(build_dir.resolve()), result
+    assert result["add_layer_norm"][0], result["add_layer_norm"][1]
+    assert result["attention"][0], result["attention"][1]
+    return result
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """(wheel, sdist) built from a copy of the checkout, without network or build isolation."""
+    root = tmp_path_factory.mktemp("packages")
+    src = _copy_checkout(root / "src")
+    env = _clean_env(root / "unused-build")
+    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+          "-w", str(root / "dist"), str(src)], env=env, cwd=root)
+    _run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+          "build_meta.build_sdist(sys.argv[1])", str(root / "dist")], env=env, cwd=src)
+    wheel, = (root / "dist").glob("*.whl")
+    sdist, = (root / "dist").glob("*.tar.gz")
+    return wheel, sdist
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ak-build")
+
+
+def test_packages_list_the_kernel_sources(packages):
+    import tarfile
+    import zipfile
+    wheel, sdist = packages
+    expected = {p.relative_to(REPO / "csrc").as_posix() for p in (REPO / "csrc").rglob("*")
+                if p.is_file() and p.suffix in (".cpp", ".h", ".cu", ".cuh")}
+    in_wheel = {n.split("albert_kernels/csrc/", 1)[1] for n in zipfile.ZipFile(wheel).namelist()
+                if n.startswith("albert_kernels/csrc/")}
+    with tarfile.open(sdist) as tar:
+        in_sdist = {n.split("/csrc/", 1)[1] for n in tar.getnames()
+                    if "/csrc/" in n and not n.endswith("/")}
+    assert expected and expected <= in_wheel, expected - in_wheel
+    assert expected <= in_sdist, expected - in_sdist
+
+
+def test_wheel_builds_and_runs_cpp_outside_the_checkout(packages, build_dir, tmp_path):
+    _install_and_probe(packages[0], tmp_path, build_dir)
+
+
+def test_sdist_installs_and_runs_cpp_outside_the_checkout(packages, build_dir, tmp_path):
+    result = _install_and_probe(packages[1], tmp_path, build_dir)
+    # Same sources as the wheel: the same cache key, so this install reused that build (or, run
+    # alone, compiled it itself); either way the library came from the private build dir.
+    assert Path(result["loaded"]).resolve().parent.parent == build_dir.resolve()
