@@ -50,11 +50,34 @@ class KernelInfo:
         return self.spill_stores > 0 or self.spill_loads > 0
 
 
-def find_nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if Path("/usr/local/cuda").is_dir() else None)
-    if home and Path(home, "bin", "nvcc").exists():
-        return str(Path(home, "bin", "nvcc"))
-    return shutil.which("nvcc")
+def torch_std(compiler: str = "nvcc") -> str:
+    """The -std= flag torch's JIT build (cpp_extension.load, what build.py uses) gives `compiler`
+    ("nvcc" or "cxx") with this torch: c++17 for torch 2.11, c++20 for 2.14. Read from the ninja
+    file torch writes for a dummy CUDA source (its real code path), else from that function's
+    source, else -std=c++17. (A docstring elsewhere in cpp_extension mentions c++20 whatever the
+    version: grepping the module picks the wrong one.)"""
+    from torch.utils import cpp_extension
+    prefixes = ("cuda_cflags", "cuda_post_cflags") if compiler == "nvcc" else ("cflags", "post_cflags")
+    write = getattr(cpp_extension, "_write_ninja_file_to_build_library", None)
+    if write is None:
+        return "-std=c++17"
+    gencode = ["-gencode", "arch=compute_90,code=sm_90"]  # else torch asks the (absent) GPU
+    values = dict(name="probe", sources=["probe.cpp", "probe.cu"], extra_cflags=[],
+                  extra_cuda_cflags=gencode, extra_sycl_cflags=[], extra_ldflags=[],
+                  extra_include_paths=[], with_cuda=True, with_sycl=False, is_standalone=False)
+    params = inspect.signature(write).parameters
+    with tempfile.TemporaryDirectory() as tmp:
+        ninja = Path(tmp, "build.ninja")
+        try:
+            write(path=str(ninja), **{k: v for k, v in values.items() if k in params})
+            lines = [ln for ln in ninja.read_text().splitlines() if ln.split(" =")[0] in prefixes]
+            found = re.findall(r"-std=c\+\+\d+", "\n".join(lines))
+            if found:
+                return found[-1]
+        except Exception:  # a private API: fall back to reading its source
+            pass
+    found = re.findall(r"-std=c\+\+\d+", inspect.getsource(write))
+    return found[-1] if found else "-std=c++17"
 
 
 def compile_flags(arch: str) -> list[str]:
@@ -67,7 +90,7 @@ def compile_flags(arch: str) -> list[str]:
 
     flags = list(build.nvcc_flags(arch))
     if not any(f.startswith("-std=") for f in flags):  # the standard torch's cpp_extension picks
-        flags.append("-std=c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "-std=c++17")
+        flags.append(torch_std("nvcc"))
     flags += list(cpp_extension.COMMON_NVCC_FLAGS)
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
               f"-DTORCH_EXTENSION_NAME={build.EXT_NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -155,9 +178,11 @@ def main(argv=None) -> int:
         kernels = parse_ptxas("extension", args.from_log.read_text(errors="replace"))
         return report(kernels, args.arch, failed=[])
 
+    from albert_kernels.backends.extension.build import find_nvcc
     nvcc = find_nvcc()
     if nvcc is None:
-        print("check_cuda_build: nvcc not found (set CUDA_HOME)", file=sys.stderr)
+        print("check_cuda_build: nvcc not found ($CUDA_HOME/bin, /usr/local/cuda/bin, PATH)",
+              file=sys.stderr)
         return 2
     import torch
     if not torch.version.cuda:

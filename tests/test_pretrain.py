@@ -246,8 +246,12 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
+    """Two CPU processes (gloo) vs one. The device is named: BACKENDS are this host's CPU backends,
+    and on a GPU machine the default device would be cuda (and rank 1 cuda:1, which a one-GPU
+    machine lacks)."""
     args = ("--steps", 4, "--batch-size", 8, "--seq-len", 32, "--lr", 0.02, "--warmup-steps", 1,
-            "--save-every", 0, "--backend", "cpp" if "cpp" in BACKENDS else "reference")
+            "--save-every", 0, "--device", "cpu",
+            "--backend", "cpp" if "cpp" in BACKENDS else "reference")
     single = pretrain.run(_args(tmp_path / "one", *args))
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import shutil
 import subprocess
 
 import torch
@@ -31,11 +30,10 @@ def cpu_name() -> str:
 
 
 def nvcc_version() -> str:
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    nvcc = shutil.which("nvcc") or (os.path.join(home, "bin", "nvcc")
-                                    if os.path.exists(os.path.join(home, "bin", "nvcc")) else None)
+    from ..backends.extension.build import find_nvcc
+    nvcc = find_nvcc()
     if not nvcc:
-        return "not found"
+        return "not found ($CUDA_HOME/bin, /usr/local/cuda/bin, PATH)"
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
         return out.strip().splitlines()[-1]

@@ -157,18 +157,31 @@ def cuda_ld_flags() -> list[str]:
     return flags
 
 
+def find_nvcc() -> Optional[str]:
+    """The project's one nvcc lookup (the build, `albert-kernels info`, scripts/ and the tests all
+    use it): ``$CUDA_HOME/bin/nvcc`` when CUDA_HOME is set (a CUDA_HOME without nvcc gives None:
+    an explicit setting is never silently replaced), else ``/usr/local/cuda/bin/nvcc``, else the
+    first ``nvcc`` on PATH. Returns the path, or None when there is no nvcc."""
+    home = os.environ.get("CUDA_HOME")
+    if home:
+        nvcc = Path(home, "bin", "nvcc")
+        return str(nvcc) if nvcc.is_file() else None
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else shutil.which("nvcc")
+
+
 def _default_cuda_home() -> Optional[str]:
+    """$CUDA_HOME if set, else the toolkit that holds find_nvcc()'s nvcc."""
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
-    return "/usr/local/cuda" if Path("/usr/local/cuda").is_dir() else None
+    nvcc = find_nvcc()
+    return str(Path(nvcc).parent.parent) if nvcc else None
 
 
 def cuda_buildable() -> bool:
     """with_cuda=None means: CUDA build of torch, nvcc found, and a GPU to run the result on."""
     import torch
-    home = _default_cuda_home()
-    nvcc = (home and Path(home, "bin", "nvcc").exists()) or shutil.which("nvcc")
-    return bool(torch.version.cuda) and bool(nvcc) and torch.cuda.is_available()
+    return bool(torch.version.cuda) and find_nvcc() is not None and torch.cuda.is_available()
 
 
 def cache_key(files: list[Path], cflags: list[str], cuda_flags: list[str]) -> str:

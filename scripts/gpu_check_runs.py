@@ -1,0 +1,216 @@
+"""The GPU check's model comparison and short benchmark (scripts/gpu_check.py model | bench).
+
+model: our model on CUDA against transformers, fp16 and bf16, on a padded batch, for each GPU
+backend, under the error budget of albert_kernels/tools/budget.py:
+    gold      transformers in float64 (eager attention)
+    base      transformers in the dtype (sdpa attention)
+    candidate ours in the dtype: AlbertModel.from_hf (inference, last_hidden_state on real
+              tokens) and patch_hf on AlbertForPreTraining (training: loss and every parameter
+              gradient, matched by name)
+    pass <=> |candidate - gold| <= 2 |base - gold| + 4 eps(dtype) max|gold|   (per tensor)
+
+bench: one JSON line per workload as it is timed (tools/bench.measure: CUDA events, median of
+repeats after warm-up; no torch.compile): attention against F.scaled_dot_product_attention with
+each of its backends forced (flash, efficient, cudnn; a backend that refuses the inputs gives a
+row with its error), add+LayerNorm against a copy of the same bytes, linear_gelu against the GEMM
+alone, and the model forward and training step against transformers sdpa. Groups are skipped
+when the deadline is near.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from albert_kernels.tools.budget import Budget, check_budget
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+LENGTHS = [64, 50, 17, 1]   # a padded batch: full, partial, short, a single token
+
+
+def _append(path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------------------------ model
+def _hf_models(transformers, dtype, device):
+    """(gold fp64 eager, base in dtype sdpa) AlbertForPreTraining with the same weights."""
+    cfg = dict(vocab_size=300, embedding_size=64, hidden_size=256, num_attention_heads=4,
+               intermediate_size=1024, num_hidden_layers=4, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+    torch.manual_seed(0)
+    gold = transformers.AlbertForPreTraining(transformers.AlbertConfig(
+        **cfg, attn_implementation="eager")).to(device).double()
+    base = transformers.AlbertForPreTraining(transformers.AlbertConfig(
+        **cfg, attn_implementation="sdpa")).to(device)
+    base.load_state_dict(gold.state_dict())
+    return gold, base.to(dtype)
+
+
+def _batch(device):
+    gen = torch.Generator().manual_seed(0)
+    seq = max(LENGTHS)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    ids = torch.randint(5, 300, (len(LENGTHS), seq), generator=gen) * mask
+    labels = torch.where((torch.rand(ids.shape, generator=gen) < 0.3) & (mask == 1), ids, -100)
+    sop = torch.tensor([0, 1, 1, 0])
+    return [t.to(device) for t in (ids, mask, labels, sop)]
+
+
+def _train_outputs(model, batch) -> dict:
+    ids, mask, labels, sop = batch
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, sentence_order_label=sop)
+    out.loss.backward()
+    grads = {f"grad {n}": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": out.loss.reshape(1), **grads}
+
+
+def _worst(results: dict) -> tuple:
+    return max(results.items(), key=lambda kv: (not kv[1].ok, kv[1].ratio))
+
+
+def _compare(cand: dict, base: dict, gold: dict, dtype, grad_scale: float) -> tuple:
+    results = {k: check_budget(cand[k], base[k], gold[k], dtype,
+                               grad_scale if k.startswith("grad") else None) for k in gold}
+    missing = set(gold) - set(cand)
+    if missing:
+        raise ValueError(f"no gradient for {sorted(missing)[:3]}")
+    return _worst(results)
+
+
+def model_check(backend: str, dtype_name: str, transformers, device: str = "cuda") -> list[dict]:
+    """Rows (one per check) of our model on `backend` vs transformers in `dtype_name`."""
+    import albert_kernels as ak
+    dtype = DTYPES[dtype_name]
+    gold_m, base_m = _hf_models(transformers, dtype, device)
+    batch = _batch(device)
+    real = batch[1].bool()
+    rows = []
+    with torch.no_grad():  # inference: last_hidden_state on real tokens
+        gold = gold_m.albert.eval()(batch[0], attention_mask=batch[1]).last_hidden_state[real]
+        base = base_m.albert.eval()(batch[0], attention_mask=batch[1]).last_hidden_state[real]
+        ours = ak.AlbertModel.from_hf(base_m.albert, backend=backend).to(device, dtype).eval()
+        cand = ours(batch[0], batch[1]).last_hidden_state[real]
+        rows.append(("forward last_hidden_state (real tokens)", "hidden",
+                     check_budget(cand, base, gold, dtype)))
+    gold_out = _train_outputs(gold_m.train(), batch)
+    base_out = _train_outputs(base_m.train(), batch)
+    patched = ak.patch_hf(copy.deepcopy(base_m), backend=backend).train()
+    cand_out = _train_outputs(patched, batch)
+    scale = max(float(g.abs().max()) for k, g in gold_out.items() if k.startswith("grad"))
+    name, budget = _compare(cand_out, base_out, gold_out, dtype, scale)
+    rows.append(("training loss + every grad (patch_hf)", name, budget))
+    return [{"check": "model-vs-transformers", "case": case, "backend": backend,
+             "dtype": dtype_name, "pass": b.ok, "error": b.error, "budget": b.budget,
+             "ratio": b.ratio, "worst": worst, "batch_lengths": LENGTHS}
+            for case, worst, b in rows]
+
+
+def run_model(args) -> int:
+    import transformers
+    failed = 0
+    for backend in args.backend:
+        for dtype_name in DTYPES:
+            try:
+                rows = model_check(backend, dtype_name, transformers)
+            except Exception as e:  # reported as a failed row, then the next one
+                rows = [{"check": "model-vs-transformers", "case": "model", "backend": backend,
+                         "dtype": dtype_name, "pass": False, "error": None, "budget": None,
+                         "worst": f"{type(e).__name__}: {e}"[:300]}]
+            for row in rows:
+                _append(args.jsonl, row)
+                failed += not row["pass"]
+                print(json.dumps(row), flush=True)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------ bench
+def _sdpa_workloads(q, k, v, mask, group, flops):
+    """SDPA with each backend forced (no fallback to another)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from albert_kernels.tools.workloads import Workload
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = []
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient",
+                     SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def fn(be=be):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out.append(Workload(group, f"SDPA {name}" + (" + mask" if mask is not None else ""), fn,
+                            flops, "GFLOP/s"))
+    return out
+
+
+def _groups(dtype):
+    """Builders of the benchmark groups, in priority order (each returns a list of Workloads)."""
+    from albert_kernels.tools import workloads as wl
+    from albert_kernels.tools.model_workloads import model_workloads
+    batch, seq = 32, 128
+
+    def attention(padding):
+        def build():
+            ws = wl.attention_workloads(batch, 12, seq, 64, padding, dtype, "cuda")
+            lengths = wl.realistic_lengths(batch, seq, padding)
+            mask = None if padding == "none" else wl.padding_mask(lengths, seq, "cuda")
+            q, k, v = (torch.randn(batch, 12, seq, 64, device="cuda", dtype=dtype) for _ in range(3))
+            flops = 4.0 * float((lengths.double() ** 2).sum()) * 12 * 64
+            return ws + _sdpa_workloads(q, k, v, mask, ws[0].group, flops)
+        return build
+
+    return [attention("realistic"), attention("none"),
+            lambda: wl.add_layer_norm_workloads(batch * seq, 768, dtype, "cuda"),
+            lambda: wl.linear_gelu_workloads(batch * seq, 768, 3072, dtype, "cuda"),
+            lambda: model_workloads("base", batch, seq, "realistic", "forward", dtype, "cuda",
+                                    compile_baseline=False),
+            lambda: model_workloads("base", batch, seq, "realistic", "train", dtype, "cuda",
+                                    compile_baseline=False)]
+
+
+def _bench_row(w, min_time_s: float) -> dict:
+    from albert_kernels.tools.bench import measure
+    row = {"group": w.group, "name": w.name, "unit": w.unit, "work_per_call": w.work,
+           "baseline": w.baseline, "ceiling": w.ceiling}
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        times, first = measure(w.fn, "cuda", min_time_s=min_time_s)
+        times.sort()
+        med = times[len(times) // 2]
+        scale = 1e9 if w.unit in ("GB/s", "GFLOP/s") else 1.0
+        row.update(median_ms=1e3 * med, min_ms=1e3 * times[0], max_ms=1e3 * times[-1],
+                   repeats=len(times), first_call_s=first, throughput=w.work / med / scale,
+                   peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20)
+    except Exception as e:  # e.g. an SDPA backend that refuses these inputs
+        row["error"] = f"{type(e).__name__}: {e}"[:200]
+    return row
+
+
+def run_bench(args) -> int:
+    dtype = torch.bfloat16
+    for i, build in enumerate(_groups(dtype)):
+        if time.time() > args.deadline - 15:
+            _append(args.jsonl, {"skipped_groups_from": i, "reason": "deadline"})
+            print(f"bench: deadline near, {len(_groups(dtype)) - i} groups skipped", flush=True)
+            break
+        for w in build():
+            if w.name.startswith("torch.compile"):
+                continue  # compiling is not for the first GPU call
+            row = _bench_row(w, min_time_s=0.2)
+            _append(args.jsonl, row)
+            print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("no GPU", flush=True)
+        return 3
+    return run_model(args) if args.cmd == "model" else run_bench(args)
+
+
+__all__ = ["main", "model_check", "Budget"]

@@ -1,0 +1,126 @@
+"""scripts/gpu_check.sh, the one-call GPU check (docs/correctness.md, "The GPU check"), as far as
+a machine without a GPU can check it: it stops at once with a "no GPU" summary and exit status 3,
+its step budgets fit the 9-minute call, the summary is built from the JSON lines a run leaves
+(also a run cut short), the carried prebuilt extension is refused when it does not match, and
+the model comparison it runs on the GPU passes here on the CPU backends (it would not produce
+false failures there).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+HAS_GPU_NODE = any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+@pytest.mark.skipif(HAS_GPU_NODE, reason="this machine has an NVIDIA device: the no-GPU stop "
+                    "cannot be observed here")
+def test_stops_at_once_without_a_gpu_with_a_no_gpu_summary_and_exit_3(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s to notice there is no GPU"
+    summary = (out / "summary.md").read_text()
+    assert "no GPU" in summary and "exit status 3" in summary, summary
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "status" in s] == ["gpu"], steps  # nothing else ran
+    assert next(s for s in steps if "status" in s)["status"] == "STOP"
+    assert (out / "ops.jsonl").read_text() == ""
+    assert (out / "logs.tar.gz").is_file()
+
+
+def test_usage_error_without_out():
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "set OUT" in proc.stderr
+
+
+def test_plan_budgets_fit_nine_minutes_with_the_machine_start():
+    proc = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = re.findall(r"^\s+(\w+)\s+(\d+) s$", proc.stdout, re.MULTILINE)
+    names = [n for n, _ in steps]
+    assert names[:3] == ["gpu", "build", "cuda_ops"] and names[-1] == "summary", names
+    total = sum(int(s) for _, s in steps)
+    allowance = int(re.search(r"allowance (\d+) s", proc.stdout).group(1))
+    assert allowance >= 60 and total + allowance <= 540, proc.stdout
+
+
+def test_summary_from_json_lines_lists_failures_and_ratios(tmp_path):
+    """A run cut short after some steps: the summary names the failed case with its error and
+    budget, counts per backend and dtype, and the benchmark ratio against the baseline."""
+    import gpu_check_summary
+    lines = {
+        "steps.jsonl": [{"step": "env", "python": "3.12.3", "torch": "2.11.0+cu130",
+                         "gpu": "NVIDIA H200", "capability": "9.0"},
+                        {"step": "gpu", "status": "PASS", "seconds": 4, "budget": 20},
+                        {"step": "cuda_ops", "status": "FAIL", "seconds": 30, "budget": 45}],
+        "ops.jsonl": [{"check": "attention", "case": "B2 H2 L16 D64", "backend": "cuda",
+                       "dtype": "float16", "pass": True, "error": 1e-4, "budget": 1e-3},
+                      {"check": "attention", "case": "B1 H2 L512 D64", "backend": "cuda",
+                       "dtype": "float16", "pass": False, "error": 5e-2, "budget": 1e-3,
+                       "worst": "grad0"}],
+        "bench.jsonl": [{"group": "g", "name": "SDPA", "unit": "GFLOP/s", "baseline": True,
+                         "median_ms": 2.0, "throughput": 10.0},
+                        {"group": "g", "name": "ours (cuda)", "unit": "GFLOP/s",
+                         "median_ms": 1.0, "throughput": 20.0},
+                        {"group": "g", "name": "SDPA flash + mask", "error": "RuntimeError: no"}],
+    }
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    text = gpu_check_summary.render(tmp_path, final=False)
+    assert "NVIDIA H200" in text and "cut short" in text
+    assert "cuda float16: 1 passed, 1 failed" in text
+    assert "FAIL attention [B1 H2 L512 D64] cuda float16: error 5.00e-02 > budget 1.00e-03 grad0" \
+        in text
+    assert "ours (cuda): 1.000 ms, 20.0 GFLOP/s 2.00x" in text
+    assert "SDPA flash + mask: RuntimeError: no" in text
+    assert "not passed: cuda_ops" in text
+
+
+def test_prebuilt_extension_is_refused_when_it_does_not_match(tmp_path):
+    import gpu_check
+    here = gpu_check.machine_fingerprint()
+    assert gpu_check.mismatches(dict(here), here) == []
+    other = {**here, "torch": "2.11.0+cu130", "sources": "0" * 16, "python": "3.12"}
+    why = gpu_check.mismatches(other, here)
+    assert any(w.startswith("sources:") for w in why), why
+    if here["torch"] != "2.11.0+cu130":
+        assert any(w.startswith("torch:") for w in why), why
+    # no library in the folder: refused, nothing installed
+    (tmp_path / "manifest.json").write_text(json.dumps(here))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "prebuilt",
+                           "--dir", str(tmp_path), "--install"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "no albert_kernels_ext.so" in proc.stderr
+    assert not gpu_check.INSTALLED.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_model_comparison_passes_on_a_cpu_backend(dtype):
+    """The GPU check's model-vs-transformers rows, run here on the reference backend: the
+    comparison itself (parameter matching, budgets) must not fail a correct model."""
+    transformers = pytest.importorskip("transformers")
+    import gpu_check_runs
+    rows = gpu_check_runs.model_check("reference", dtype, transformers, device="cpu")
+    assert [r["case"] for r in rows] == ["forward last_hidden_state (real tokens)",
+                                         "training loss + every grad (patch_hf)"]
+    for row in rows:
+        assert row["pass"], row
+        assert 0 < row["budget"] < 1, row
