@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help="small shapes only")
     v.add_argument("--no-model", action="store_true", help="skip the model checks")
     v.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    v.add_argument("--jsonl", metavar="FILE", help="append each result to FILE as a JSON line "
+                   "as soon as it is known (a killed run keeps what it finished)")
     v.set_defaults(func=_verify)
 
     from .tools.bench import add_arguments

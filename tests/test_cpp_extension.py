@@ -96,9 +96,11 @@ def test_cpu_sources_compile_for_every_isa():
     jobs = [(isa, src) for isa in ISA_FLAGS if ISA_FLAGS[isa] != isa_flags()
             for src in sorted((REPO / "csrc" / "cpu").glob("*.cpp"))]
 
+    std = _torch_std("cxx")  # torch's own choice: c++17 with torch 2.11, c++20 with 2.14
+
     def compile_one(job):
         isa, src = job
-        cmd = [cxx, "-std=c++20", "-fsyntax-only", "-fopenmp", *includes, *ISA_FLAGS[isa],
+        cmd = [cxx, std, "-fsyntax-only", "-fopenmp", *includes, *ISA_FLAGS[isa],
                str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         return isa, src.name, proc.returncode, proc.stderr
@@ -107,6 +109,17 @@ def test_cpu_sources_compile_for_every_isa():
         failures = [f"{isa} {name}:\n{err[-2000:]}" for isa, name, rc, err in
                     pool.map(compile_one, jobs) if rc != 0]
     assert not failures, "\n".join(failures)
+
+
+def _torch_std(compiler: str) -> str:
+    """The -std= flag torch's JIT build uses (scripts/check_cuda_build.py reads it off torch)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("check_cuda_build",
+                                                  REPO / "scripts" / "check_cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name].torch_std(compiler)
 
 
 # ------------------------------------------------------------------ registration

@@ -157,10 +157,20 @@ def main(args) -> int:
     checks = [verify_ops(backends, dtypes, device, args.quick)]
     if not args.no_model:
         checks += [verify_model(backends, dtypes, device), verify_against_transformers(backends, device)]
-    for check in checks:
-        for row in check:
-            rows.append(row)
-            print(format_row(row), flush=True)
+    # --jsonl: one line per row, appended and flushed as it is produced, so that a run killed
+    # part-way (the GPU check's time budget) keeps every row it finished
+    jsonl = open(args.jsonl, "a", encoding="utf-8") if getattr(args, "jsonl", None) else None
+    try:
+        for check in checks:
+            for row in check:
+                rows.append(row)
+                print(format_row(row), flush=True)
+                if jsonl:
+                    jsonl.write(json.dumps({"device": device, **row.as_dict()}) + "\n")
+                    jsonl.flush()
+    finally:
+        if jsonl:
+            jsonl.close()
     failed = [r for r in rows if not r.budget.ok]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     if args.json:
