@@ -1,6 +1,7 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (VERIFY.md, "Without a GPU",
-step 2): every kernel the backend launches, in every autotune config that fits the chip, for every
-head dim and dtype, within the chip's shared memory, without register spills (aot.SPILL_TOLERANCE).
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (docs/correctness.md, "Without
+a GPU", step 2): every kernel the backend launches, in every autotune config that fits the chip,
+for every head dim and dtype, within the chip's shared memory, without register spills
+(aot.SPILL_TOLERANCE).
 
 The compilation runs in a subprocess without TRITON_INTERPRET: under the interpreter (which
 conftest.py turns on when there is no GPU) triton replaces the kernels in-process.
@@ -65,6 +66,9 @@ def test_coverage_every_kernel_arch_dtype_head_dim_and_config(aot_rows):
         if name.startswith("_attn"):
             dims = {r["launch"]["HEAD_DIM"] for r in aot_rows if r["kernel"] == name}
             assert dims == set(HEAD_DIMS), f"{name}: head dims {dims}"
+            if name != "_attn_bwd_preprocess_kernel":  # attention dropout: both variants
+                flags = {r["launch"].get("DROPOUT") for r in aot_rows if r["kernel"] == name}
+                assert flags == {False, True}, f"{name}: DROPOUT variants {flags}"
 
     elem = {"float16": 2, "bfloat16": 2, "float32": 4}
     for arch in ARCHS:

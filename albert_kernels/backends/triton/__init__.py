@@ -1,6 +1,8 @@
 """The Triton backend: fused GPU kernels written in Triton, one file per op.
 
     attention.py       FlashAttention-2 forward/backward, padded (+ key padding mask) and varlen
+                       (separate query / key sequences), with in-kernel attention dropout
+    attention_kernels.py  its Triton kernels
     add_layer_norm.py  residual add + LayerNorm forward/backward
     gelu_ffn.py        GEMM with bias/GELU prologue and epilogue: linear_gelu and gelu_ffn
     aot.py             ahead-of-time compilation of every kernel for sm_80 / sm_90 (no GPU needed)

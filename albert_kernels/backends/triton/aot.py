@@ -6,7 +6,8 @@ interpreter forgives: dot shapes and layouts, register allocation and spills, an
 over the chip's limit.
 
 Which kernels, in which variants: the backend's own launch code is run forward and backward on
-representative ALBERT workloads (every dtype, every head dim, each op and GELU flavour) with the
+representative ALBERT workloads (every dtype, every head dim, each op and GELU flavour, attention
+with and without dropout, varlen with separate query and key sequences) with the
 kernels' ``run`` replaced by a recorder, so nothing executes; each recorded launch is then turned
 into the signature, constexprs and specialisation attributes that triton's runtime binder would
 produce for it on that target, and compiled once per autotune config that ``_prune_configs`` may keep
@@ -124,11 +125,16 @@ def _run_workloads() -> list:
                 b, h, l = 2, 4, 128
                 q, k, v = (t(b, l, h, head_dim, dtype=dtype).transpose(1, 2) for _ in range(3))
                 mask = torch.arange(l)[None, :] < torch.tensor([[l], [l // 2]])
-                fwd_bwd(attn.attention, q, k, v, mask, head_dim ** -0.5)
+                for dropout_p in (0.0, 0.1):  # dropout is a separate (constexpr) variant
+                    fwd_bwd(attn.attention, q, k, v, mask, head_dim ** -0.5, dropout_p)
                 fwd_bwd(attn.attention, q, k, v, None, head_dim ** -0.5)
-                q, k, v = (t(160, h, head_dim, dtype=dtype) for _ in range(3))
-                cu = torch.tensor([0, 128, 160], dtype=torch.int32)
-                fwd_bwd(attn.varlen_attention, q, k, v, cu, 128, head_dim ** -0.5)
+                q = t(160, h, head_dim, dtype=dtype)
+                k, v = (t(176, h, head_dim, dtype=dtype) for _ in range(2))
+                cu_q = torch.tensor([0, 128, 160], dtype=torch.int32)
+                cu_k = torch.tensor([0, 128, 176], dtype=torch.int32)  # more keys than queries
+                for dropout_p in (0.0, 0.1):
+                    fwd_bwd(attn.varlen_attention, q, k, v, cu_q, cu_k, 128, 128,
+                            head_dim ** -0.5, dropout_p)
             for hidden in (768, 2048, 4096):
                 fwd_bwd(ln.add_layer_norm, t(64, hidden, dtype=dtype), t(64, hidden, dtype=dtype),
                         t(hidden, dtype=dtype), t(hidden, dtype=dtype), 1e-12)

@@ -1,0 +1,298 @@
+"""The Triton attention kernels (FlashAttention-2 style): forward, and the three backward kernels,
+with dropout as a constexpr variant. attention.py holds the launch code and says what they
+compute; the layouts they read are described at each kernel.
+"""
+import triton
+import triton.language as tl
+
+from .common import mma
+
+LOG2E = 1.4426950408889634
+SEQ_INFO_COLS = tl.constexpr(7)  # q first row, q length, k first row, k length, kv_lo, kv_hi, real keys
+
+
+@triton.jit
+def _seq_bounds(SEQ_INFO, pid_b):
+    """(q_row0, q_len, k_row0, k_len, kv_lo, kv_hi) of sequence pid_b from SEQ_INFO int32
+    [B, SEQ_INFO_COLS].
+
+    Query rows of the sequence are q_row0 + [0, q_len), its key rows k_row0 + [0, k_len). Keys
+    outside [kv_lo, kv_hi) are padding; the range is empty (kv_lo >= kv_hi) for a sequence with no
+    real key. The first rows are 64-bit: they are multiplied by a row stride.
+    """
+    info = SEQ_INFO + SEQ_INFO_COLS * pid_b
+    return (tl.load(info).to(tl.int64), tl.load(info + 1), tl.load(info + 2).to(tl.int64),
+            tl.load(info + 3), tl.load(info + 4), tl.load(info + 5))
+
+
+@triton.jit
+def _ds_scale(SEQ_INFO, pid_b, sm_scale):
+    """The factor from dS to dQ/dK: sm_scale, or exactly 0 for a sequence with one real key.
+
+    Softmax over a single key is constant (p = 1), so its dS is exactly 0 (with or without
+    dropout); computed as P * (dP - delta) with delta = rowsum(dO * O) it would be rounding noise
+    (dP and delta are the same sum taken in different orders), where the true gradient is 0.
+    """
+    n_keys = tl.load(SEQ_INFO + SEQ_INFO_COLS * pid_b + 6)
+    return tl.where(n_keys > 1, sm_scale, 0.0)
+
+
+@triton.jit
+def _key_valid(offs_n, kv_lo, kv_hi, KEY_MASK):
+    """bool [BLOCK_N]: key inside the real-key range and not padding (KEY_MASK nonzero)."""
+    in_range = (offs_n >= kv_lo) & (offs_n < kv_hi)
+    return in_range & (tl.load(KEY_MASK + offs_n, mask=in_range, other=0) != 0)
+
+
+@triton.jit
+def _dropout_rng(RNG, pid_b, pid_h):
+    """(seed, Philox offset of element (0, 0) of this (sequence, head), threshold, offsets per
+    query row) from RNG int64 [5] = (seed, philox_offset, threshold, max_q * max_k, max_k).
+
+    The offset of element (s, h, i, j) is philox_offset + ((s * H + h) * max_q + i) * max_k + j
+    (docs/correctness.md, attention dropout; backends/dropout.py is the PyTorch definition).
+    """
+    seed = tl.load(RNG)
+    n_heads = tl.num_programs(1)
+    base = tl.load(RNG + 1) + (pid_b * n_heads + pid_h) * tl.load(RNG + 3)
+    return seed, base, tl.load(RNG + 2).to(tl.uint32), tl.load(RNG + 4)
+
+
+@triton.jit
+def _keep(seed, base, threshold, row_len, rows, cols):
+    """bool, rows x cols broadcast: (query i = rows, key j = cols) survives dropout, i.e. the
+    first Philox4x32-10 word (tl.randint) at offset base + i * row_len + j is >= threshold."""
+    return tl.randint(seed, base + rows.to(tl.int64) * row_len + cols) >= threshold
+
+
+@triton.jit
+def _attn_fwd_kernel(
+        Q, K, V, O, LSE, SEQ_INFO, KEY_MASK, RNG, qk_scale, drop_scale,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
+        stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om,
+        stride_maskb, stride_lseb, stride_lseh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DROPOUT: tl.constexpr):
+    """O = dropout(softmax(Q K^T * scale, masked)) V for one block of BLOCK_M queries of one head.
+
+    Grid (cdiv(max_q, BLOCK_M), H, B). Q, K, V, O: rows of HEAD_DIM contiguous elements, query
+    row r of (sequence b, head h) at b*stride_qb + h*stride_qh + (q_row0 + r)*stride_qm, key row
+    r at the same with k_row0 and K's strides, (q_row0, ..., kv_hi) = SEQ_INFO[b] (stride_xb is
+    0 in the varlen layout, where the first rows are cu_seqlens_q[b] / cu_seqlens_k[b]).
+    KEY_MASK: uint8, key n of sequence b at b*stride_maskb + n, nonzero = real key (a row of ones
+    with stride_maskb = 0 when there is no mask). LSE: fp32, base-2 log-sum-exp of the scaled
+    scores (before dropout), at b*stride_lseb + h*stride_lseh + q_row0 + r; +inf for a row with
+    no real key (whose output is 0). qk_scale = scale * log2(e).
+    DROPOUT (constexpr; False compiles the plain kernel): a probability is kept iff its Philox
+    draw passes (_keep, RNG as in _dropout_rng); the kept sum is scaled by drop_scale = 1/(1-p).
+    The program keeps q [BLOCK_M, HEAD_DIM] and the fp32 accumulator in registers and streams
+    K/V blocks of BLOCK_N keys over the sequence's real-key range only.
+    """
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    q_row0, q_len, k_row0, _, kv_lo, kv_hi = _seq_bounds(SEQ_INFO, pid_b)
+    if pid_m * BLOCK_M >= q_len:  # varlen: this sequence is shorter than max_q
+        return
+    Q += pid_b * stride_qb + pid_h * stride_qh + q_row0 * stride_qm
+    K += pid_b * stride_kb + pid_h * stride_kh + k_row0 * stride_km
+    V += pid_b * stride_vb + pid_h * stride_vh + k_row0 * stride_vm
+    O += pid_b * stride_ob + pid_h * stride_oh + q_row0 * stride_om
+    LSE += pid_b * stride_lseb + pid_h * stride_lseh + q_row0
+    KEY_MASK += pid_b * stride_maskb
+    if DROPOUT:
+        seed, rng_base, threshold, rng_row = _dropout_rng(RNG, pid_b, pid_h)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max of scaled scores (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = _key_valid(offs_n, kv_lo, kv_hi, KEY_MASK)
+        kt = tl.load(K + offs_n[None, :] * stride_km + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet: avoid -inf - -inf
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normaliser l_i sums every probability, dropped or not
+            p = tl.where(_keep(seed, rng_base, threshold, rng_row, offs_m[:, None], offs_n[None, :]),
+                         p, 0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vm + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if DROPOUT:
+        o = o * drop_scale
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))
+    tl.store(LSE + offs_m, tl.where(has_key, lse, float("inf")), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+        O, DO, DELTA, SEQ_INFO, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+        stride_dom, stride_lseb, stride_lseh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """DELTA = rowsum(dO * O) in fp32 for BLOCK_M query rows of one head; same layout as LSE.
+
+    Grid (cdiv(max_q, BLOCK_M), H, B); O and dO addressed as Q in the forward kernel. With
+    dropout this is still sum_j P_ij dP_ij (O holds the dropped, rescaled sum).
+    """
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    q_row0, q_len, _, _, _, _ = _seq_bounds(SEQ_INFO, pid_b)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < q_len
+    o = tl.load(O + pid_b * stride_ob + pid_h * stride_oh + q_row0 * stride_om
+                + offs_m[:, None] * stride_om + offs_d[None, :], mask=row_ok, other=0.0)
+    do = tl.load(DO + pid_b * stride_dob + pid_h * stride_doh + q_row0 * stride_dom
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_b * stride_lseb + pid_h * stride_lseh + q_row0 + offs_m, delta,
+             mask=offs_m < q_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_INFO, KEY_MASK, RNG, sm_scale, qk_scale, drop_scale,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
+        stride_vb, stride_vh, stride_vm, stride_dob, stride_doh, stride_dom,
+        stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh, stride_dvm,
+        stride_maskb, stride_lseb, stride_lseh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DROPOUT: tl.constexpr):
+    """dK, dV for one block of BLOCK_N keys of one head, looping over all BLOCK_M query blocks.
+
+    Grid (cdiv(max_k, BLOCK_N), H, B). Pointers as in the forward kernel; DK, DV have their own
+    strides. The program owns its keys' dK and dV (fp32 accumulators, no atomics) and writes
+    every one of them: zeros for a block that lies outside the real-key range. It recomputes
+    P^T = exp2(K Q^T * qk_scale - lse) from the saved fp32 lse and, with DROPOUT, the forward's
+    keep mask Z (scaled by drop_scale): dV += (P^T * Z^T) dO, dP^T = (V dO^T) * Z^T,
+    dK += (P^T * (dP^T - delta)) Q, scaled by sm_scale at the end (see _ds_scale).
+    """
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    q_row0, q_len, k_row0, k_len, kv_lo, kv_hi = _seq_bounds(SEQ_INFO, pid_b)
+    start_n = pid_n * BLOCK_N
+    if start_n >= k_len:
+        return
+    Q += pid_b * stride_qb + pid_h * stride_qh + q_row0 * stride_qm
+    K += pid_b * stride_kb + pid_h * stride_kh + k_row0 * stride_km
+    V += pid_b * stride_vb + pid_h * stride_vh + k_row0 * stride_vm
+    DO += pid_b * stride_dob + pid_h * stride_doh + q_row0 * stride_dom
+    DK += pid_b * stride_dkb + pid_h * stride_dkh + k_row0 * stride_dkm
+    DV += pid_b * stride_dvb + pid_h * stride_dvh + k_row0 * stride_dvm
+    LSE += pid_b * stride_lseb + pid_h * stride_lseh + q_row0
+    DELTA += pid_b * stride_lseb + pid_h * stride_lseh + q_row0
+    KEY_MASK += pid_b * stride_maskb
+    if DROPOUT:
+        seed, rng_base, threshold, rng_row = _dropout_rng(RNG, pid_b, pid_h)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = _key_valid(offs_n, kv_lo, kv_hi, KEY_MASK)
+    k = tl.load(K + offs_n[:, None] * stride_km + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vm + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # A block of padding only gets no query loop: its dK, dV are the zeros stored below.
+    q_end = tl.where((start_n < kv_hi) & (start_n + BLOCK_N > kv_lo), q_len, 0)
+    for start_m in range(0, q_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        qt = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        s_t = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32)) * qk_scale
+        p_t = tl.where(key_ok[:, None], tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32))
+        if DROPOUT:
+            keep_t = _keep(seed, rng_base, threshold, rng_row, offs_m[None, :], offs_n[:, None])
+            dv = mma(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv = mma(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = mma(ds_t.to(qt.dtype), tl.trans(qt), dk)
+    store_ok = offs_n[:, None] < k_len
+    dk = dk * _ds_scale(SEQ_INFO, pid_b, sm_scale)
+    tl.store(DK + offs_n[:, None] * stride_dkm + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=store_ok)
+    tl.store(DV + offs_n[:, None] * stride_dvm + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=store_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, SEQ_INFO, KEY_MASK, RNG, sm_scale, qk_scale, drop_scale,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
+        stride_vb, stride_vh, stride_vm, stride_dob, stride_doh, stride_dom,
+        stride_dqb, stride_dqh, stride_dqm, stride_maskb, stride_lseb, stride_lseh,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DROPOUT: tl.constexpr):
+    """dQ for one block of BLOCK_M queries of one head, looping over the real-key range.
+
+    Grid (cdiv(max_q, BLOCK_M), H, B). The program owns its rows of dQ (fp32 accumulator):
+    dQ = sm_scale * (P * (dP - delta)) K with dP = (dO V^T) * Z (Z the forward's keep mask over
+    1-p, DROPOUT only) and P recomputed from the saved fp32 lse. A row with no real key gets 0.
+    """
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    q_row0, q_len, k_row0, _, kv_lo, kv_hi = _seq_bounds(SEQ_INFO, pid_b)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    Q += pid_b * stride_qb + pid_h * stride_qh + q_row0 * stride_qm
+    K += pid_b * stride_kb + pid_h * stride_kh + k_row0 * stride_km
+    V += pid_b * stride_vb + pid_h * stride_vh + k_row0 * stride_vm
+    DO += pid_b * stride_dob + pid_h * stride_doh + q_row0 * stride_dom
+    DQ += pid_b * stride_dqb + pid_h * stride_dqh + q_row0 * stride_dqm
+    LSE += pid_b * stride_lseb + pid_h * stride_lseh + q_row0
+    DELTA += pid_b * stride_lseb + pid_h * stride_lseh + q_row0
+    KEY_MASK += pid_b * stride_maskb
+    if DROPOUT:
+        seed, rng_base, threshold, rng_row = _dropout_rng(RNG, pid_b, pid_h)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = _key_valid(offs_n, kv_lo, kv_hi, KEY_MASK)
+        kt = tl.load(K + offs_n[None, :] * stride_km + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vm + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * qk_scale
+        p = tl.where(key_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
+        if DROPOUT:
+            keep = _keep(seed, rng_base, threshold, rng_row, offs_m[:, None], offs_n[None, :])
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(kt.dtype), tl.trans(kt), dq)
+    dq = dq * _ds_scale(SEQ_INFO, pid_b, sm_scale)
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
