@@ -12,8 +12,14 @@
 //     only, not differentiable): benchmarks measure its bandwidth against a copy.
 //   attention: q, k, v, out [B, H, L, D] contiguous; key_padding_mask bool [B, L] or None;
 //     lse float32 [B, H, L] (natural log-sum-exp of the scaled scores; -inf for a row with no key).
-//   varlen_attention: q, k, v, out [T, H, D] contiguous; cu_seqlens int32 [B+1];
-//     lse float32 [H, T].
+//   varlen_attention: q, out [Tq, H, D], k, v [Tk, H, D] contiguous; cu_seqlens_q,
+//     cu_seqlens_k int32 [B+1] (sequence b: queries cu_q[b]:cu_q[b+1] attend to keys
+//     cu_k[b]:cu_k[b+1], as FlashAttention's flash_attn_varlen_func); lse float32 [H, Tq].
+//   Attention dropout (both layouts): dropout_p in [0, 1) on the softmax probabilities, kept
+//     entries scaled by 1 / (1 - p); (seed, offset) key the Philox4x32-10 stream of
+//     albert_kernels/backends/dropout.py (element offsets use L, L or max_seqlen_q,
+//     max_seqlen_k); forward and backward get the same (seed, offset) and regenerate the mask.
+//     dropout_p == 0: seed and offset are ignored.
 #include <torch/library.h>
 
 TORCH_LIBRARY(albert_kernels, m) {
@@ -31,13 +37,16 @@ TORCH_LIBRARY(albert_kernels, m) {
         " str approximate) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2,"
         " Tensor grad_b2)");
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate) -> Tensor");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale)"
-        " -> (Tensor out, Tensor lse)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale,"
+        " float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-        " Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen,"
-        " float scale) -> (Tensor out, Tensor lse)");
+        " Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset)"
+        " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
+        " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p,"
+        " int seed, int offset) -> (Tensor out, Tensor lse)");
   m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
-        " Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale)"
+        " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, float scale, float dropout_p, int seed, int offset)"
         " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

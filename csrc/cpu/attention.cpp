@@ -2,12 +2,21 @@
 // variable-length ([T, H, D] + cu_seqlens) layouts. One implementation serves both: a
 // "head slice" (one sequence, one head) is a set of query rows and a list of real key rows.
 //
-// Forward  attention_fwd(q, k, v, key_padding_mask?, scale) -> (out, lse)
-//          varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale) -> (out, lse)
-//   q, k, v, out: [B, H, L, D] / [T, H, D] contiguous, dtype T; key_padding_mask bool [B, L]
-//   (True = real key); cu_seqlens int32 [B+1]. lse: fp32 (fp64 for fp64 inputs), [B, H, L] /
-//   [H, T], the natural log-sum-exp of the scaled scores of each query row; -inf for a row with
+// Forward  attention_fwd(q, k, v, key_padding_mask?, scale, dropout_p, seed, offset) -> (out, lse)
+//          varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+//                               scale, dropout_p, seed, offset) -> (out, lse)
+//   q, k, v, out: [B, H, L, D] / q, out [Tq, H, D], k, v [Tk, H, D], contiguous, dtype T;
+//   key_padding_mask bool [B, L] (True = real key); cu_seqlens_q / cu_seqlens_k int32 [B+1]:
+//   sequence b's queries q[cu_q[b]:cu_q[b+1]] attend to keys k[cu_k[b]:cu_k[b+1]] only
+//   (FlashAttention's flash_attn_varlen_func). lse: fp32 (fp64 for fp64 inputs), [B, H, L] /
+//   [H, Tq], the natural log-sum-exp of the scaled scores of each query row; -inf for a row with
 //   no real key (its output is zeros).
+//   Dropout (dropout_p > 0; philox.h, albert_kernels/backends/dropout.py): as FlashAttention 2,
+//   the running max and sum (so lse) see the undropped scores; the accumulator takes the dropped
+//   P (kept entries 1, dropped 0) and the final 1 / l becomes 1 / ((1 - p) l). Element (i, j)
+//   of slice s = sequence * H + head draws Philox at offset + (s * max_q + i) * max_k + pos(j)
+//   (pos = the key's position in its row / sequence); backward regenerates the same mask from
+//   (seed, offset). dropout_p == 0 runs the kernels as they were (one flag per key block).
 //   Parallel over (sequence, head, query block of kBlockM rows); a task owns its output rows.
 //   A task first gathers its sequence's *real* keys, converted to acc_t (fp32) and transposed,
 //   into a zero-padded K^T [Dp, Np] and V [Np, Dp] (so padding costs no FLOPs, for any mask:
@@ -18,8 +27,10 @@
 //   fp32; exponentials are fast_exp (common.h), the same in forward and backward. Saved for
 //   backward: out and lse.
 //
-// Backward attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask?, scale)
-//          varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+// Backward attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask?, scale, dropout_p, seed,
+//                        offset)
+//          varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+//                               max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, offset)
 //     -> (grad_q, grad_k, grad_v)
 //   Parallel over (sequence, head): a task owns dK, dV of its head slice (fp32 accumulators
 //   [Np, Dp]) and dQ of its rows, so no two tasks write the same memory (deterministic). Per
@@ -29,8 +40,12 @@
 //     dV += P^T dO,  dK += dS^T Q,  dQ = dS K.
 //   S = (Q scale) K^T in forward and backward alike: Q is scaled as it is loaded.
 //   (`out` is not read: Di from P dP is more accurate in fp32 than rowsum(dO * O).)
-//   Masked keys get zero gradients; rows with no real key give zero dQ.
+//   With dropout, Z = keep / (1 - p): dP = (dO V^T) Z, Di = rowsum(P dP), dS as above, and
+//   dV += (P Z)^T dO.
+//   Masked keys get zero gradients; rows with no real key give zero dQ. Keys outside a
+//   sequence's range (padded slots, other sequences) are never read, whatever they hold.
 #include "common.h"
+#include "philox.h"
 
 #include <cmath>
 #include <limits>
@@ -42,14 +57,16 @@ constexpr int64_t kBlockM = 48;   // query rows per task / per block (a multiple
 constexpr int64_t kBlockN = 128;  // keys per online-softmax step
 constexpr int64_t kPrefetchRows = 8;  // strided q / k / v rows asked for ahead of their use
 
-// One (sequence, head): rows of q/k/v/out/grads at base + row * row_stride, lse at lse[row].
-template <typename scalar_t>
+// One (sequence, head): query rows at q_offset + row * row_stride (q, out, grad_out, grad_q),
+// key rows at k_offset + row * row_stride (k, v, grad_k, grad_v), lse at lse[lse_offset + row].
 struct HeadSlice {
-  int64_t n_rows;        // query rows (== key positions) of the sequence
+  int64_t index;         // sequence * H + head: the slice index of the dropout offsets
+  int64_t n_rows;        // query rows of the sequence
   int64_t row_stride;    // elements between consecutive tokens
-  int64_t offset;        // element offset of row 0 in q/k/v/out
+  int64_t q_offset;      // element offset of query row 0
+  int64_t k_offset;      // element offset of key row 0
   int64_t lse_offset;    // element offset of row 0 in lse
-  const int64_t* keys;   // real key rows (indices < n_rows); nullptr: all rows are keys
+  const int64_t* keys;   // real key rows (positions); nullptr: key rows 0 .. n_keys - 1
   int64_t n_keys;
 };
 
@@ -57,7 +74,7 @@ struct HeadSlice {
 template <typename acc>
 struct Workspace {
   int64_t D, Dp, Np;
-  std::vector<acc> kt, vt, k, v, q, o, s, p, dq, dk, dv, m, l;
+  std::vector<acc> kt, vt, k, v, q, o, s, p, dq, dk, dv, m, l, z;
   Workspace(int64_t D_, int64_t max_keys, bool backward)
       : D(D_), Dp(round_up(D_, kGemmNR<acc>)), Np(round_up(std::max<int64_t>(max_keys, 1), kGemmNR<acc>)) {
     kt.assign(Dp * Np, acc(0));
@@ -68,6 +85,7 @@ struct Workspace {
     s.assign(kBlockM * kBlockN, acc(0));
     m.assign(kBlockM, acc(0));
     l.assign(kBlockM, acc(0));
+    z.assign(std::max(kBlockN, Np), acc(0));  // one row's dropout keep flags
     if (backward) {
       vt.assign(Dp * Np, acc(0));
       s.assign(kBlockM * Np, acc(0));
@@ -91,11 +109,11 @@ void load_scaled_q(const scalar_t* src, acc* dst, int64_t D, acc scale) {
 // Gather the slice's real keys into K, V [ld, Dp] (acc_t rows; zero rows beyond n_keys, zero
 // columns beyond D) and K^T [Dp, ld] (plus V^T [Dp, ld] for backward), by blocked transposes.
 template <typename scalar_t, typename acc>
-void gather_keys(const HeadSlice<scalar_t>& hs, const scalar_t* k, const scalar_t* v,
+void gather_keys(const HeadSlice& hs, const scalar_t* k, const scalar_t* v,
                  Workspace<acc>& ws, int64_t ld, bool backward) {
   const int64_t D = ws.D, Dp = ws.Dp;
   const auto key_off = [&](int64_t j) {
-    return hs.offset + (hs.keys ? hs.keys[j] : j) * hs.row_stride;
+    return hs.k_offset + (hs.keys ? hs.keys[j] : j) * hs.row_stride;
   };
   for (int64_t j = 0; j < std::min(kPrefetchRows, hs.n_keys); ++j) {
     prefetch_row(k + key_off(j), D * sizeof(scalar_t));
@@ -157,22 +175,42 @@ void softmax_block(acc* S, int64_t rows, int64_t bn_pad, int64_t valid, acc* m, 
   }
 }
 
+// Dropout of one block of probabilities P [rows, bn_pad] (keys j0 .. j0 + valid of the slice,
+// query rows q0 ..): dropped entries become 0, kept ones stay (1 / (1 - p) is applied with 1 / l).
+template <typename acc>
+void drop_block(const Dropout& dp, const HeadSlice& hs, int64_t q0, int64_t rows, int64_t j0,
+                int64_t valid, int64_t bn_pad, acc* S, acc* z) {
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  std::fill(z + valid, z + bn_pad, acc(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = dp.row_base(hs.index, q0 + r);
+    if (hs.keys) {
+      dp.keep_row(base, hs.keys + j0, valid, z);
+    } else {
+      dp.keep_row(base + j0, nullptr, valid, z);
+    }
+    acc* s = S + r * bn_pad;
+    for (int64_t j = 0; j < bn_pad; j += W) (V::loadu(s + j) * V::loadu(z + j)).store(s + j);
+  }
+}
+
 // Forward of query rows [q0, q1) of one head slice.
 template <typename scalar_t, typename acc>
-void forward_block(const HeadSlice<scalar_t>& hs, int64_t q0, int64_t q1, const scalar_t* q,
-                   scalar_t* out, acc* lse, acc scale, Workspace<acc>& ws) {
+void forward_block(const HeadSlice& hs, int64_t q0, int64_t q1, const scalar_t* q,
+                   scalar_t* out, acc* lse, acc scale, const Dropout& dp, Workspace<acc>& ws) {
   const int64_t D = ws.D, Dp = ws.Dp, rows = q1 - q0;
   const int64_t ld = round_up(std::max<int64_t>(hs.n_keys, 1), kGemmNR<acc>);
   std::vector<acc> obuf(Dp);
   if (hs.n_keys == 0) {  // no real key: zeros, lse = -inf
     for (int64_t i = q0; i < q1; ++i) {
       std::fill(obuf.begin(), obuf.end(), acc(0));
-      store_row<scalar_t>(obuf.data(), out + hs.offset + i * hs.row_stride, D);
+      store_row<scalar_t>(obuf.data(), out + hs.q_offset + i * hs.row_stride, D);
       lse[hs.lse_offset + i] = -std::numeric_limits<acc>::infinity();
     }
     return;
   }
-  const scalar_t* q_rows = q + hs.offset + q0 * hs.row_stride;
+  const scalar_t* q_rows = q + hs.q_offset + q0 * hs.row_stride;
   for (int64_t r = 0; r < std::min(rows, kPrefetchRows); ++r) {
     prefetch_row(q_rows + r * hs.row_stride, D * sizeof(scalar_t));
   }
@@ -193,14 +231,64 @@ void forward_block(const HeadSlice<scalar_t>& hs, int64_t q0, int64_t q1, const 
                     bn_pad, false);
     softmax_block<acc>(ws.s.data(), rows, bn_pad, valid, ws.m.data(), ws.l.data(), ws.o.data(),
                        Dp);
+    if (dp.on) drop_block<acc>(dp, hs, q0, rows, j0, valid, bn_pad, ws.s.data(), ws.z.data());
     small_gemm<acc>(rows, Dp, bn_pad, ws.s.data(), bn_pad, 1, ws.v.data() + j0 * Dp, Dp,
                     ws.o.data(), Dp, true);
   }
+  const acc keep_scale = dp.on ? static_cast<acc>(dp.keep_scale) : acc(1);
   for (int64_t r = 0; r < rows; ++r) {
-    const acc inv = acc(1) / ws.l[r];
+    const acc inv = keep_scale / ws.l[r];
     for (int64_t d = 0; d < D; ++d) obuf[d] = ws.o[r * Dp + d] * inv;
-    store_row<scalar_t>(obuf.data(), out + hs.offset + (q0 + r) * hs.row_stride, D);
+    store_row<scalar_t>(obuf.data(), out + hs.q_offset + (q0 + r) * hs.row_stride, D);
     lse[hs.lse_offset + q0 + r] = ws.m[r] + std::log(ws.l[r]);
+  }
+}
+
+// One query row of the backward: S (scores) -> P = exp(S - lse), dp (dO V^T) -> dS / scale.
+// Without dropout: Di = rowsum(P dP), dS = P (dP - Di), S keeps P for dV += P^T dO.
+template <typename acc>
+void backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  const V vl(lse);
+  V vdi(acc(0));
+  for (int64_t j = 0; j < ld; j += W) {
+    const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
+    pv.store(s + j);
+    vdi = at::vec::fmadd(pv, V::loadu(dp + j), vdi);
+  }
+  const acc di = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vdi);
+  // padded keys: dP = 0 there (zero V^T columns), so they added nothing to di; P := 0
+  for (int64_t j = n_keys; j < ld; ++j) s[j] = 0;
+  const V vd(di);
+  for (int64_t j = 0; j < ld; j += W) {
+    (V::loadu(s + j) * (V::loadu(dp + j) - vd)).store(dp + j);  // dS / scale
+  }
+}
+
+// The same with dropout, z = the row's keep flags (0 beyond n_keys), Z = z / (1 - p):
+// dP = (dO V^T) Z, Di = rowsum(P dP), dS = P (dP - Di), and S keeps P Z for dV += (P Z)^T dO.
+template <typename acc>
+void backward_row_dropout(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld, const acc* z,
+                          acc keep_scale) {
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  const V vl(lse), vk(keep_scale);
+  V vdi(acc(0));
+  for (int64_t j = 0; j < ld; j += W) {
+    const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
+    const V dpz = V::loadu(dp + j) * (V::loadu(z + j) * vk);
+    pv.store(s + j);
+    dpz.store(dp + j);
+    vdi = at::vec::fmadd(pv, dpz, vdi);
+  }
+  const acc di = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vdi);
+  for (int64_t j = n_keys; j < ld; ++j) s[j] = 0;
+  const V vd(di);
+  for (int64_t j = 0; j < ld; j += W) {
+    const V pv = V::loadu(s + j);
+    (pv * (V::loadu(dp + j) - vd)).store(dp + j);     // dS / scale
+    (pv * (V::loadu(z + j) * vk)).store(s + j);       // P Z, for dV
   }
 }
 
@@ -209,11 +297,9 @@ void forward_block(const HeadSlice<scalar_t>& hs, int64_t q0, int64_t q1, const 
 // Di = rowsum(P * dP) is computed from the very P used in dS (sum_j dS_ij = 0 holds to rounding;
 // the usual rowsum(dO * O) shortcut is measurably less accurate in fp32).
 template <typename scalar_t, typename acc>
-void backward_slice(const HeadSlice<scalar_t>& hs, const scalar_t* grad_out, const scalar_t* q,
+void backward_slice(const HeadSlice& hs, const scalar_t* grad_out, const scalar_t* q,
                     const acc* lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
-                    acc scale, Workspace<acc>& ws) {
-  using V = Vec<acc>;
-  constexpr int64_t W = V::size();
+                    acc scale, const Dropout& dp, Workspace<acc>& ws) {
   const int64_t D = ws.D, Dp = ws.Dp;
   if (hs.n_keys == 0) return;  // every gradient of the slice stays zero
   const int64_t ld = round_up(hs.n_keys, kGemmNR<acc>);
@@ -222,31 +308,25 @@ void backward_slice(const HeadSlice<scalar_t>& hs, const scalar_t* grad_out, con
   std::vector<acc> do_buf(kBlockM * Dp, acc(0));
   acc* S = ws.s.data();  // scores, then P      [rows, ld]
   acc* P = ws.p.data();  // dP, then dS         [rows, ld]
+  acc* z = ws.z.data();
+  if (dp.on) std::fill(z + hs.n_keys, z + ld, acc(0));
+  const acc keep_scale = static_cast<acc>(dp.keep_scale);
   for (int64_t q0 = 0; q0 < hs.n_rows; q0 += kBlockM) {
     const int64_t rows = std::min(kBlockM, hs.n_rows - q0);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t off = hs.offset + (q0 + r) * hs.row_stride;
+      const int64_t off = hs.q_offset + (q0 + r) * hs.row_stride;
       load_scaled_q(q + off, ws.q.data() + r * Dp, D, scale);
       load_row_into(grad_out + off, do_buf.data() + r * Dp, D);
     }
     small_gemm<acc>(rows, ld, D, ws.q.data(), Dp, 1, ws.kt.data(), ld, S, ld, false);
     small_gemm<acc>(rows, ld, D, do_buf.data(), Dp, 1, ws.vt.data(), ld, P, ld, false);
     for (int64_t r = 0; r < rows; ++r) {
-      acc* s = S + r * ld;
-      acc* dp = P + r * ld;
-      const V vl(lse[hs.lse_offset + q0 + r]);
-      V vdi(acc(0));
-      for (int64_t j = 0; j < ld; j += W) {
-        const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
-        pv.store(s + j);
-        vdi = at::vec::fmadd(pv, V::loadu(dp + j), vdi);
-      }
-      acc di = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vdi);
-      // padded keys: dP = 0 there (zero V^T columns), so they added nothing to di; P := 0
-      for (int64_t j = hs.n_keys; j < ld; ++j) s[j] = 0;
-      const V vd(di);
-      for (int64_t j = 0; j < ld; j += W) {
-        (V::loadu(s + j) * (V::loadu(dp + j) - vd)).store(dp + j);  // dS / scale
+      const acc row_lse = lse[hs.lse_offset + q0 + r];
+      if (dp.on) {
+        dp.keep_row(dp.row_base(hs.index, q0 + r), hs.keys, hs.n_keys, z);
+        backward_row_dropout<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld, z, keep_scale);
+      } else {
+        backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
       }
     }
     // dV += P^T dO, dK += (dS / scale)^T (Q scale) (A transposed via strides),
@@ -257,12 +337,12 @@ void backward_slice(const HeadSlice<scalar_t>& hs, const scalar_t* grad_out, con
     for (int64_t r = 0; r < rows; ++r) {
       acc* dq = ws.dq.data() + r * Dp;
       for (int64_t d = 0; d < D; ++d) dq[d] *= scale;
-      store_row<scalar_t>(dq, grad_q + hs.offset + (q0 + r) * hs.row_stride, D);
+      store_row<scalar_t>(dq, grad_q + hs.q_offset + (q0 + r) * hs.row_stride, D);
     }
   }
   for (int64_t j = 0; j < hs.n_keys; ++j) {
     const int64_t key = hs.keys ? hs.keys[j] : j;
-    const int64_t off = hs.offset + key * hs.row_stride;
+    const int64_t off = hs.k_offset + key * hs.row_stride;
     store_row<scalar_t>(ws.dk.data() + j * Dp, grad_k + off, D);
     store_row<scalar_t>(ws.dv.data() + j * Dp, grad_v + off, D);
   }
@@ -285,26 +365,26 @@ struct KeyLists {
 };
 
 // Head slices of a padded batch [B, H, L, D] (slice index = b * H + h) ...
-template <typename scalar_t>
-HeadSlice<scalar_t> padded_slice(const KeyLists& kl, int64_t b, int64_t h, int64_t H, int64_t L,
-                                 int64_t D) {
+inline HeadSlice padded_slice(const KeyLists& kl, int64_t b, int64_t h, int64_t H, int64_t L,
+                              int64_t D) {
   const int64_t bh = b * H + h;
-  return {L, D, bh * L * D, bh * L, kl.keys.data() + b * L, kl.counts[b]};
+  return {bh, L, D, bh * L * D, bh * L * D, bh * L, kl.keys.data() + b * L, kl.counts[b]};
 }
 
-// ... and of a packed batch [T, H, D] (lse [H, T]).
-template <typename scalar_t>
-HeadSlice<scalar_t> varlen_slice(const int32_t* cu, int64_t seq, int64_t h, int64_t H, int64_t T,
-                                 int64_t D) {
-  const int64_t start = cu[seq], n = cu[seq + 1] - cu[seq];
-  return {n, H * D, start * H * D + h * D, h * T + start, nullptr, n};
+// ... and of a packed batch: q [Tq, H, D] (lse [H, Tq]), k and v [Tk, H, D].
+inline HeadSlice varlen_slice(const int32_t* cu_q, const int32_t* cu_k, int64_t seq, int64_t h,
+                              int64_t H, int64_t Tq, int64_t D) {
+  const int64_t q_start = cu_q[seq], k_start = cu_k[seq];
+  return {seq * H + h, cu_q[seq + 1] - q_start, H * D, q_start * H * D + h * D,
+          k_start * H * D + h * D, h * Tq + q_start, nullptr, cu_k[seq + 1] - k_start};
 }
 
 // Forward driver: tasks = (slice, query block); `slice_of(task_slice)` builds the HeadSlice.
 template <typename scalar_t, typename SliceFn>
 void run_forward(int64_t n_slices, const std::vector<int64_t>& slice_rows, SliceFn slice_of,
                  int64_t D, int64_t max_keys, const at::Tensor& q, const at::Tensor& k,
-                 const at::Tensor& v, at::Tensor& out, at::Tensor& lse, double scale) {
+                 const at::Tensor& v, at::Tensor& out, at::Tensor& lse, double scale,
+                 const Dropout& dp) {
   using acc = acc_t<scalar_t>;
   std::vector<int64_t> task_slice, task_q0;  // flattened (slice, query block) list
   for (int64_t s = 0; s < n_slices; ++s) {
@@ -321,14 +401,14 @@ void run_forward(int64_t n_slices, const std::vector<int64_t>& slice_rows, Slice
     Workspace<acc> ws(D, max_keys, false);
     int64_t gathered = -1;  // consecutive tasks of one slice reuse the gathered keys
     for (int64_t t = t0; t < t1; ++t) {
-      const HeadSlice<scalar_t> hs = slice_of(task_slice[t]);
+      const HeadSlice hs = slice_of(task_slice[t]);
       const int64_t ld = round_up(std::max<int64_t>(hs.n_keys, 1), kGemmNR<acc>);
       if (gathered != task_slice[t] && hs.n_keys > 0) {
         gather_keys<scalar_t, acc>(hs, kp, vp, ws, ld, false);
         gathered = task_slice[t];
       }
       forward_block<scalar_t, acc>(hs, task_q0[t], std::min(task_q0[t] + kBlockM, hs.n_rows), qp,
-                                   op, lp, static_cast<acc>(scale), ws);
+                                   op, lp, static_cast<acc>(scale), dp, ws);
     }
   });
 }
@@ -336,20 +416,20 @@ void run_forward(int64_t n_slices, const std::vector<int64_t>& slice_rows, Slice
 template <typename scalar_t, typename SliceFn>
 void run_backward(int64_t n_slices, SliceFn slice_of, int64_t D, int64_t max_keys,
                   const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                  at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, double scale) {
+                  const at::Tensor& v, const at::Tensor& lse, at::Tensor& gq, at::Tensor& gk,
+                  at::Tensor& gv, double scale, const Dropout& dp) {
   using acc = acc_t<scalar_t>;
   at::parallel_for(0, n_slices, 1, [&](int64_t s0, int64_t s1) {
     Workspace<acc> ws(D, max_keys, true);
     for (int64_t s = s0; s < s1; ++s) {
-      const HeadSlice<scalar_t> hs = slice_of(s);
+      const HeadSlice hs = slice_of(s);
       if (hs.n_keys == 0) continue;
       gather_keys<scalar_t, acc>(hs, k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ws,
                                  round_up(hs.n_keys, kGemmNR<acc>), true);
       backward_slice<scalar_t, acc>(hs, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                                     lse.data_ptr<acc>(),
                                     gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
-                                    gv.data_ptr<scalar_t>(), static_cast<acc>(scale), ws);
+                                    gv.data_ptr<scalar_t>(), static_cast<acc>(scale), dp, ws);
     }
   });
 }
@@ -358,22 +438,31 @@ void check_contiguous(std::initializer_list<const at::Tensor*> ts, const char* o
   for (const at::Tensor* t : ts) TORCH_CHECK(t->is_contiguous(), op, ": expects contiguous inputs");
 }
 
+void check_dropout_p(double p, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+}
+
+// The padded layout: q, k, v [B, H, L, D] of one shape; the key lists of the mask.
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& mask,
-                                                 double scale) {
-  TORCH_CHECK(q.dim() == 4, "attention_fwd: q must be [B, H, L, D]");
+                                                 double scale, double dropout_p, int64_t seed,
+                                                 int64_t offset) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "attention_fwd: q, k, v must be [B, H, L, D] of one shape");
   check_contiguous({&q, &k, &v}, "attention_fwd");
+  check_dropout_p(dropout_p, "attention_fwd");
   TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->is_contiguous()),
               "attention_fwd: key_padding_mask must be contiguous bool [B, L]");
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({B, H, L}, q.options().dtype(stat_dtype(q.scalar_type())));
   const KeyLists kl(mask, B, L);
+  const Dropout dp(dropout_p, seed, offset, L, L);
   std::vector<int64_t> rows(B * H, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attn_fwd", [&] {
-    auto slice_of = [&](int64_t s) { return padded_slice<scalar_t>(kl, s / H, s % H, H, L, D); };
-    run_forward<scalar_t>(B * H, rows, slice_of, D, L, q, k, v, out, lse, scale);
+    auto slice_of = [&](int64_t s) { return padded_slice(kl, s / H, s % H, H, L, D); };
+    run_forward<scalar_t>(B * H, rows, slice_of, D, L, q, k, v, out, lse, scale, dp);
   });
   return {out, lse};
 }
@@ -381,56 +470,90 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& mask,
-    double scale) {
+    double scale, double dropout_p, int64_t seed, int64_t offset) {
   check_contiguous({&grad_out, &q, &k, &v, &out, &lse}, "attention_bwd");
+  check_dropout_p(dropout_p, "attention_bwd");
   TORCH_CHECK(lse.scalar_type() == stat_dtype(q.scalar_type()), "attention_bwd: lse dtype");
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   at::Tensor gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
   const KeyLists kl(mask, B, L);
+  const Dropout dp(dropout_p, seed, offset, L, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attn_bwd", [&] {
-    auto slice_of = [&](int64_t s) { return padded_slice<scalar_t>(kl, s / H, s % H, H, L, D); };
-    run_backward<scalar_t>(B * H, slice_of, D, L, grad_out, q, k, v, out, lse, gq, gk, gv, scale);
+    auto slice_of = [&](int64_t s) { return padded_slice(kl, s / H, s % H, H, L, D); };
+    run_backward<scalar_t>(B * H, slice_of, D, L, grad_out, q, k, v, lse, gq, gk, gv, scale, dp);
   });
   return {gq, gk, gv};
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v,
-                                                        const at::Tensor& cu_seqlens,
-                                                        int64_t max_seqlen, double scale) {
-  TORCH_CHECK(q.dim() == 3 && cu_seqlens.scalar_type() == at::kInt,
-              "varlen_attention_fwd: q must be [T, H, D] and cu_seqlens int32");
-  check_contiguous({&q, &k, &v, &cu_seqlens}, "varlen_attention_fwd");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), n_seq = cu_seqlens.size(0) - 1;
+// Varlen checks that keep memory accesses in range (the op layer validates the rest): both
+// cu_seqlens int32 [B+1], non-decreasing from 0, ending within their tensors; with dropout the
+// lengths must fit max_seqlen_q / max_seqlen_k, which lay out the random offsets. Returns the
+// longest key sequence (the work buffers' size).
+int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
+                     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, bool dropout,
+                     const char* op) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(1) == k.size(1) && q.size(2) == k.size(2),
+              op, ": q must be [Tq, H, D] and k, v [Tk, H, D]");
+  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt &&
+                  cu_q.dim() == 1 && cu_q.sizes() == cu_k.sizes() && cu_q.numel() >= 1,
+              op, ": cu_seqlens_q and cu_seqlens_k must be int32 [B+1] of one size");
+  const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
+  const int64_t n_seq = cu_q.numel() - 1;
+  TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[n_seq] <= q.size(0) && ck[n_seq] <= k.size(0), op,
+              ": cu_seqlens must start at 0 and end within q / k");
+  int64_t longest_k = 0;
+  for (int64_t s = 0; s < n_seq; ++s) {
+    const int64_t nq = cq[s + 1] - cq[s], nk = ck[s + 1] - ck[s];
+    TORCH_CHECK(nq >= 0 && nk >= 0, op, ": cu_seqlens must be non-decreasing");
+    TORCH_CHECK(!dropout || (nq <= max_q && nk <= max_k), op,
+                ": with dropout, every length must fit max_seqlen_q / max_seqlen_k");
+    longest_k = std::max(longest_k, nk);
+  }
+  return longest_k;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    double dropout_p, int64_t seed, int64_t offset) {
+  check_contiguous({&q, &k, &v, &cu_seqlens_q, &cu_seqlens_k}, "varlen_attention_fwd");
+  check_dropout_p(dropout_p, "varlen_attention_fwd");
+  TORCH_CHECK(v.sizes() == k.sizes(), "varlen_attention_fwd: v must have k's shape");
+  const int64_t max_keys = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, dropout_p > 0, "varlen_attention_fwd");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), n_seq = cu_seqlens_q.size(0) - 1;
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({H, T}, q.options().dtype(stat_dtype(q.scalar_type())));
-  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  const int32_t *cq = cu_seqlens_q.data_ptr<int32_t>(), *ck = cu_seqlens_k.data_ptr<int32_t>();
   std::vector<int64_t> rows(n_seq * H);
-  for (int64_t s = 0; s < n_seq * H; ++s) rows[s] = cu[s / H + 1] - cu[s / H];
-  max_seqlen = 0;  // sized from cu_seqlens itself, whatever the caller passed
-  for (int64_t n : rows) max_seqlen = std::max(max_seqlen, n);
+  for (int64_t s = 0; s < n_seq * H; ++s) rows[s] = cq[s / H + 1] - cq[s / H];
+  const Dropout dp(dropout_p, seed, offset, max_seqlen_q, max_seqlen_k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_fwd", [&] {
-    auto slice_of = [&](int64_t s) { return varlen_slice<scalar_t>(cu, s / H, s % H, H, T, D); };
-    run_forward<scalar_t>(n_seq * H, rows, slice_of, D, max_seqlen, q, k, v, out, lse, scale);
+    auto slice_of = [&](int64_t s) { return varlen_slice(cq, ck, s / H, s % H, H, T, D); };
+    run_forward<scalar_t>(n_seq * H, rows, slice_of, D, max_keys, q, k, v, out, lse, scale, dp);
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
-    int64_t max_seqlen, double scale) {
-  check_contiguous({&grad_out, &q, &k, &v, &out, &lse, &cu_seqlens}, "varlen_attention_bwd");
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    double dropout_p, int64_t seed, int64_t offset) {
+  check_contiguous({&grad_out, &q, &k, &v, &out, &lse, &cu_seqlens_q, &cu_seqlens_k},
+                   "varlen_attention_bwd");
+  check_dropout_p(dropout_p, "varlen_attention_bwd");
   TORCH_CHECK(lse.scalar_type() == stat_dtype(q.scalar_type()), "varlen_attention_bwd: lse dtype");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), n_seq = cu_seqlens.size(0) - 1;
+  const int64_t max_keys = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, dropout_p > 0, "varlen_attention_bwd");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), n_seq = cu_seqlens_q.size(0) - 1;
   at::Tensor gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
-  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
-  max_seqlen = 0;  // sized from cu_seqlens itself, whatever the caller passed
-  for (int64_t s = 0; s < n_seq; ++s) max_seqlen = std::max<int64_t>(max_seqlen, cu[s + 1] - cu[s]);
+  const int32_t *cq = cu_seqlens_q.data_ptr<int32_t>(), *ck = cu_seqlens_k.data_ptr<int32_t>();
+  const Dropout dp(dropout_p, seed, offset, max_seqlen_q, max_seqlen_k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_bwd", [&] {
-    auto slice_of = [&](int64_t s) { return varlen_slice<scalar_t>(cu, s / H, s % H, H, T, D); };
-    run_backward<scalar_t>(n_seq * H, slice_of, D, max_seqlen, grad_out, q, k, v, out, lse, gq,
-                           gk, gv, scale);
+    auto slice_of = [&](int64_t s) { return varlen_slice(cq, ck, s / H, s % H, H, T, D); };
+    run_backward<scalar_t>(n_seq * H, slice_of, D, max_keys, grad_out, q, k, v, lse, gq, gk, gv,
+                           scale, dp);
   });
   return {gq, gk, gv};
 }

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..dropout import draw_seed_offset
 from .build import build
 
 
@@ -78,22 +79,24 @@ def _(grad_out, x, w1, w2, pre, approximate):
 
 
 @torch.library.register_fake("albert_kernels::attention_fwd")
-def _(q, k, v, key_padding_mask, scale):
+def _(q, k, v, key_padding_mask, scale, dropout_p, seed, offset):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_stat_dtype(q))
 
 
 @torch.library.register_fake("albert_kernels::attention_bwd")
-def _(grad_out, q, k, v, out, lse, key_padding_mask, scale):
+def _(grad_out, q, k, v, out, lse, key_padding_mask, scale, dropout_p, seed, offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("albert_kernels::varlen_attention_fwd")
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed,
+      offset):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
 
 
 @torch.library.register_fake("albert_kernels::varlen_attention_bwd")
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      dropout_p, seed, offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -135,29 +138,28 @@ def _bwd_gelu_ffn(ctx, grad_out, _grad_pre):
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, key_padding_mask, scale = inputs
-    ctx.scale = scale
+    q, k, v, key_padding_mask, *ctx.args = inputs  # scale, dropout_p, seed, offset
     ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
 
 
 def _bwd_attention(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    # the same (seed, offset) as forward: the kernel regenerates the forward's dropout mask
     gq, gk, gv = _ops.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding_mask,
-                                    ctx.scale)
-    return gq, gk, gv, None, None
+                                    *ctx.args)
+    return gq, gk, gv, None, None, None, None, None
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args = inputs  # max_q, max_k, scale, p, seed, off
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens_q, cu_seqlens_k)
 
 
 def _bwd_varlen(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    gq, gk, gv = _ops.varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens,
-                                           ctx.max_seqlen, ctx.scale)
-    return gq, gk, gv, None, None, None
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    gq, gk, gv = _ops.varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q,
+                                           cu_seqlens_k, *ctx.args)
+    return (gq, gk, gv) + (None,) * 8
 
 
 for _name, _setup, _bwd in [("add_layer_norm_fwd", _setup_add_ln, _bwd_add_ln),
@@ -200,21 +202,37 @@ def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     return out.reshape(*x.shape[:-1], w2.shape[0])
 
 
+def _seed_offset(device: torch.device, dropout_p: float, numel: int) -> tuple:
+    """(seed, offset) of one dropout call (backends/dropout.py); (0, 0), drawing nothing, at p=0."""
+    if dropout_p == 0:
+        return 0, 0
+    return draw_seed_offset(device, numel)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None."""
+              key_padding_mask: Optional[torch.Tensor], scale: float,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None;
+    dropout_p on the probabilities (mask of backends/dropout.py with max_q = max_k = L)."""
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
+    batch, heads, seqlen = q.shape[:3]
+    seed, offset = _seed_offset(q.device, dropout_p, batch * heads * seqlen * seqlen)
     out, _ = _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask,
-                                scale)
+                                scale, dropout_p, seed, offset)
     return out
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float) -> torch.Tensor:
-    """Packed q, k, v [T, H, D]; cu_seqlens int32 [B+1]."""
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Packed q [Tq, H, D], k, v [Tk, H, D]; cu_seqlens_q / cu_seqlens_k int32 [B+1]; dropout_p
+    on the probabilities (mask of backends/dropout.py with max_seqlen_q, max_seqlen_k)."""
+    n_seqs, heads = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    seed, offset = _seed_offset(q.device, dropout_p, n_seqs * heads * max_seqlen_q * max_seqlen_k)
     out, _ = _ops.varlen_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(),
-                                       cu_seqlens.contiguous(), max_seqlen, scale)
+                                       cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                                       max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, offset)
     return out
 
 

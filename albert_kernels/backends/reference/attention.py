@@ -2,6 +2,11 @@
 
 Scores, softmax and the weighted sum are computed in the inputs' dtype, exactly as a user of
 plain PyTorch would get them (the error budget's "base"); in float64 they are the "gold".
+
+Dropout (dropout_p > 0) is ``nn.Dropout`` on the softmax probabilities: an entry is dropped
+with probability p and kept entries are scaled by 1 / (1 - p). The mask is the one every backend
+draws (albert_kernels/backends/dropout.py): (seed, offset) from ``draw_seed_offset`` at forward
+time, then ``keep_mask``; autograd differentiates through the fixed mask.
 """
 from __future__ import annotations
 
@@ -9,38 +14,73 @@ from typing import Optional
 
 import torch
 
+from ..dropout import draw_seed_offset, keep_mask
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None."""
-    if key_padding_mask is None:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale          # [B, H, L, L]
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    keep = key_padding_mask[:, None, None, :]                          # [B, 1, 1, L]
-    # Padded key/value slots may hold anything (NaN, inf): select them away before any product,
-    # so neither the output nor a gradient of a real row ever multiplies them by 0.
-    slot = ~key_padding_mask[:, None, :, None]                         # [B, 1, L, 1]
-    k, v = k.masked_fill(slot, 0), v.masked_fill(slot, 0)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # A query whose keys are all padding has a row of -inf: softmax gives NaN; the contract is 0.
-    probs = torch.where(keep.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+
+def _drop_mask(q: torch.Tensor, dropout_p: float, n_seqs: int, max_q: int,
+               max_k: int) -> Optional[torch.Tensor]:
+    """The keep mask [n_seqs, H, max_q, max_k] of this call, or None at p == 0 (draws nothing)."""
+    if dropout_p == 0:
+        return None
+    heads = q.shape[1]
+    seed, offset = draw_seed_offset(q.device, n_seqs * heads * max_q * max_k)
+    return keep_mask(seed, offset, dropout_p, n_seqs, heads, max_q, max_k, q.device)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            key_keep: Optional[torch.Tensor], scale: float, keep: Optional[torch.Tensor],
+            dropout_p: float) -> torch.Tensor:
+    """q [N, H, Lq, D], k, v [N, H, Lk, D]; key_keep bool [N, Lk] (True = real key) or None;
+    keep: bool [N, H, Lq, Lk] dropout keep mask or None. Returns [N, H, Lq, D]."""
+    if key_keep is not None:
+        # Padded key/value slots may hold anything (NaN, inf): select them away before any
+        # product, so neither the output nor a gradient of a real row ever multiplies them by 0.
+        slot = ~key_keep[:, None, :, None]                              # [N, 1, Lk, 1]
+        k, v = k.masked_fill(slot, 0), v.masked_fill(slot, 0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale              # [N, H, Lq, Lk]
+    if key_keep is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        real = key_keep[:, None, None, :]                               # [N, 1, 1, Lk]
+        probs = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=-1)
+        # A query whose keys are all padding has a row of -inf: softmax gives NaN; the contract
+        # is 0.
+        probs = torch.where(real.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+    if keep is not None:
+        probs = probs.masked_fill(~keep, 0) * (1.0 / (1.0 - dropout_p))
     return torch.matmul(probs, v)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              key_padding_mask: Optional[torch.Tensor], scale: float,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None; dropout_p
+    in [0, 1) on the probabilities (mask with max_q = max_k = L). Returns [B, H, L, D]."""
+    batch, _, seqlen, _ = q.shape
+    keep = _drop_mask(q, dropout_p, batch, seqlen, seqlen)
+    return _attend(q, k, v, key_padding_mask, scale, keep, dropout_p)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
-    """Packed q, k, v [T, H, D]; sequence i holds tokens cu_seqlens[i]:cu_seqlens[i+1]."""
-    bounds = cu_seqlens.tolist()
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Packed q [Tq, H, D], k, v [Tk, H, D]: sequence b's queries q[cu_q[b]:cu_q[b+1]] attend to
+    keys k[cu_k[b]:cu_k[b+1]] only (FlashAttention's flash_attn_varlen_func). A sequence with
+    queries but no keys gives zero rows. Returns [Tq, H, D]."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    keep = _drop_mask(q, dropout_p, len(bounds_q) - 1, max_seqlen_q, max_seqlen_k)
+    grid = lambda t: t.transpose(0, 1).unsqueeze(0)                     # [n, H, D] -> [1, H, n, D]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+    for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1],
+                                             bounds_k[1:])):
+        if q1 == q0:
             continue
-        # [n, H, D] -> [1, H, n, D], attend within the sequence, back to [n, H, D]
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        outs.append(attention(qs, ks, vs, None, scale)[0].transpose(0, 1))
-    if not outs:  # no tokens: an empty attention keeps q, k, v in the autograd graph
-        grid = lambda t: t.transpose(0, 1).unsqueeze(0)
-        return attention(grid(q), grid(k), grid(v), None, scale)[0].transpose(0, 1)
+        # no keys: an empty softmax and an empty product give the zero rows, inside the graph
+        keep_b = None if keep is None else keep[b:b + 1, :, :q1 - q0, :k1 - k0]
+        out = _attend(grid(q[q0:q1]), grid(k[k0:k1]), grid(v[k0:k1]), None, scale, keep_b,
+                      dropout_p)
+        outs.append(out[0].transpose(0, 1))
+    if not outs:  # no query tokens: an empty attention keeps q, k, v in the autograd graph
+        out = _attend(grid(q), grid(k[:0]), grid(v[:0]), None, scale, None, dropout_p)
+        return out[0].transpose(0, 1)
     return torch.cat(outs, dim=0)
