@@ -6,7 +6,7 @@ import albert_kernels as ak
 
 transformers = pytest.importorskip("transformers")
 
-# (name, transformers config kwargs): small stand-ins for the configs VERIFY.md names.
+# (name, transformers config kwargs): small stand-ins for the configs docs/correctness.md names.
 CONFIGS = {
     "base_shaped": dict(embedding_size=128, hidden_size=768, num_attention_heads=12,
                         intermediate_size=3072, num_hidden_layers=2),
@@ -42,10 +42,10 @@ def _batch(batch=4, seqlen=13, seed=0):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_transformers(name, impl):
+def test_matches_transformers(name, impl, cpu_backend):
     torch.manual_seed(0)
     hf = transformers.AlbertModel(_hf_config(impl, **CONFIGS[name])).eval()
-    ours = ak.AlbertModel.from_hf(hf).eval()
+    ours = ak.AlbertModel.from_hf(hf, backend=cpu_backend).eval()
     ids, types, mask = _batch()
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, token_type_ids=types)
@@ -59,21 +59,21 @@ def test_matches_transformers(name, impl):
     assert pooled <= 1e-4
 
 
-def test_no_mask_matches_transformers():
+def test_no_mask_matches_transformers(cpu_backend):
     torch.manual_seed(1)
     hf = transformers.AlbertModel(_hf_config("sdpa", **CONFIGS["groups2"])).eval()
-    ours = ak.AlbertModel.from_hf(hf).eval()
+    ours = ak.AlbertModel.from_hf(hf, backend=cpu_backend).eval()
     ids, _, _ = _batch()
     with torch.no_grad():
         diff = (ours(ids).last_hidden_state - hf(ids).last_hidden_state).abs().max().item()
     assert diff <= 1e-4
 
 
-def test_padded_and_unpadded_paths_agree():
+def test_padded_and_unpadded_paths_agree(cpu_backend):
     torch.manual_seed(2)
     cfg = ak.AlbertConfig(vocab_size=VOCAB, **CONFIGS["groups2"])
-    packed = ak.AlbertModel(cfg).eval()
-    padded = ak.AlbertModel(cfg, unpad=False).eval()
+    packed = ak.AlbertModel(cfg, backend=cpu_backend).eval()
+    padded = ak.AlbertModel(cfg, backend=cpu_backend, unpad=False).eval()
     padded.load_state_dict(packed.state_dict())
     ids, types, mask = _batch()
     with torch.no_grad():
@@ -83,11 +83,11 @@ def test_padded_and_unpadded_paths_agree():
     assert (a.pooler_output - b.pooler_output).abs().max().item() <= 1e-5
 
 
-def test_pretraining_loss_and_grads_match_transformers():
+def test_pretraining_loss_and_grads_match_transformers(cpu_backend):
     torch.manual_seed(3)
     hf = transformers.AlbertForPreTraining(
         _hf_config("eager", classifier_dropout_prob=0.0, **CONFIGS["groups2"])).train()
-    ours = ak.AlbertForPreTraining.from_hf(hf).train()
+    ours = ak.AlbertForPreTraining.from_hf(hf, backend=cpu_backend).train()
     ids, types, mask = _batch()
     # Right padding only: the pooler reads position 0, a padded (zero) row under left padding.
     mask[1] = 1
@@ -110,11 +110,11 @@ def test_pretraining_loss_and_grads_match_transformers():
         assert diff <= 1e-5 + 1e-4 * g_ref.abs().max().item(), f"grad of {name}: {diff:.2e}"
 
 
-def test_sequence_classification_matches_transformers():
+def test_sequence_classification_matches_transformers(cpu_backend):
     torch.manual_seed(4)
     hf = transformers.AlbertForSequenceClassification(
         _hf_config("sdpa", num_labels=3, **CONFIGS["inner2"])).eval()
-    ours = ak.AlbertForSequenceClassification.from_hf(hf).eval()
+    ours = ak.AlbertForSequenceClassification.from_hf(hf, backend=cpu_backend).eval()
     assert ours.num_labels == 3
     ids, types, _ = _batch()
     labels = torch.tensor([0, 2, 1, 1])
