@@ -48,18 +48,26 @@ def test_multi_block_case_under_interpreter(case, dtype):
 # drew is replayed from the same generator state with backends/dropout.py (draw_seed_offset +
 # keep_mask), and an independent PyTorch attention computes with it: in float64 (gold) and in
 # the candidate's dtype (base), for the error budget. Shapes span several key and query blocks.
+# These run on a GPU too (the candidate on CUDA, the mask replayed from the CUDA generator).
 
 from albert_kernels.backends import dropout  # noqa: E402
 from albert_kernels.tools.budget import check_budget  # noqa: E402
 
 FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rng_state():
+    return torch.cuda.get_rng_state() if DEVICE == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state):
+    (torch.cuda.set_rng_state if DEVICE == "cuda" else torch.set_rng_state)(state)
 
 
 @pytest.fixture(scope="module")
 def triton_attention():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU test_ops.py runs the attention cases")
-    reason = unavailable_reason("triton", "cpu")
+    reason = unavailable_reason("triton", DEVICE)
     if reason is not None:
         pytest.skip(reason)
     import importlib
@@ -93,18 +101,19 @@ def _ref_padded(q, k, v, mask, scale, keep, p):
     return torch.stack(rows)
 
 
-def _leaves(*tensors, dtype):
-    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+def _leaves(*tensors, dtype, device="cpu"):
+    return [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in tensors]
 
 
 def _check_fwd_bwd(run, ref, inputs, dtype, grad_out, what):
-    """run(*leaves) with the candidate, ref(*leaves) in float64 (gold) and in dtype (base)."""
-    cand = _leaves(*inputs, dtype=dtype)
+    """run(*leaves) with the candidate on DEVICE, ref(*leaves) on the CPU in float64 (gold) and in
+    dtype (base)."""
+    cand = _leaves(*inputs, dtype=dtype, device=DEVICE)
     gold = _leaves(*inputs, dtype=torch.float64)
     base = _leaves(*inputs, dtype=dtype)
     outs = [run(*cand), ref(*gold), ref(*base)]
     for o in outs:
-        o.backward(grad_out.to(o.dtype))
+        o.backward(grad_out.to(device=o.device, dtype=o.dtype))
     result = check_budget(outs[0], outs[2], outs[1], dtype)
     assert result.ok, f"{what} forward {dtype}: {result}"
     grad_scale = max(float(g.grad.abs().max()) for g in gold)
@@ -115,9 +124,9 @@ def _check_fwd_bwd(run, ref, inputs, dtype, grad_out, what):
 
 
 def _replay_keep(state, p, *grid):
-    """The keep mask the call made right after torch.set_rng_state(state) drew (CPU generator)."""
-    torch.set_rng_state(state)
-    seed, offset = dropout.draw_seed_offset(torch.device("cpu"), math.prod(grid))
+    """The keep mask (on the CPU) of the call made right after _set_rng_state(state)."""
+    _set_rng_state(state)
+    seed, offset = dropout.draw_seed_offset(torch.device(DEVICE), math.prod(grid))
     return dropout.keep_mask(seed, offset, p, *grid)
 
 
@@ -128,14 +137,14 @@ def test_attention_dropout_padded_matches_reference_given_its_mask(triton_attent
     q, k, v = (torch.randn(b, h, l, d, generator=gen) for _ in range(3))
     grad_out = torch.randn(b, h, l, d, generator=gen)
     mask = torch.arange(l)[None, :] < torch.tensor([[l], [23]])
-    run = lambda q, k, v: triton_attention.attention(q, k, v, mask, d ** -0.5, p)
-    state = torch.get_rng_state()
+    run = lambda q, k, v: triton_attention.attention(q, k, v, mask.to(DEVICE), d ** -0.5, p)
+    state = _rng_state()
     keep = _replay_keep(state, p, b, h, l, l)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03  # the keep rate
-    torch.set_rng_state(state)  # the call draws the replayed (seed, offset)
+    _set_rng_state(state)  # the call draws the replayed (seed, offset)
     out, cand = _check_fwd_bwd(run, lambda q, k, v: _ref_padded(q, k, v, mask, d ** -0.5, keep, p),
                                (q, k, v), FLOATS[dtype], grad_out, "padded")
-    torch.set_rng_state(state)
+    _set_rng_state(state)
     with torch.no_grad():
         assert torch.equal(run(*cand), out), "same generator state, different dropout"
         assert not torch.equal(run(*cand), out), "successive calls drew the same dropout"
@@ -157,12 +166,12 @@ def test_varlen_separate_query_and_key_sequences(triton_attention, dtype, p):
     k, v = (torch.randn(sum(lk) + 3, h, d, generator=gen) for _ in range(2))
     k[sum(lk):], v[sum(lk):] = float("nan"), float("inf")  # belongs to no sequence
     grad_out = torch.randn(sum(lq), h, d, generator=gen)
-    cu_q_t, cu_k_t = (torch.tensor(c, dtype=torch.int32) for c in (cu_q, cu_k))
+    cu_q_t, cu_k_t = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cu_q, cu_k))
     run = lambda q, k, v: triton_attention.varlen_attention(q, k, v, cu_q_t, cu_k_t, max_q, max_k,
                                                              d ** -0.5, p)
-    state = torch.get_rng_state()
+    state = _rng_state()
     keep = _replay_keep(state, p, len(lq), h, max_q, max_k) if p > 0 else None
-    torch.set_rng_state(state)
+    _set_rng_state(state)
     real = sum(lk)  # the reference sees only the keys that belong to a sequence
     ref = lambda q, k, v: _ref_varlen(q, k[:real], v[:real], cu_q, cu_k, d ** -0.5, keep, p)
     out, cand = _check_fwd_bwd(run, ref, (q, k, v), FLOATS[dtype], grad_out, f"varlen p={p}")
@@ -181,7 +190,7 @@ def test_attention_nonfinite_padded_key_and_value_slots(triton_attention, dtype)
     grad_out = torch.randn(b, h, l, d, generator=gen)
     mask = torch.arange(l)[None, :] < torch.tensor([[33], [7]])
     pad = ~mask[:, None, :, None].expand(b, h, l, d)
-    run = lambda q, k, v: triton_attention.attention(q, k, v, mask, d ** -0.5, 0.0)
+    run = lambda q, k, v: triton_attention.attention(q, k, v, mask.to(DEVICE), d ** -0.5, 0.0)
     ref = lambda q, k, v: _ref_padded(q, k, v, mask, d ** -0.5, None, 0.0)
     results = []
     for k_pad, v_pad in ((float("nan"), float("-inf")), (0.0, 0.0)):
@@ -189,7 +198,7 @@ def test_attention_nonfinite_padded_key_and_value_slots(triton_attention, dtype)
         out, cand = _check_fwd_bwd(run, ref, (q, kk, vv), FLOATS[dtype], grad_out, "nan slots")
         results.append([out, cand[0].grad] + [c.grad.masked_fill(pad, 0) for c in cand[1:]])
     for bad, clean in zip(*results):
-        assert torch.equal(bad, clean)
+        assert torch.equal(bad.cpu(), clean.cpu())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -204,11 +213,11 @@ def test_attention_huge_scores_stay_finite(triton_attention, dtype):
     q, k, v = (torch.randn(b, h, l, d, generator=gen) for _ in range(3))
     q, k = q * big / d ** 0.25, k * big / d ** 0.25
     mask = torch.arange(l)[None, :] < torch.tensor([[33], [7]])
-    cand, gold, base = (_leaves(q, k, v, dtype=t) for t in (FLOATS[dtype], torch.float64,
-                                                             FLOATS[dtype]))
-    out = triton_attention.attention(*cand, mask, d ** -0.5, 0.0)
+    cand = _leaves(q, k, v, dtype=FLOATS[dtype], device=DEVICE)
+    gold, base = (_leaves(q, k, v, dtype=t) for t in (torch.float64, FLOATS[dtype]))
+    out = triton_attention.attention(*cand, mask.to(DEVICE), d ** -0.5, 0.0)
     refs = [_ref_padded(*x, mask, d ** -0.5, None, 0.0) for x in (gold, base)]
     result = check_budget(out, refs[1], refs[0], FLOATS[dtype])
     assert result.ok, f"huge scores forward {dtype}: {result}"
-    out.backward(torch.randn(b, h, l, d, generator=gen).to(out.dtype))
+    out.backward(torch.randn(b, h, l, d, generator=gen).to(device=DEVICE, dtype=out.dtype))
     assert all(torch.isfinite(c.grad).all() for c in cand)
