@@ -1,4 +1,4 @@
-"""CPU op benchmarks of the "cpp" backend against in-process baselines (PERF.md conventions).
+"""CPU op benchmarks of the "cpp" backend against in-process baselines (docs/performance.md).
 
     python benchmarks/bench_cpu_ops.py [--repeats 30] [--dtype float32] [--threads N]
 

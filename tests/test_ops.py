@@ -1,5 +1,5 @@
 """Every non-reference backend, every op, forward and backward, held to the error budget against
-the reference (VERIFY.md). Backends that cannot run here are skipped with their reason."""
+the reference (docs/correctness.md). Backends that cannot run here are skipped with their reason."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """The reference backend against independent float64 formulas written out here, and the error
-budget helper (VERIFY.md) against results whose verdict is known.
+budget helper (docs/correctness.md) against results whose verdict is known.
 
 The formulas below deliberately avoid the PyTorch functions the reference uses (softmax, matmul,
 F.layer_norm, F.gelu, F.linear, index_select/index_put): they are the textbook definitions,

@@ -1,4 +1,4 @@
-"""Bad input (API.md): every op raises ValueError or TypeError naming the argument, before any
+"""Bad input (docs/api.md): every op raises ValueError or TypeError naming the argument, before any
 backend runs; unknown or unwilling backends raise BackendUnavailable / TypeError / ValueError.
 
 Device mismatches are tested with 'meta' tensors (no GPU needed): a meta tensor is on another

@@ -1,10 +1,10 @@
-"""`albert-kernels bench`: op and model benchmarks against the baselines of PERF.md.
+"""`albert-kernels bench`: op and model benchmarks against the baselines of docs/performance.md.
 
 Every figure is reported beside baselines measured in the same process and run, as a ratio:
 median time over repeats after warm-up (CUDA events on GPU), with the spread (min-max); and peak
-memory (PERF.md "Memory"): on GPU `torch.cuda.max_memory_allocated()` over the timed calls, on CPU
-(model workloads, `--memory`) the peak resident set of a fresh process that builds that workload
-alone and calls it twice (tools/memory.py).
+memory (docs/performance.md): on GPU `torch.cuda.max_memory_allocated()` over the timed
+calls, on CPU (model workloads, `--memory`) the peak resident set of a fresh process that builds
+that workload alone and calls it twice (tools/memory.py).
 
 `--json FILE` writes {"machine", "date", "config", "results"}; each result row has:
   group, name, unit          what is measured, who does it, the throughput unit
@@ -24,7 +24,8 @@ alone and calls it twice (tools/memory.py).
                              and builds the same inputs, but no workload, and runs nothing; the
                              workload's own memory is peak_mem_mb - base_mem_mb. null on GPU
   mem_vs_baseline            peak_mem_mb / the group baseline's peak_mem_mb (transformers sdpa for
-                             the model rows: PERF.md's target is ours (cpp) <= 0.75 in training)
+                             the model rows: the target, docs/performance.md, is <= 0.75 for
+                             ours (cpp) in training)
   own_mem_vs_baseline        (peak_mem_mb - base_mem_mb) / the same for the group's baseline
 """
 from __future__ import annotations

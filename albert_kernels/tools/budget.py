@@ -1,5 +1,5 @@
-"""The error budget of VERIFY.md, in one place: tests, ``albert-kernels verify`` and the model
-comparisons all use it.
+"""The error budget of docs/correctness.md, in one place: tests, ``albert-kernels verify`` and
+the model comparisons all use it.
 
     gold   = reference computed in float64 on the same (upcast) inputs
     base   = reference computed in the candidate's dtype

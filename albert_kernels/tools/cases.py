@@ -1,4 +1,4 @@
-"""The op cases every backend is held to (VERIFY.md): shapes, dtypes, masks and layouts.
+"""The op cases every backend is held to (docs/correctness.md): shapes, dtypes, masks and layouts.
 
 Shared by the test suite and ``albert-kernels verify`` so that both check the same things.
 A case builds its inputs for a (dtype, device); ``run_case`` compares a backend with the

@@ -1,4 +1,4 @@
-"""Peak memory of a benchmark workload on CPU (PERF.md "Memory"), measured in fresh processes.
+"""Peak memory of a benchmark workload on CPU (docs/performance.md), measured in fresh processes.
 
 `workload_peak_mib(w)` starts `python -m albert_kernels.tools.memory`, which builds `w` alone from
 `w.rebuild` (tools/workloads.py: `Rebuild`), calls it a few times and reports the peak resident

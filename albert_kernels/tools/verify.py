@@ -1,5 +1,5 @@
 """`albert-kernels verify`: every op (forward and backward) x backend x dtype, and the model,
-against the reference under the error budget (VERIFY.md). Exit status 1 on any failure."""
+against the reference under the error budget (docs/correctness.md). Exit status 1 on any failure."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""Benchmark workloads (PERF.md), shared by `albert-kernels bench` and the pytest-benchmark suites.
+"""Benchmark workloads (docs/performance.md), shared by `albert-kernels bench` and the
+pytest-benchmark suites.
 
 A workload is a callable plus how much work one call does (bytes, FLOPs or real tokens), so that
 time turns into throughput; workloads of one group are compared with the group's baseline.

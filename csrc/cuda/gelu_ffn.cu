@@ -35,7 +35,8 @@
 // Why fp32 and "none" are not fused: cuBLASLt's GELU epilogue is the tanh approximation (PyTorch's
 // own test of _addmm_activation, test_linalg._test_addmm_addmv, compares it with
 // F.gelu(approximate="tanh")), so it cannot produce the erf GELU; and its fp32 accuracy is not
-// documented while the fp32 error budget (VERIFY.md) is a few ulps, so fp32 uses our own GELU.
+// documented while the fp32 error budget (docs/correctness.md) is a few ulps, so fp32 uses our
+// own GELU.
 //
 // Elementwise kernels (memory-bound; VEC = 16-byte vectors when N and every pointer allow, else
 // scalars):

@@ -3,7 +3,7 @@
 ``mma`` is the one place that calls ``tl.dot``. On a GPU it is a plain ``tl.dot`` with fp32
 accumulation: fp16/bf16 operands run on tensor cores (mma.sync on sm_80, wgmma on sm_90), fp32
 operands use ``input_precision="ieee"`` (true fp32 FMA, no TF32: TF32's 10-bit mantissa would not
-hold fp32 results to the error budget of VERIFY.md).
+hold fp32 results to the error budget of docs/correctness.md).
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU verification) ``tl.dot`` is wrong for
 bfloat16: the interpreter stores bf16 as uint16 bit patterns and its ``create_dot`` multiplies
