@@ -1,0 +1,55 @@
+"""torch.autocast for albert_kernels' kernels: the one policy, applied by ``dispatch.Kernels``.
+
+Autocast only rewrites the ATen ops it knows; our kernels (C++ custom ops, Triton and CUDA
+launches, the reference's Python) would otherwise receive whatever mix of float32 parameters and
+low-precision activations the surrounding autocast produced, and fail ("expected scalar type
+BFloat16 but found Float"). Under an enabled autocast for the tensors' device type, each kernel
+casts its floating inputs as autocast's own op lists treat the ops it fuses, and then runs with
+autocast off (so nothing inside is cast twice):
+
+- ``attention``, ``varlen_attention``, ``linear_gelu``, ``gelu_ffn``: matrix products, autocast's
+  "lower precision" list (``matmul``, ``linear``): every floating input to the autocast dtype
+  (``torch.get_autocast_dtype``: bfloat16 or float16). Softmax statistics inside the attention
+  kernels are float32 in every backend, as autocast runs ``softmax`` in float32.
+- ``add_layer_norm``: autocast's float32 list (``layer_norm``): inputs to float32, output float32,
+  as ``F.layer_norm`` gives under autocast.
+
+float64 tensors are never cast (autocast leaves them alone too). Outside autocast nothing is
+cast: mixed dtypes are then the caller's error, as for any op. The casts are differentiable, so
+gradients reach float32 parameters as float32, as with autocast's own casts.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LOW_PRECISION_OPS = frozenset({"attention", "varlen_attention", "linear_gelu", "gelu_ffn"})
+FLOAT32_OPS = frozenset({"add_layer_norm"})
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether an autocast region is active for `t`'s device type."""
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def _cast(x, dtype: torch.dtype):
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64 \
+            and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
+def run(op: str, fn: Callable, *args):
+    """Call kernel `fn` (op name `op`) on `args` under the policy above; autocast must be enabled
+    for the device type of ``args[0]``."""
+    device_type = args[0].device.type
+    if op in LOW_PRECISION_OPS:
+        dtype = torch.get_autocast_dtype(device_type)
+    elif op in FLOAT32_OPS:
+        dtype = torch.float32
+    else:
+        raise KeyError(f"no autocast policy for op {op!r}")
+    args = tuple(_cast(a, dtype) for a in args)
+    with torch.autocast(device_type, enabled=False):
+        return fn(*args)
