@@ -13,6 +13,7 @@ compiler; such a wheel carries the sources too. See docs/build.md.
 """
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -45,6 +46,8 @@ class build_py_with_csrc(build_py):
 
 ext_modules, cmdclass = [], {"build_py": build_py_with_csrc}
 if os.environ.get("ALBERT_KERNELS_BUILD_EXT") == "1":
+    # this tree's build.py (and so its csrc/), not that of an albert_kernels installed elsewhere
+    sys.path.insert(0, str(CSRC.parent))
     from albert_kernels.backends.extension.build import setuptools_extension  # noqa: E402
     from torch.utils.cpp_extension import BuildExtension
 
