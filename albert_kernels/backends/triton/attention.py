@@ -49,11 +49,11 @@ from .common import ceil_div
 # that no config spills registers on sm_80 or sm_90 (checked by aot.py / test_triton_compile.py).
 # fp32 runs its dots on FMA units, whose operand layouts take many more registers: small tiles.
 
-def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool = False) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    if head_dim <= 32:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+    if head_dim <= 32:  # dropout's Philox on 64 scores per thread: 255 registers + spills (sm_80)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if dropout else 4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8, num_stages=2)
 
 
@@ -175,7 +175,7 @@ def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout]):
     head_dim = q.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(layout.lse_shape, dtype=torch.float32, device=q.device)
-    cfg = fwd_config(head_dim, q.dtype)
+    cfg = fwd_config(head_dim, q.dtype, drop is not None)
     rng = drop.rng if drop is not None else layout.seq_info  # any pointer: not read
     _attn_fwd_kernel[layout.grid(cfg["BLOCK_M"])](
         q, k, v, out, lse, layout.seq_info, layout.key_mask, rng, scale * LOG2E,
