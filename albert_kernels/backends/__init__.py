@@ -1,5 +1,7 @@
-"""Kernel backends. Each one registers here, in one place; the op layer dispatches by name."""
-from .registry import (BackendSpec, available_backends, backend_names, best_backend, get_backend,
+"""Kernel backends. Each one is registered here, in one place (the registry itself is
+``registry.py``); the ops, the models and ``patch_hf`` get one through ``dispatch.resolve``."""
+from .dispatch import Kernels, resolve
+from .registry import (BackendSpec, available_backends, backend_names, best_backend,
                        register_backend, unavailable_reason)
 
 
@@ -53,5 +55,5 @@ register_backend(BackendSpec(
     name="reference", module="albert_kernels.backends.reference", probe=_always,
     priority={"cpu": 1, "cuda": 1}))
 
-__all__ = ["BackendSpec", "available_backends", "backend_names", "best_backend", "get_backend",
-           "register_backend", "unavailable_reason"]
+__all__ = ["BackendSpec", "Kernels", "available_backends", "backend_names", "best_backend",
+           "register_backend", "resolve", "unavailable_reason"]

@@ -1,10 +1,13 @@
-"""The one registration point for kernel backends.
+"""The registry of kernel backends: what a backend is, and how it is found and loaded.
 
-A backend is a module that defines the five ops with these signatures (inputs are already
-validated by the op layer, so backends never check user input again):
+The backends themselves are registered in ``backends/__init__.py``; callers get one through
+``backends/dispatch.py`` ``resolve``, the only caller of :func:`lookup`. A backend is a module
+that defines the five ops with these signatures (inputs are already validated by the op layer or
+the model, so backends never check user input again):
 
-    attention(q, k, v, key_padding_mask, scale)          q, k, v [B, H, L, D]
-    varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)   q, k, v [T, H, D]
+    attention(q, k, v, key_padding_mask, scale, dropout_p)          q, k, v [B, H, L, D]
+    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     dropout_p)                                     q [Tq, H, D]; k, v [Tk, H, D]
     add_layer_norm(x, residual, weight, bias, eps)
     linear_gelu(x, weight, bias, approximate)
     gelu_ffn(x, w1, b1, w2, b2, approximate)
@@ -104,19 +107,20 @@ def best_backend(device_type: str) -> str:
     return names[0]
 
 
-def get_backend(name: Optional[str], device_type: str) -> ModuleType:
-    """The backend module for `name` (or the best one when None) on `device_type`."""
+def lookup(name: Optional[str], device_type: str) -> tuple[str, ModuleType]:
+    """(name, loaded module) of backend `name` (or the best one when None) on `device_type`.
+    Only ``dispatch.resolve`` calls this; it adds the dtype and head-dim checks."""
     if name is None:
         name = best_backend(device_type)
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
     spec = _BACKENDS.get(name)
     if spec is not None and spec._loaded is not None and spec.probe(device_type) is None:
-        return spec._loaded  # the common case, once loaded: no import machinery per call
+        return name, spec._loaded  # the common case, once loaded: no import machinery per call
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} on {device_type}: {reason}")
-    return _BACKENDS[name].load()
+    return name, _BACKENDS[name].load()
 
 
 def _device_type(device) -> str:

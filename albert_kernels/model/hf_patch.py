@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from ..backends import get_backend
 from .config import AlbertConfig
-from .layers import AlbertTransformer, pack_tokens
+from .layers import (AlbertTransformer, ResolvesKernels, key_mask_from_attention_mask,
+                     pack_tokens)
 
 
 def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -29,41 +29,22 @@ def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         setattr(dst.get_submodule(owner), attr, param)
 
 
-def key_padding_mask_from_hf(mask, batch: int, seqlen: int) -> Optional[torch.Tensor]:
-    """The bool [B, L] key padding mask (True = real) behind a mask transformers passes down:
-    None, a 2D 0/1 mask, or a 4D [B, 1, Lq, L] bool (True = attend) or additive float mask."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"patch_hf supports padding masks only, got a {type(mask).__name__} "
-                         "(use attn_implementation 'eager' or 'sdpa')")
-    additive = False
-    if mask.dim() == 4:
-        if mask.shape[1] != 1 or mask.shape[-1] != seqlen:
-            raise ValueError(f"patch_hf expects a [B, 1, Lq, L] padding mask, got {list(mask.shape)}")
-        mask = mask[:, 0, 0, :]  # a padding mask masks keys: every query row is the same
-        additive = mask.is_floating_point()  # transformers' 4D float masks: 0 = attend, -big = not
-    if tuple(mask.shape) != (batch, seqlen):
-        raise ValueError(f"attention_mask must be [B, L] = [{batch}, {seqlen}], got {list(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    return mask == 0 if additive else mask != 0
-
-
-class PatchedAlbertTransformer(AlbertTransformer):
-    """Stands in for transformers' AlbertTransformer: same parameters, our kernels, no padding."""
+class PatchedAlbertTransformer(ResolvesKernels, AlbertTransformer):
+    """Stands in for transformers' AlbertTransformer: same parameters, our kernels, no padding.
+    The backend is resolved here and when the model is moved (see ``layers.ResolvesKernels``)."""
 
     def __init__(self, hf_encoder: torch.nn.Module, config: AlbertConfig, backend: Optional[str]):
+        from transformers.modeling_outputs import BaseModelOutput
         with torch.device("meta"):  # no memory for weights that are replaced at once
             super().__init__(config)
         share_parameters(self, hf_encoder)
-        self.backend = backend
         self.hf_config = hf_encoder.config
+        self._output_type = BaseModelOutput  # imported here: forward imports nothing
+        self._use_backend(backend)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, head_mask=None,
                 output_attentions: bool = False, output_hidden_states: bool = False,
                 return_dict: bool = True, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutput
         cfg = self.hf_config
         if output_attentions or getattr(cfg, "output_attentions", False):
             raise ValueError("output_attentions=True is not supported by albert_kernels' fused "
@@ -73,12 +54,13 @@ class PatchedAlbertTransformer(AlbertTransformer):
         if head_mask is not None and any(m is not None for m in head_mask):
             raise ValueError("head_mask is not supported by albert_kernels")
         batch, seqlen, _ = hidden_states.shape
-        key_mask = key_padding_mask_from_hf(attention_mask, batch, seqlen)
-        be = get_backend(self.backend, hidden_states.device.type)
+        kernels = self.kernels
+        key_mask = key_mask_from_attention_mask(attention_mask, batch, seqlen)
         # Under torch.compile: the padded grid, static shapes for one graph.
-        tokens, plan, unpack = pack_tokens(hidden_states, key_mask, torch.compiler.is_compiling())
-        out = unpack(super().forward(tokens, plan, be))
-        return BaseModelOutput(last_hidden_state=out) if return_dict else (out,)
+        tokens, plan, unpack = pack_tokens(hidden_states, key_mask, torch.compiler.is_compiling(),
+                                           kernels)
+        out = unpack(super().forward(tokens, plan))
+        return self._output_type(last_hidden_state=out) if return_dict else (out,)
 
 
 def patch_hf(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.Module:
@@ -87,15 +69,18 @@ def patch_hf(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.
     Works for every transformers ALBERT class (AlbertModel, ...ForPreTraining, ...ForMaskedLM,
     ...ForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering,
     ...ForMultipleChoice). Calling it again on a patched model switches the backend. Returns model.
+    The backend is resolved now, for the parameters' device and dtype and the model's head dim,
+    as ``AlbertModel`` resolves it: BackendUnavailable for an unknown name, TypeError / ValueError
+    for a dtype or head dim it does not support; one that cannot run on the parameters' device
+    (``backend="cuda"`` before ``.cuda()``) raises BackendUnavailable at the first forward.
     """
     from transformers.models.albert import modeling_albert as hf
     if not isinstance(model, hf.AlbertPreTrainedModel):
         raise TypeError(f"patch_hf expects a transformers ALBERT model, got {type(model).__name__}")
-    get_backend(backend, next(model.parameters()).device.type)  # fail now if it can't run
     config = AlbertConfig.from_hf(model.config)
     for name, module in list(model.named_modules()):
         if isinstance(module, PatchedAlbertTransformer):
-            module.backend = backend
+            module._use_backend(backend)
         elif isinstance(module, hf.AlbertTransformer):
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr,

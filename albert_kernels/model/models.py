@@ -1,9 +1,11 @@
 """The ALBERT models on the op layer: AlbertModel, AlbertForPreTraining,
 AlbertForSequenceClassification. Semantics follow transformers' ``modeling_albert.py``.
 
-The fast path, in AlbertModel.forward: padding is removed once (the embeddings are computed for
-real tokens only), every layer runs on the packed tokens with ``varlen_attention``, and the
-output is padded once at the end, with zero rows at padded positions.
+The fast path, in AlbertModel.forward: the inputs are validated once, padding is removed once
+(the embeddings are computed for real tokens only), every layer runs on the packed tokens with
+the backend's ``varlen_attention``, and the output is padded once at the end, with zero rows at
+padded positions. The backend is resolved when a model is built, moved or switched
+(``layers.ResolvesKernels``), never in ``forward``.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import get_backend
-from ..ops.validate import check_backend_support
+from ..backends.dispatch import Kernels
 from .config import AlbertConfig
-from .layers import AlbertEmbeddings, AlbertTransformer, pack_tokens
+from .layers import (AlbertEmbeddings, AlbertTransformer, ResolvesKernels,
+                     key_mask_from_attention_mask, pack_tokens)
 from .weights import WeightsMixin
 
 
@@ -50,8 +52,15 @@ class SequenceClassifierOutput(_Output):
     logits: torch.Tensor
 
 
-class AlbertPreTrainedModel(WeightsMixin, nn.Module):
-    """Shared by the ALBERT models: the config, the kernel backend, weight init and loading."""
+class AlbertPreTrainedModel(WeightsMixin, ResolvesKernels, nn.Module):
+    """Shared by the ALBERT models: the config, the kernel backend, weight init and loading.
+
+    backend: a backend name or None (the best available for the parameters' device); resolved
+    when the model is built, moved (``.to()``, ``.cuda()``, ``.half()``) or ``set_backend`` is
+    called: an unknown name, or a dtype or head dim the backend does not support, raises then
+    (BackendUnavailable / TypeError / ValueError); a backend that cannot run on the parameters'
+    device raises BackendUnavailable at the first forward.
+    """
 
     def __init__(self, config: AlbertConfig, backend: Optional[str] = None):
         super().__init__()
@@ -61,10 +70,11 @@ class AlbertPreTrainedModel(WeightsMixin, nn.Module):
         self.backend = backend
 
     def set_backend(self, backend: Optional[str]) -> "AlbertPreTrainedModel":
-        """Switch the kernels in place (None = best available); the weights are untouched."""
+        """Switch the kernels in place (None = best available); the weights are untouched.
+        Raises as the constructor does for an unknown backend or an unsupported dtype/head dim."""
         for module in self.modules():
             if isinstance(module, AlbertPreTrainedModel):
-                module.backend = backend
+                module._use_backend(backend)
         return self
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -82,7 +92,9 @@ class AlbertPreTrainedModel(WeightsMixin, nn.Module):
             nn.init.zeros_(module.bias)
 
     def post_init(self) -> None:
+        """Initialise the weights and resolve the backend (the end of every model's __init__)."""
         self.apply(self._init_weights)
+        self._use_backend(self.backend)
 
 
 class AlbertModel(AlbertPreTrainedModel):
@@ -98,24 +110,29 @@ class AlbertModel(AlbertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> AlbertOutput:
-        """input_ids [B, L] int; attention_mask [B, L] (1/True = real token) or None.
+        """input_ids [B, L] int; attention_mask [B, L] (1/True = real token) or None;
+        token_type_ids, position_ids [B, L] int or None (zeros; 0..L-1).
 
         Returns last_hidden_state [B, L, hidden] (zero rows at padded positions) and
         pooler_output [B, hidden] (tanh(pooler(hidden state at position 0))).
+
+        The inputs are validated once, here (ValueError naming the argument); the layers then
+        call the resolved backend's kernels directly, not the public ops, which would check
+        cu_seqlens on the host in every layer. Eagerly, a forward reads the device twice (the
+        0/1 check of a non-bool mask, the longest length when padding is removed), never per
+        layer; under torch.compile, not at all. BackendUnavailable if the backend cannot run on
+        the parameters' device.
         """
-        ids = self._check_ids(input_ids, attention_mask, token_type_ids, position_ids)
-        input_ids, attention_mask, token_type_ids, position_ids = ids
-        batch, seqlen = input_ids.shape
-        be = get_backend(self.backend, input_ids.device.type)
-        check_backend_support(self.backend or "default", be, self.embeddings.word_embeddings.weight.dtype,
-                              self.config.head_dim)
+        kernels = self.kernels
+        input_ids, key_mask, token_type_ids, position_ids = self._check_ids(
+            input_ids, attention_mask, token_type_ids, position_ids)
         ids = torch.stack([input_ids, token_type_ids, position_ids], dim=-1)     # [B, L, 3]
         # Under torch.compile the padded layout keeps every shape static (no data-dependent
         # token count), so the whole forward is one graph; eager runs padding-free.
         padded = not self.unpad or torch.compiler.is_compiling()
-        tokens, plan, unpack = pack_tokens(ids, attention_mask, padded)           # [T, 3]
+        tokens, plan, unpack = pack_tokens(ids, key_mask, padded, kernels)        # [T, 3]
         x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [T, E]
-        hidden = unpack(self.encoder(x, plan, be))                                # [B, L, hidden]
+        hidden = unpack(self.encoder(x, plan))                                    # [B, L, hidden]
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return AlbertOutput(hidden, pooled)
 
@@ -131,8 +148,7 @@ class AlbertModel(AlbertPreTrainedModel):
         if seqlen > self.config.max_position_embeddings and position_ids is None:
             raise ValueError(f"input_ids has {seqlen} positions but max_position_embeddings is "
                              f"{self.config.max_position_embeddings}")
-        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids),
-                        ("attention_mask", attention_mask)):
+        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
             if t is not None and tuple(t.shape) != (batch, seqlen):
                 raise ValueError(f"{name} must be [B, L] = [{batch}, {seqlen}] like input_ids, "
                                  f"got {list(t.shape)}")
@@ -140,13 +156,8 @@ class AlbertModel(AlbertPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
-        if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                if not torch.compiler.is_compiling() and \
-                        bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                    raise ValueError("attention_mask must hold only 0 and 1 (1 = real token)")
-                attention_mask = attention_mask != 0
-        return input_ids, attention_mask, token_type_ids.long(), position_ids.long()
+        key_mask = key_mask_from_attention_mask(attention_mask, batch, seqlen)
+        return input_ids, key_mask, token_type_ids.long(), position_ids.long()
 
 
 class AlbertMLMHead(nn.Module):
@@ -159,10 +170,10 @@ class AlbertMLMHead(nn.Module):
         self.decoder = nn.Linear(config.embedding_size, config.vocab_size)
         self.decoder.bias = self.bias  # tied, as in transformers
 
-    def forward(self, hidden: torch.Tensor, be) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """hidden [..., hidden_size] (the whole [B, L] grid, or the gathered [M] labelled rows)
-        -> logits [..., vocab_size]."""
-        x = be.linear_gelu(hidden, self.dense.weight, self.dense.bias, self.approximate)
+        -> logits [..., vocab_size], with the owning model's resolved `kernels`."""
+        x = kernels.linear_gelu(hidden, self.dense.weight, self.dense.bias, self.approximate)
         x = F.layer_norm(x, x.shape[-1:], self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
         return self.decoder(x)
 
@@ -210,12 +221,11 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
         1 = swapped). The loss is returned when both are given."""
         out = self.albert(input_ids, attention_mask, token_type_ids, position_ids)
         self._check_labels(input_ids, labels, sentence_order_label)
-        be = get_backend(self.backend, input_ids.device.type)
         hidden, targets = out.last_hidden_state, labels
         if labels is not None and self.sparse_mlm:
             selected = labels != -100
             hidden, targets = hidden[selected], labels[selected]        # [M, hidden], [M]
-        logits = self.predictions(hidden, be)
+        logits = self.predictions(hidden, self.kernels)
         sop_logits = self.sop_classifier(out.pooler_output)
         loss = None
         if labels is not None and sentence_order_label is not None:

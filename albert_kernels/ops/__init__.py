@@ -1,8 +1,9 @@
-"""The public op layer: validate once, pick the backend once, call it.
+"""The public op layer: validate the inputs, resolve the backend, call its kernel.
 
-Every op accepts float32, float16 and bfloat16 tensors (float64 on the reference backend), on CPU
-or CUDA, and is differentiable. ``backend=None`` picks the best backend available for the
-tensors' device (see ``albert_kernels.backends``).
+Every op accepts float32, float16 and bfloat16 tensors (float64 on the reference and cpp
+backends), on CPU or CUDA, and is differentiable. ``backend=None`` picks the best backend
+available for the tensors' device; the choice and its dtype / head-dim checks are made by
+``albert_kernels.backends.dispatch.resolve``, the one dispatch point the models use too.
 """
 from __future__ import annotations
 
@@ -10,16 +11,14 @@ from typing import Optional
 
 import torch
 
-from ..backends import available_backends, get_backend
+from ..backends import available_backends, resolve
 from .padding import pad, unpad
-from .validate import (check_approximate, check_backend_support, check_cu_seqlens, check_same,
-                       check_scale, check_tensor, check_vector, describe)
+from .validate import (check_approximate, check_cu_seqlens, check_same, check_scale, check_tensor,
+                       check_vector, describe)
 
 
 def _backend(backend: Optional[str], t: torch.Tensor, head_dim: Optional[int] = None):
-    module = get_backend(backend, t.device.type)
-    check_backend_support(backend or module.__name__.rsplit(".", 1)[-1], module, t.dtype, head_dim)
-    return module
+    return resolve(backend, t.device, t.dtype, head_dim)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -44,26 +43,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on "
                              f"{q.device}")
     scale = check_scale(scale, head_dim)
-    module = _backend(backend, q, head_dim)
-    return module.attention(q, k, v, key_padding_mask, scale)
+    kernels = _backend(backend, q, head_dim)
+    return kernels.attention(q, k, v, key_padding_mask, scale)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, scale: Optional[float] = None,
-                     backend: Optional[str] = None) -> torch.Tensor:
+                     backend: Optional[str] = None, check_inputs: bool = True) -> torch.Tensor:
     """Softmax attention over packed variable-length sequences.
 
     q, k, v: [T, H, D]; cu_seqlens: int32 [B+1], prefix sums of the lengths (cu_seqlens[0] == 0,
     cu_seqlens[-1] == T); max_seqlen: the longest length. Each sequence attends only to itself.
     Returns [T, H, D].
+
+    check_inputs: checking the values of cu_seqlens (and max_seqlen against them) reads cu_seqlens
+    back to the host: on CUDA, a device->host copy that waits for the GPU, on every call. Pass
+    ``check_inputs=False`` when you have validated them once (or built them yourself, as
+    ``ak.unpad`` does) and call repeatedly, e.g. once per layer: shapes, dtypes and devices are
+    still checked, but no value is read and nothing waits. Invalid values are then undefined
+    behaviour (out-of-bounds reads on a GPU). This is why ``AlbertModel`` validates its inputs
+    once per forward and then calls the backend kernels directly: one check, no per-layer sync.
+    Raises TypeError / ValueError naming the argument for invalid inputs, and the errors of
+    ``backends.dispatch.resolve`` for the backend.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, rank=3, floating=True)
     check_same(["q", "k", "v"], [q, k, v])
-    check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    if not isinstance(check_inputs, bool):
+        raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+    check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device, values=check_inputs)
     scale = check_scale(scale, q.shape[-1])
-    module = _backend(backend, q, q.shape[-1])
-    return module.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    kernels = _backend(backend, q, q.shape[-1])
+    return kernels.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -83,8 +94,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     check_vector("bias", bias, n, x, "x")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    module = _backend(backend, x)
-    return module.add_layer_norm(x, residual, weight, bias, float(eps))
+    kernels = _backend(backend, x)
+    return kernels.add_layer_norm(x, residual, weight, bias, float(eps))
 
 
 def _check_linear(x, weight, bias, x_name, w_name, b_name) -> None:
@@ -105,8 +116,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     check_tensor("x", x, min_rank=1, floating=True)
     _check_linear(x, weight, bias, "x", "weight", "bias")
     check_approximate(approximate)
-    module = _backend(backend, x)
-    return module.linear_gelu(x, weight, bias, approximate)
+    kernels = _backend(backend, x)
+    return kernels.linear_gelu(x, weight, bias, approximate)
 
 
 def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -121,8 +132,8 @@ def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     check_same(["x", "w2"], [x, w2], shape=False)
     check_vector("b2", b2, w2.shape[0], x, "x")
     check_approximate(approximate)
-    module = _backend(backend, x)
-    return module.gelu_ffn(x, w1, b1, w2, b2, approximate)
+    kernels = _backend(backend, x)
+    return kernels.gelu_ffn(x, w1, b1, w2, b2, approximate)
 
 
 __all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad",

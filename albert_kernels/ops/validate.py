@@ -47,16 +47,6 @@ def check_vector(name: str, t, length: int, like: torch.Tensor, like_name: str) 
     check_same([like_name, name], [like, t], shape=False)
 
 
-def check_backend_support(backend_name: str, module, dtype: torch.dtype,
-                          head_dim: Optional[int] = None) -> None:
-    if dtype not in module.DTYPES:
-        allowed = ", ".join(sorted(str(d).replace("torch.", "") for d in module.DTYPES))
-        raise TypeError(f"backend {backend_name!r} accepts dtypes {allowed}, got {dtype}")
-    if head_dim is not None and module.HEAD_DIMS is not None and head_dim not in module.HEAD_DIMS:
-        raise ValueError(f"backend {backend_name!r} supports head dims "
-                         f"{sorted(module.HEAD_DIMS)}, got head dim {head_dim}")
-
-
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
@@ -70,7 +60,11 @@ def check_approximate(approximate) -> None:
         raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
 
 
-def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> None:
+def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device, *,
+                     values: bool = True) -> None:
+    """cu_seqlens: int32 [B+1] on `device`; max_seqlen: an int >= 0. With `values` (and not while
+    torch.compile traces), also the values: 0 first, non-decreasing, `total` last, no length
+    above max_seqlen; reading them is a device->host copy (a sync on CUDA)."""
     check_tensor("cu_seqlens", cu_seqlens, rank=1)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
@@ -82,7 +76,7 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -
         raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
-    if torch.compiler.is_compiling():
+    if not values or torch.compiler.is_compiling():
         return  # the value checks read the tensor on the host: eager only, not in a graph
     values = cu_seqlens.tolist()
     if values[0] != 0:

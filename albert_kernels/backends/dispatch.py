@@ -1,0 +1,80 @@
+"""The one dispatch point: (backend name or None, device, dtype, head dim) -> :class:`Kernels`.
+
+:func:`resolve` is the only caller of the registry's lookup. The public ops call it on every call
+(cheap once the backend is loaded: a few dict and set lookups); the models and ``patch_hf`` call
+it when they are built, moved (``.to()``, ``.cuda()``, ``.half()``) or switched (``set_backend``)
+and keep the result, so their ``forward`` never looks up, imports or loads a backend (which is
+what lets ``torch.compile(model, fullgraph=True)`` trace a freshly built model).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import registry
+
+
+class Kernels:
+    """A resolved backend: its ``name``, its loaded ``module``, and the module's kernels as methods
+    (same arguments as the backend functions listed in ``backends/registry.py``). Inputs are not
+    checked again here: the caller has validated them."""
+
+    __slots__ = ("name", "module")
+
+    def __init__(self, name: str, module) -> None:
+        self.name, self.module = name, module
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.name!r})"
+
+    def attention(self, *args, **kwargs):
+        return self.module.attention(*args, **kwargs)
+
+    def varlen_attention(self, *args, **kwargs):
+        return self.module.varlen_attention(*args, **kwargs)
+
+    def add_layer_norm(self, *args, **kwargs):
+        return self.module.add_layer_norm(*args, **kwargs)
+
+    def linear_gelu(self, *args, **kwargs):
+        return self.module.linear_gelu(*args, **kwargs)
+
+    def gelu_ffn(self, *args, **kwargs):
+        return self.module.gelu_ffn(*args, **kwargs)
+
+
+# One Kernels object per (backend name, loaded module): resolve() allocates nothing per call.
+_KERNELS: dict[str, Kernels] = {}
+
+
+def resolve(backend: Optional[str], device: Union[str, torch.device], dtype: torch.dtype,
+            head_dim: Optional[int] = None) -> Kernels:
+    """The kernels to run tensors of `dtype` on `device` with (attention head dim `head_dim`).
+
+    backend: a registered name ("cpp", "cuda", "triton", "reference", ...) or None for the best
+    backend available on the device type (``backends/__init__.py`` sets the priorities).
+    device: a torch.device or a string such as "cpu" or "cuda:0" (only its type matters).
+
+    Raises BackendUnavailable (unknown name; the backend cannot run on the device type, or failed
+    to build or import: the message says why), TypeError (`backend` is not a str or None; the
+    backend does not accept `dtype`), ValueError (the backend does not support `head_dim`).
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    name, module = registry.lookup(backend, device_type)
+    check_support(name, module, dtype, head_dim)
+    kernels = _KERNELS.get(name)
+    if kernels is None or kernels.module is not module:
+        kernels = _KERNELS[name] = Kernels(name, module)
+    return kernels
+
+
+def check_support(name: str, module, dtype: torch.dtype, head_dim: Optional[int] = None) -> None:
+    """TypeError / ValueError unless backend `name` (its module's DTYPES and HEAD_DIMS) accepts
+    `dtype` and `head_dim` (None: no attention, any head dim)."""
+    if dtype not in module.DTYPES:
+        allowed = ", ".join(sorted(str(d).replace("torch.", "") for d in module.DTYPES))
+        raise TypeError(f"backend {name!r} accepts dtypes {allowed}, got {dtype}")
+    if head_dim is not None and module.HEAD_DIMS is not None and head_dim not in module.HEAD_DIMS:
+        raise ValueError(f"backend {name!r} supports head dims {sorted(module.HEAD_DIMS)}, got "
+                         f"head dim {head_dim}")
