@@ -23,7 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+# own_build: these tests build the extension from the packaged sources, not the checkout's build
+pytestmark = [pytest.mark.slow, pytest.mark.own_build]
 
 # Run inside the virtual environment, from a folder outside the checkout.
 _PROBE = textwrap.dedent("""
