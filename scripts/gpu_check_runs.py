@@ -146,63 +146,65 @@ def _sdpa_workloads(q, k, v, mask, group, flops):
     return out
 
 
-def _groups(dtype):
+def _groups(dtype, device="cuda", batch=32, seq=128, model=True):
     """Builders of the benchmark groups, in priority order (each returns a list of Workloads)."""
     from albert_kernels.tools import workloads as wl
     from albert_kernels.tools.model_workloads import model_workloads
-    batch, seq = 32, 128
 
     def attention(padding):
         def build():
-            ws = wl.attention_workloads(batch, 12, seq, 64, padding, dtype, "cuda")
+            ws = wl.attention_workloads(batch, 12, seq, 64, padding, dtype, device)
             lengths = wl.realistic_lengths(batch, seq, padding)
-            mask = None if padding == "none" else wl.padding_mask(lengths, seq, "cuda")
-            q, k, v = (torch.randn(batch, 12, seq, 64, device="cuda", dtype=dtype) for _ in range(3))
+            mask = None if padding == "none" else wl.padding_mask(lengths, seq, device)
+            q, k, v = (torch.randn(batch, 12, seq, 64, device=device, dtype=dtype) for _ in range(3))
             flops = 4.0 * float((lengths.double() ** 2).sum()) * 12 * 64
             return ws + _sdpa_workloads(q, k, v, mask, ws[0].group, flops)
         return build
 
-    return [attention("realistic"), attention("none"),
-            lambda: wl.add_layer_norm_workloads(batch * seq, 768, dtype, "cuda"),
-            lambda: wl.linear_gelu_workloads(batch * seq, 768, 3072, dtype, "cuda"),
-            lambda: model_workloads("base", batch, seq, "realistic", "forward", dtype, "cuda",
-                                    compile_baseline=False),
-            lambda: model_workloads("base", batch, seq, "realistic", "train", dtype, "cuda",
-                                    compile_baseline=False)]
+    ops = [attention("realistic"), attention("none"),
+           lambda: wl.add_layer_norm_workloads(batch * seq, 768, dtype, device),
+           lambda: wl.linear_gelu_workloads(batch * seq, 768, 3072, dtype, device)]
+    models = [lambda mode=mode: model_workloads("base", batch, seq, "realistic", mode, dtype,
+                                                device, compile_baseline=False)
+              for mode in ("forward", "train")]
+    return ops + (models if model else [])
 
 
-def _bench_row(w, min_time_s: float) -> dict:
+def _bench_row(w, min_time_s: float, device: str = "cuda") -> dict:
     from albert_kernels.tools.bench import measure
     row = {"group": w.group, "name": w.name, "unit": w.unit, "work_per_call": w.work,
            "baseline": w.baseline, "ceiling": w.ceiling}
+    cuda = torch.device(device).type == "cuda"
     try:
-        torch.cuda.reset_peak_memory_stats()
-        times, first = measure(w.fn, "cuda", min_time_s=min_time_s)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, first = measure(w.fn, device, min_time_s=min_time_s)
         times.sort()
         med = times[len(times) // 2]
         scale = 1e9 if w.unit in ("GB/s", "GFLOP/s") else 1.0
         row.update(median_ms=1e3 * med, min_ms=1e3 * times[0], max_ms=1e3 * times[-1],
                    repeats=len(times), first_call_s=first, throughput=w.work / med / scale,
-                   peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20)
+                   peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
     except Exception as e:  # e.g. an SDPA backend that refuses these inputs
         row["error"] = f"{type(e).__name__}: {e}"[:200]
     return row
 
 
-def run_bench(args) -> int:
-    dtype = torch.bfloat16
-    for i, build in enumerate(_groups(dtype)):
-        if time.time() > args.deadline - 15:
-            _append(args.jsonl, {"skipped_groups_from": i, "reason": "deadline"})
-            print(f"bench: deadline near, {len(_groups(dtype)) - i} groups skipped", flush=True)
+def run_bench(jsonl, deadline: float, groups, device: str = "cuda", min_time_s: float = 0.2) -> int:
+    """Time each group's workloads (no torch.compile), a JSON line per workload as timed."""
+    for i, build in enumerate(groups):
+        if time.time() > deadline - 15:
+            _append(jsonl, {"skipped_groups_from": i, "reason": "deadline"})
+            print(f"bench: deadline near, {len(groups) - i} groups skipped", flush=True)
             break
         for w in build():
             if w.name.startswith("torch.compile"):
                 continue  # compiling is not for the first GPU call
-            row = _bench_row(w, min_time_s=0.2)
-            _append(args.jsonl, row)
+            row = _bench_row(w, min_time_s, device)
+            _append(jsonl, row)
             print(json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     return 0
 
 
@@ -210,7 +212,9 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         print("no GPU", flush=True)
         return 3
-    return run_model(args) if args.cmd == "model" else run_bench(args)
+    if args.cmd == "model":
+        return run_model(args)
+    return run_bench(args.jsonl, args.deadline, _groups(torch.bfloat16))
 
 
 __all__ = ["main", "model_check", "Budget"]

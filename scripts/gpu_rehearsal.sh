@@ -15,7 +15,8 @@
 #      against this venv)
 #   4. the Triton AOT compile of every kernel for sm_90 under triton 3.6 (spills, shared memory)
 #   5. the step list and its budget sum (under 9 minutes with the machine-start allowance)
-#   6. gpu_check.sh itself, up to its GPU-present stop (exit 3, "no GPU" summary)
+#   6. the probe (torch's answer: no GPU, exit 3) and gpu_check.sh itself, up to its GPU-present
+#      stop (exit 3, "no GPU" summary)
 # Each part prints PASS/FAIL with its wall time; exit status 1 if any part failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +70,6 @@ grep -iE "torch|triton|nvcc|cuda|backend" "$LOGS/info.log" | head -12 | sed 's/^
 if [ $SKIP_BUILD -eq 0 ]; then
   part cuda_compile_sm90 "$PY" scripts/check_cuda_build.py --arch 9.0 --jobs "${MAX_JOBS:-2}"
   grep -E "^nvcc:|\.cu: |^OK|^FAIL|kernel builds" "$LOGS/cuda_compile_sm90.log" | sed 's/^/      /'
-  grep -q -- "-std=c++17" "$LOGS/cuda_compile_sm90.log" 2>/dev/null || true
   "$PY" -c "import sys; sys.path.insert(0, 'scripts'); import check_cuda_build as c; \
 print('      nvcc standard from torch 2.11 build:', c.torch_std('nvcc'), '| cxx:', c.torch_std('cxx'))" 2>/dev/null
   part prebuilt_extension bash scripts/build_gpu_ext.sh "$PY"
@@ -87,6 +87,10 @@ fi
 
 part plan bash scripts/gpu_check.sh --plan
 sed 's/^/      /' "$LOGS/plan.log"
+
+# torch's own answer too (on the GPU machine the probe asks torch: there is a device node there)
+part probe_says_no_gpu bash -c "'$PY' scripts/gpu_check.py probe --jsonl '$LOGS/probe.jsonl'; [ \$? -eq 3 ]"
+tail -1 "$LOGS/probe.jsonl" | sed 's/^/      /'
 
 rm -rf "$LOGS/out"
 OUT="$LOGS/out" PYTHON="$PY" bash scripts/gpu_check.sh >"$LOGS/gpu_check.log" 2>&1

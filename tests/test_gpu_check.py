@@ -124,3 +124,74 @@ def test_model_comparison_passes_on_a_cpu_backend(dtype):
     for row in rows:
         assert row["pass"], row
         assert 0 < row["budget"] < 1, row
+
+
+@pytest.mark.slow
+def test_bench_rows_on_the_cpu(tmp_path):
+    """The GPU check's benchmark code path, run here on tiny CPU inputs (float32, the attention
+    and add+LayerNorm groups): one well-formed JSON line per workload, SDPA backends that refuse
+    the inputs reported with their error, torch.compile left out, the deadline honoured."""
+    import gpu_check_runs
+    import torch
+    groups = gpu_check_runs._groups(torch.float32, "cpu", batch=2, seq=16, model=False)
+    out = tmp_path / "bench.jsonl"
+    assert gpu_check_runs.run_bench(out, time.time() + 600, [groups[0], groups[2]], "cpu",
+                                    min_time_s=0.0) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    names = {r["name"] for r in rows}
+    assert {"SDPA with mask", "SDPA flash + mask", "SDPA efficient + mask",
+            "SDPA cudnn + mask", "copy (same bytes)", "eager F.layer_norm(x + r)"} <= names
+    assert not any(n.startswith("torch.compile") for n in names)
+    for r in rows:
+        assert ("median_ms" in r and r["median_ms"] > 0 and r["throughput"] > 0) or r["error"], r
+    assert any("median_ms" in r for r in rows if r["name"] == "SDPA with mask")
+    late = tmp_path / "late.jsonl"
+    gpu_check_runs.run_bench(late, time.time(), groups, "cpu")
+    assert json.loads(late.read_text())["reason"] == "deadline"
+
+
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# Stands in for python on a GPU machine whose CUDA build fails: logs each call, answers the probe.
+echo "$* | CSRC=${ALBERT_KERNELS_CSRC:-} TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-}" >>"$CALLS"
+case "$*" in
+  *"gpu_check.py probe"*) echo '{"step": "env", "python": "3.12", "gpu": "FAKE H200"}' >>"$4"; exit 0 ;;
+  *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
+  *"gpu_check.py prebuilt"*) echo "prebuilt: no albert_kernels_ext.so" >&2; exit 1 ;;
+  *"albert_kernels build"*) echo "error: attention.cu: expected ';'" >&2; exit 1 ;;
+  *"albert_kernels verify"*)
+    while [ $# -gt 0 ]; do [ "$1" = --jsonl ] && out=$2; shift; done
+    echo '{"check": "attention", "case": "c", "backend": "triton", "dtype": "float16", "pass": true, "error": 0.0, "budget": 1.0}' >>"$out"
+    exit 0 ;;
+esac
+exit 0
+'''
+
+
+def test_flow_after_a_failed_cuda_build_runs_only_the_triton_steps(tmp_path):
+    """The script's step logic, with a stand-in python (GPU present, CUDA build failing): the
+    CUDA steps are skipped, every later process gets no sources to rebuild from, the Triton
+    steps still run with autotuning cached, the summary and JSON lines say so, exit 1."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls, out = tmp_path / "calls.log", tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_CHECK_ALWAYS_PROBE": "1",
+           "CALLS": str(calls), "REAL_PYTHON": sys.executable, "GPU_CHECK_BUDGET": "300"}
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    status = {s["step"]: s["status"] for s in steps if "status" in s}
+    assert status == {"gpu": "PASS", "prebuilt": "INFO", "build": "FAIL", "cuda_steps": "SKIP",
+                      "triton_aot": "PASS", "triton_ops": "PASS", "model": "PASS",
+                      "bench": "PASS"}, status
+    log = calls.read_text().splitlines()
+    after_build = log[next(i for i, c in enumerate(log) if "albert_kernels build" in c) + 1:]
+    assert after_build
+    assert all("no-csrc-after-failed-build" in c for c in after_build
+               if "summary" not in c), after_build
+    assert not any("--backend cuda" in c for c in log), log
+    assert all("TRITON_CACHE_AUTOTUNING=1" in c for c in log)
+    assert (out / "ops.jsonl").read_text().count('"triton"') == 1
+    summary = (out / "summary.md").read_text()
+    assert "FAKE H200" in summary and "not passed: build, cuda_steps" in summary, summary

@@ -109,7 +109,8 @@ def cxx_flags() -> list[str]:
 
 def nvcc_flags(cuda_arch: str) -> list[str]:
     # exact math: no --use_fast_math. No -std: torch's cpp_extension adds the standard its
-    # headers need (C++20 for torch >= 2.10, whose ATen.h rejects C++17).
+    # headers need (c++17 with torch 2.11, c++20 with torch 2.14; scripts/check_cuda_build.py
+    # torch_std reads it off torch's own build).
     flags = ["-O3", "-Xptxas", "-v"]
     for arch in [a.strip() for a in cuda_arch.split(";") if a.strip()]:
         num = arch.replace(".", "")
