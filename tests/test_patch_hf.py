@@ -127,19 +127,16 @@ def test_train_eval_and_backend_switch():
 
 
 def test_unsupported_features_raise():
+    """(output_attentions, output_hidden_states and attention dropout now work: see
+    tests/test_hf_parity.py and tests/test_readme_parity.py.)"""
     model = ak.patch_hf(_model("AlbertModel").eval())
     inputs, _ = _inputs("AlbertModel")
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(**inputs, output_attentions=True)
-    with pytest.raises(ValueError, match="output_hidden_states"):
-        model(**inputs, output_hidden_states=True)
+    with pytest.raises(ValueError, match="head_mask"):
+        model(**inputs, head_mask=torch.ones(3, 4))
     with pytest.raises(TypeError, match="transformers ALBERT"):
         ak.patch_hf(torch.nn.Linear(2, 2))
     with pytest.raises(ak.BackendUnavailable):
         ak.patch_hf(_model("AlbertModel"), backend="nope")
-    dropout = ak.patch_hf(_model("AlbertModel", attention_probs_dropout_prob=0.1).train())
-    with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
-        dropout(**inputs)
 
 
 def test_fill_mask_pipeline_same_predictions(tmp_path, cpu_backend):

@@ -40,9 +40,9 @@ def _cast(x, dtype: torch.dtype):
     return x
 
 
-def run(op: str, fn: Callable, *args):
-    """Call kernel `fn` (op name `op`) on `args` under the policy above; autocast must be enabled
-    for the device type of ``args[0]``."""
+def run(op: str, fn: Callable, *args, **kwargs):
+    """Call kernel `fn` (op name `op`) on `args` (floating tensors cast) and `kwargs` (passed as
+    they are) under the policy above; autocast must be enabled for ``args[0]``'s device type."""
     device_type = args[0].device.type
     if op in LOW_PRECISION_OPS:
         dtype = torch.get_autocast_dtype(device_type)
@@ -52,4 +52,4 @@ def run(op: str, fn: Callable, *args):
         raise KeyError(f"no autocast policy for op {op!r}")
     args = tuple(_cast(a, dtype) for a in args)
     with torch.autocast(device_type, enabled=False):
-        return fn(*args)
+        return fn(*args, **kwargs)

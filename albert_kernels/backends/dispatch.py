@@ -12,13 +12,15 @@ from typing import Optional, Union
 
 import torch
 
-from . import registry
+from . import autocast, registry
 
 
 class Kernels:
     """A resolved backend: its ``name``, its loaded ``module``, and the module's kernels as methods
     (same arguments as the backend functions listed in ``backends/registry.py``). Inputs are not
-    checked again here: the caller has validated them."""
+    checked again here: the caller has validated them. Inside ``torch.autocast`` each kernel casts
+    its inputs by autocast's rules first (``backends/autocast.py``), for the models and the
+    public ops alike."""
 
     __slots__ = ("name", "module")
 
@@ -29,18 +31,28 @@ class Kernels:
         return f"Kernels({self.name!r})"
 
     def attention(self, *args, **kwargs):
+        if autocast.enabled(args[0]):
+            return autocast.run("attention", self.module.attention, *args, **kwargs)
         return self.module.attention(*args, **kwargs)
 
     def varlen_attention(self, *args, **kwargs):
+        if autocast.enabled(args[0]):
+            return autocast.run("varlen_attention", self.module.varlen_attention, *args, **kwargs)
         return self.module.varlen_attention(*args, **kwargs)
 
     def add_layer_norm(self, *args, **kwargs):
+        if autocast.enabled(args[0]):
+            return autocast.run("add_layer_norm", self.module.add_layer_norm, *args, **kwargs)
         return self.module.add_layer_norm(*args, **kwargs)
 
     def linear_gelu(self, *args, **kwargs):
+        if autocast.enabled(args[0]):
+            return autocast.run("linear_gelu", self.module.linear_gelu, *args, **kwargs)
         return self.module.linear_gelu(*args, **kwargs)
 
     def gelu_ffn(self, *args, **kwargs):
+        if autocast.enabled(args[0]):
+            return autocast.run("gelu_ffn", self.module.gelu_ffn, *args, **kwargs)
         return self.module.gelu_ffn(*args, **kwargs)
 
 

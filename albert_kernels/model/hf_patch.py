@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 
 from .config import AlbertConfig
-from .layers import (AlbertTransformer, ResolvesKernels, key_mask_from_attention_mask,
-                     pack_tokens)
+from .layers import AlbertTransformer, ResolvesKernels, pack_tokens
+from .layout import mask_layout
+from .outputs import Recorder, transformers_collector, warn_not_fused
 
 
 def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -44,23 +45,37 @@ class PatchedAlbertTransformer(ResolvesKernels, AlbertTransformer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, head_mask=None,
                 output_attentions: bool = False, output_hidden_states: bool = False,
-                return_dict: bool = True, **kwargs):
-        cfg = self.hf_config
-        if output_attentions or getattr(cfg, "output_attentions", False):
-            raise ValueError("output_attentions=True is not supported by albert_kernels' fused "
-                             "attention (it never forms the attention matrix)")
-        if output_hidden_states or getattr(cfg, "output_hidden_states", False):
-            raise ValueError("output_hidden_states=True is not supported by a patched model")
+                return_dict: bool = True, position_ids=None, **kwargs):
+        """transformers' encoder call: hidden_states [B, L, embedding_size]; attention_mask as
+        transformers passes it (None, [B, 1, L, L] additive or bool; see ``layout.mask_layout``);
+        position_ids (transformers 5 passes them): restarting at 0 inside a row = packed rows.
+        Hidden states and attention probabilities go where transformers expects them: the
+        collector of its ``capture_outputs`` (5.x), or this call's output (4.x flags)."""
         if head_mask is not None and any(m is not None for m in head_mask):
             raise ValueError("head_mask is not supported by albert_kernels")
+        recorder = Recorder.from_collector(transformers_collector())
+        legacy = recorder is None and (output_attentions or output_hidden_states)
+        if legacy:  # transformers 4: the encoder returns the tuples, one hidden state per group
+            recorder = Recorder([] if output_hidden_states else None,
+                                [] if output_attentions else None, per_group=True)
+        probs = recorder.attentions if recorder is not None else None
+        if probs is not None:
+            warn_not_fused("patch_hf")
         batch, seqlen, _ = hidden_states.shape
-        kernels = self.kernels
-        key_mask = key_mask_from_attention_mask(attention_mask, batch, seqlen)
+        layout = mask_layout(attention_mask, batch, seqlen, position_ids)
         # Under torch.compile: the padded grid, static shapes for one graph.
-        tokens, plan, unpack = pack_tokens(hidden_states, key_mask, torch.compiler.is_compiling(),
-                                           kernels)
-        out = unpack(super().forward(tokens, plan))
-        return self._output_type(last_hidden_state=out) if return_dict else (out,)
+        tokens, plan, unpack = pack_tokens(hidden_states, layout, torch.compiler.is_compiling(),
+                                           self.kernels, probs)
+        if recorder is not None:
+            recorder.unpack = unpack
+        out = unpack(super().forward(tokens, plan, recorder))
+        extra = {}
+        if legacy:
+            extra = {k: tuple(v) for k, v in (("hidden_states", recorder.hidden_states),
+                                              ("attentions", recorder.attentions)) if v is not None}
+        if return_dict:
+            return self._output_type(last_hidden_state=out, **extra)
+        return (out,) + tuple(extra.values())
 
 
 def patch_hf(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.Module:

@@ -16,98 +16,107 @@ from torch import nn
 from ..backends import backend_names
 from ..backends.dispatch import Kernels, resolve
 from ..errors import BackendUnavailable
-from ..ops import unpad
 from .config import AlbertConfig
+from .layout import MaskLayout, mask_layout, packed_sequences
+from .outputs import Recorder, attention_probs
 
 
 @dataclass
 class AttentionPlan:
     """How one forward runs: the resolved backend ``kernels`` every layer calls, and who attends
-    to whom. Packed (the fast path): cu_seqlens/max_seqlen over [T] tokens. Padded: tokens are a
-    [batch, seqlen] grid with a key padding mask (or None: no padding)."""
+    to whom. Packed (the fast path): cu_seqlens/max_seqlen over the first ``n_real`` tokens; the
+    tokens after them (if ``cu_extra``, int32 [B+1], is set) are query-only: row b's attend to row
+    b's real keys (``cu_seqlens_q=cu_extra``, ``cu_seqlens_k=cu_seqlens``) and no token attends to
+    them (left padding's first position, see ``layout.py``). Padded: tokens are a [batch,
+    seqlen] grid with a key padding mask (or None: no padding); with ``probs`` (a list), plain
+    PyTorch attention forms the probabilities (``allowed``: bool [B, 1, L, L]) and appends them."""
     kernels: Kernels
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
     batch: int = 0
     seqlen: int = 0
     key_padding_mask: Optional[torch.Tensor] = None
+    n_real: int = 0
+    cu_extra: Optional[torch.Tensor] = None
+    allowed: Optional[torch.Tensor] = None
+    probs: Optional[list] = None
 
-    def attend(self, q, k, v, scale: float) -> torch.Tensor:
-        """q, k, v [N, heads, head_dim] -> context [N, heads, head_dim]."""
+    def attend(self, q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+        """q, k, v [N, heads, head_dim] -> context [N, heads, head_dim]; dropout_p on the
+        attention probabilities (0 in eval: the caller decides)."""
+        drop = (dropout_p,) if dropout_p > 0 else ()  # backends without dropout keep working
         if self.cu_seqlens is not None:
-            cu, n = self.cu_seqlens, self.max_seqlen  # self-attention: keys are the queries
-            return self.kernels.varlen_attention(q, k, v, cu, cu, n, n, scale)
+            cu, n, varlen = self.cu_seqlens, self.max_seqlen, self.kernels.varlen_attention
+            if self.cu_extra is None:  # self-attention: keys are the queries
+                return varlen(q, k, v, cu, cu, n, n, scale, *drop)
+            t = self.n_real
+            real = varlen(q[:t], k[:t], v[:t], cu, cu, n, n, scale, *drop)
+            extra = varlen(q[t:], k[:t], v[:t], self.cu_extra, cu, 1, n, scale, *drop)
+            return torch.cat([real, extra])
         grid = lambda t: t.view(self.batch, self.seqlen, *t.shape[1:]).transpose(1, 2)
-        ctx = self.kernels.attention(grid(q), grid(k), grid(v), self.key_padding_mask, scale)
+        if self.probs is not None:
+            ctx, probs = attention_probs(grid(q), grid(k), grid(v), self.allowed, scale, dropout_p)
+            self.probs.append(probs)
+        else:
+            ctx = self.kernels.attention(grid(q), grid(k), grid(v), self.key_padding_mask, scale,
+                                         *drop)
         return ctx.transpose(1, 2).reshape(q.shape)
 
 
 def key_mask_from_attention_mask(mask, batch: int, seqlen: int) -> Optional[torch.Tensor]:
-    """The one place an attention mask becomes the bool [B, L] key mask (True = real token), for
-    AlbertModel and the encoder ``patch_hf`` installs alike.
-
-    mask: None (no padding); [B, L] bool or 0/1 numbers (1 = real token, as transformers takes
-    it from the user); or the [B, 1, Lq, L] padding mask transformers passes to its encoder, bool
-    (True = attend) or additive float (0 = attend, a large negative value = masked).
-    Raises ValueError naming attention_mask for any other type or shape, and (eagerly: the check
-    reads the mask on the host, so not under torch.compile) for a [B, L] mask with values other
-    than 0 and 1.
-    """
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"attention_mask must be a padding mask tensor, got a "
-                         f"{type(mask).__name__} (with transformers, use attn_implementation "
-                         "'eager' or 'sdpa')")
-    additive = False
-    if mask.dim() == 4:
-        if mask.shape[0] != batch or mask.shape[1] != 1 or mask.shape[-1] != seqlen:
-            raise ValueError(f"a 4D attention_mask must be a [B, 1, Lq, L] = [{batch}, 1, Lq, "
-                             f"{seqlen}] padding mask, got {list(mask.shape)}")
-        mask = mask[:, 0, 0, :]  # a padding mask masks keys: every query row is the same
-        additive = mask.is_floating_point()
-    elif tuple(mask.shape) != (batch, seqlen):
-        raise ValueError(f"attention_mask must be [B, L] = [{batch}, {seqlen}] like the input, "
-                         f"got {list(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if additive:
-        return mask == 0
-    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 and 1 (1 = real token)")
-    return mask != 0
+    """The bool [B, L] key mask (True = real token) of a padding mask, or None (no mask): the
+    padding case of :func:`layout.mask_layout`, the one place a mask becomes a layout (see it for
+    the masks accepted and the errors). ValueError naming attention_mask for a mask of packed
+    sequences (use ``mask_layout``)."""
+    layout = mask_layout(mask, batch, seqlen)
+    if layout.segments is not None:
+        raise ValueError("attention_mask: a block-diagonal mask of packed sequences has no single "
+                         "key mask (layout.mask_layout gives its segments)")
+    return layout.key_mask
 
 
-def pack_tokens(grid: torch.Tensor, key_mask: Optional[torch.Tensor], padded: bool,
-                kernels: Kernels):
+def pack_tokens(grid: torch.Tensor, layout: MaskLayout, padded: bool, kernels: Kernels,
+                probs: Optional[list] = None):
     """Lay a [B, L, ...] batch out as tokens for the layers: the one place that removes padding.
 
-    key_mask: bool [B, L] (True = real token) from :func:`key_mask_from_attention_mask`, or None.
-    Returns (tokens [N, ...], plan, unpack): packed real tokens with cu_seqlens (the fast path;
-    without a mask, B sequences of L tokens), or, with `padded` (torch.compile: static shapes),
-    every position with the key padding mask; the plan carries `kernels`. ``unpack(h)`` puts
-    [N, ...] back on the [B, L] grid with zero rows at padded positions. The packed path reads
-    the longest length back to the host once (``unpad``); nothing after it does.
+    layout: from :func:`layout.mask_layout`. Returns (tokens [N, ...], plan, unpack): packed real
+    tokens with cu_seqlens (the fast path; without a mask, B sequences of L tokens; packed rows:
+    one sequence per block), plus a left-padded row's first position as a query-only token; or,
+    with `padded` (torch.compile: static shapes) or `probs` (a list receiving attention
+    probabilities), every position of the grid. The plan carries `kernels`. ``unpack(h)`` puts
+    [N, ...] back on the [B, L] grid: real tokens and a left-padded first position hold their
+    values, other padded positions zero rows. Packed, the device is read once or twice here
+    (lengths, left-padded rows); never per layer.
     """
     batch, seqlen = grid.shape[:2]
-    indices = None
-    if padded:
-        plan = AttentionPlan(kernels, batch=batch, seqlen=seqlen, key_padding_mask=key_mask)
-        tokens = grid.reshape(batch * seqlen, *grid.shape[2:])
-    elif key_mask is None:
-        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=grid.device)
-        plan = AttentionPlan(kernels, cu_seqlens=cu, max_seqlen=seqlen)
-        tokens = grid.reshape(batch * seqlen, *grid.shape[2:])
-    else:
-        tokens, indices, cu, max_seqlen = unpad(grid, key_mask)
-        plan = AttentionPlan(kernels, cu_seqlens=cu, max_seqlen=max_seqlen)
+    key_mask = layout.key_mask
+    if probs is not None or (padded and layout.segments is None):
+        allowed = layout.allowed(batch, seqlen, grid.device) if probs is not None else None
+        plan = AttentionPlan(kernels, batch=batch, seqlen=seqlen, key_padding_mask=key_mask,
+                             allowed=allowed, probs=probs)
+        keep = key_mask
+        if key_mask is not None and layout.segments is None and seqlen > 0:
+            keep = key_mask.clone()  # a left-padded first position is computed and kept
+            keep[:, 0] = key_mask.any(dim=1)
+
+        def unpack_grid(h: torch.Tensor) -> torch.Tensor:
+            out = h.view(batch, seqlen, *h.shape[1:])
+            return out if keep is None else out * keep[..., None].to(out.dtype)
+        return grid.reshape(batch * seqlen, *grid.shape[2:]), plan, unpack_grid
+    indices, cu, max_seqlen, extra = packed_sequences(layout, batch, seqlen, grid.device)
+    flat = grid.reshape(batch * seqlen, *grid.shape[2:])
+    tokens = flat if indices is None else flat.index_select(0, indices)
+    plan = AttentionPlan(kernels, cu_seqlens=cu, max_seqlen=max_seqlen, n_real=tokens.shape[0])
+    if extra is not None:
+        positions, plan.cu_extra = extra
+        tokens = torch.cat([tokens, flat.index_select(0, positions)])
+        indices = torch.cat([indices, positions])
 
     def unpack(h: torch.Tensor) -> torch.Tensor:
-        if indices is not None:  # ak.pad without its index checks (a host read): unpad made them
-            out = h.new_zeros(batch * seqlen, *h.shape[1:]).index_put((indices,), h)
-            return out.view(batch, seqlen, *h.shape[1:])
-        out = h.view(batch, seqlen, *h.shape[1:])
-        return out if key_mask is None else out * key_mask[..., None].to(out.dtype)
+        if indices is None:
+            return h.view(batch, seqlen, *h.shape[1:])
+        out = h.new_zeros(batch * seqlen, *h.shape[1:]).index_put((indices,), h)
+        return out.view(batch, seqlen, *h.shape[1:])
     return tokens, plan, unpack
 
 
@@ -195,12 +204,11 @@ class AlbertAttention(nn.Module):
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        if self.training and self.attention_dropout_p > 0:
-            raise ValueError("attention_probs_dropout_prob > 0 in training is not supported by the "
-                             "fused attention kernels; set it to 0 (the ALBERT v2 configs use 0)")
         heads = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)
         q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
-        ctx = plan.attend(q, k, v, self.scale).reshape(h.shape)
+        # attention dropout in training, inside the fused attention (Philox, every backend)
+        dropout_p = self.attention_dropout_p if self.training else 0.0
+        ctx = plan.attend(q, k, v, self.scale, dropout_p).reshape(h.shape)
         out = self.output_dropout(self.dense(ctx))
         return plan.kernels.add_layer_norm(out, h, self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
 
@@ -245,8 +253,20 @@ class AlbertTransformer(nn.Module):
         self.albert_layer_groups = nn.ModuleList(
             AlbertLayerGroup(config) for _ in range(config.num_hidden_groups))
 
-    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan,
+                recorder: Optional[Recorder] = None) -> torch.Tensor:
+        """x [N, embedding_size] -> [N, hidden]. `recorder` (only when hidden states are asked
+        for) receives the first layer's input and every layer's output, as transformers' hooks
+        on its AlbertLayer record them."""
         h = self.embedding_hidden_mapping_in(x)
+        if recorder is None:
+            for i in range(self.config.num_hidden_layers):
+                h = self.albert_layer_groups[self.config.group_of_layer(i)](h, plan)
+            return h
+        recorder.hidden(h)
         for i in range(self.config.num_hidden_layers):
-            h = self.albert_layer_groups[self.config.group_of_layer(i)](h, plan)
+            layers = self.albert_layer_groups[self.config.group_of_layer(i)].albert_layers
+            for j, layer in enumerate(layers):
+                h = layer(h, plan)
+                recorder.hidden(h, group_end=j == len(layers) - 1)
         return h

@@ -18,8 +18,10 @@ from torch import nn
 
 from ..backends.dispatch import Kernels
 from .config import AlbertConfig
-from .layers import (AlbertEmbeddings, AlbertTransformer, ResolvesKernels,
-                     key_mask_from_attention_mask, pack_tokens)
+from .id_checks import check_id_ranges
+from .layers import AlbertEmbeddings, AlbertTransformer, ResolvesKernels, pack_tokens
+from .layout import mask_layout
+from .outputs import Recorder, warn_not_fused
 from .weights import WeightsMixin
 
 
@@ -37,6 +39,8 @@ class _Output:
 class AlbertOutput(_Output):
     last_hidden_state: torch.Tensor
     pooler_output: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
 
 
 @dataclass
@@ -98,6 +102,18 @@ class AlbertPreTrainedModel(WeightsMixin, ResolvesKernels, nn.Module):
 
 
 class AlbertModel(AlbertPreTrainedModel):
+    """The ALBERT encoder (embeddings, shared layers, pooler), padding-free.
+
+    Ids outside the embedding tables (negative, or input_ids >= vocab_size, token_type_ids >=
+    type_vocab_size, position_ids >= max_position_embeddings) raise ValueError naming the
+    argument, the value and the valid range: always on the CPU; on CUDA when ``check_ids`` is
+    True (``model.check_ids = True``: one host synchronisation per forward). By default on CUDA
+    no synchronisation is added: a device-side assertion (``torch._assert_async``) stops the
+    process at the next synchronisation instead (id_checks.py).
+    """
+
+    check_ids: bool = False
+
     def __init__(self, config: AlbertConfig, backend: Optional[str] = None,
                  add_pooling_layer: bool = True, unpad: bool = True):
         super().__init__(config, backend)
@@ -109,9 +125,18 @@ class AlbertModel(AlbertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> AlbertOutput:
-        """input_ids [B, L] int; attention_mask [B, L] (1/True = real token) or None;
-        token_type_ids, position_ids [B, L] int or None (zeros; 0..L-1).
+                position_ids: Optional[torch.Tensor] = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> AlbertOutput:
+        """input_ids [B, L] int; attention_mask [B, L] (1/True = real token), a [B, 1, L, L]
+        padding or block-diagonal mask, or None; token_type_ids, position_ids [B, L] int or None
+        (zeros; 0..L-1; position_ids restarting at 0 inside a row mark packed sequences). The
+        masks accepted and the layout each gives: ``layout.mask_layout``.
+
+        output_hidden_states: also return ``hidden_states``, transformers' tuple (the encoder's
+        input after the embedding projection, then every layer's output), each [B, L, hidden].
+        output_attentions: also return ``attentions``, [B, heads, L, L] per layer; such a call
+        forms the matrices, so it runs plain PyTorch attention on the padded grid (a warning
+        says so once), not the fused kernels.
 
         Returns last_hidden_state [B, L, hidden] (zero rows at padded positions) and
         pooler_output [B, hidden] (tanh(pooler(hidden state at position 0))).
@@ -124,17 +149,28 @@ class AlbertModel(AlbertPreTrainedModel):
         the parameters' device.
         """
         kernels = self.kernels
-        input_ids, key_mask, token_type_ids, position_ids = self._check_ids(
+        input_ids, layout, token_type_ids, position_ids = self._check_ids(
             input_ids, attention_mask, token_type_ids, position_ids)
         ids = torch.stack([input_ids, token_type_ids, position_ids], dim=-1)     # [B, L, 3]
+        recorder = None
+        if output_hidden_states or output_attentions:
+            recorder = Recorder([] if output_hidden_states else None,
+                                [] if output_attentions else None)
+            if output_attentions:
+                warn_not_fused(type(self).__name__)
         # Under torch.compile the padded layout keeps every shape static (no data-dependent
         # token count), so the whole forward is one graph; eager runs padding-free.
         padded = not self.unpad or torch.compiler.is_compiling()
-        tokens, plan, unpack = pack_tokens(ids, key_mask, padded, kernels)        # [T, 3]
+        tokens, plan, unpack = pack_tokens(ids, layout, padded, kernels,
+                                           recorder.attentions if recorder else None)  # [T, 3]
+        if recorder is not None:
+            recorder.unpack = unpack
         x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [T, E]
-        hidden = unpack(self.encoder(x, plan))                                    # [B, L, hidden]
+        hidden = unpack(self.encoder(x, plan, recorder))                          # [B, L, hidden]
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
-        return AlbertOutput(hidden, pooled)
+        as_tuple = lambda v: None if v is None else tuple(v)
+        return AlbertOutput(hidden, pooled, as_tuple(recorder and recorder.hidden_states),
+                            as_tuple(recorder and recorder.attentions))
 
     def _check_ids(self, input_ids, attention_mask, token_type_ids, position_ids):
         for name, t in (("input_ids", input_ids), ("token_type_ids", token_type_ids),
@@ -152,12 +188,14 @@ class AlbertModel(AlbertPreTrainedModel):
             if t is not None and tuple(t.shape) != (batch, seqlen):
                 raise ValueError(f"{name} must be [B, L] = [{batch}, {seqlen}] like input_ids, "
                                  f"got {list(t.shape)}")
+        check_id_ranges(self.config, self.check_ids, input_ids=input_ids,
+                        token_type_ids=token_type_ids, position_ids=position_ids)
+        layout = mask_layout(attention_mask, batch, seqlen, position_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
-        key_mask = key_mask_from_attention_mask(attention_mask, batch, seqlen)
-        return input_ids, key_mask, token_type_ids.long(), position_ids.long()
+        return input_ids, layout, token_type_ids.long(), position_ids.long()
 
 
 class AlbertMLMHead(nn.Module):
@@ -168,7 +206,8 @@ class AlbertMLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.dense = nn.Linear(config.hidden_size, config.embedding_size)
         self.decoder = nn.Linear(config.embedding_size, config.vocab_size)
-        self.decoder.bias = self.bias  # tied, as in transformers
+        # decoder.weight / decoder.bias: the word embeddings / self.bias when the owning model
+        # ties them (WeightsMixin.tie_weights, config.tie_word_embeddings), else weights of their own
 
     def forward(self, hidden: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """hidden [..., hidden_size] (the whole [B, L] grid, or the gathered [M] labelled rows)
@@ -189,7 +228,8 @@ class AlbertSOPHead(nn.Module):
 
 
 class AlbertForPreTraining(AlbertPreTrainedModel):
-    """ALBERT with the MLM head (decoder tied to the word embeddings) and the SOP head.
+    """ALBERT with the MLM head (decoder tied to the word embeddings unless
+    ``config.tie_word_embeddings`` is False) and the SOP head.
 
     Sparse MLM head (``sparse_mlm=True``, the default): when ``labels`` are given, the MLM head
     (dense -> GELU -> LayerNorm -> decoder over the vocabulary) runs only at the positions where
@@ -212,7 +252,7 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
         self.predictions = AlbertMLMHead(config)
         self.sop_classifier = AlbertSOPHead(config)
         self.post_init()
-        self.predictions.decoder.weight = self.albert.embeddings.word_embeddings.weight
+        self.tie_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels: Optional[torch.Tensor] = None,
