@@ -161,9 +161,10 @@ def test_state_dict_errors_name_the_key():
     ak.AlbertModel.from_hf(state, config=cfg)
     missing = {k: v for k, v in state.items() if k != "pooler.weight"}
     with pytest.raises(KeyError, match="pooler.weight"):
-        ak.AlbertModel.from_hf(missing, config=cfg)
+        ak.AlbertModel.from_hf(missing, config=cfg, strict=True)  # default: warn, initialise
     with pytest.raises(KeyError, match="encoder.extra.weight"):
-        ak.AlbertModel.from_hf({**state, "encoder.extra.weight": torch.zeros(1)}, config=cfg)
+        ak.AlbertModel.from_hf({**state, "encoder.extra.weight": torch.zeros(1)}, config=cfg,
+                               strict=True)
     bad = dict(state)
     bad["encoder.embedding_hidden_mapping_in.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="embedding_hidden_mapping_in.weight"):

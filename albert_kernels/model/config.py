@@ -9,6 +9,10 @@ from typing import Any, Optional
 # hidden_act values the fused kernels implement, and the GELU variant each one is.
 GELU_VARIANTS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
+# transformers' problem_type values for sequence classification (None: from num_labels and the
+# labels' dtype at the first loss).
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
 # ALBERT v2 sizes (Lan et al., 2019, table 1; the released v2 configs).
 PRESETS = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -53,10 +57,17 @@ class AlbertConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
                      "num_hidden_groups", "num_attention_heads", "intermediate_size",
-                     "inner_group_num", "max_position_embeddings", "type_vocab_size"):
+                     "inner_group_num", "max_position_embeddings", "type_vocab_size",
+                     "num_labels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AlbertConfig.{name} must be a positive int, got {value!r}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"AlbertConfig.problem_type must be one of {PROBLEM_TYPES}, got "
+                             f"{self.problem_type!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError("AlbertConfig.tie_word_embeddings must be True (MLM decoder = word "
+                             f"embeddings) or False, got {self.tie_word_embeddings!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"AlbertConfig.hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
@@ -88,8 +99,13 @@ class AlbertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlbertConfig":
+        """From a config.json dict (transformers' keys). ValueError if its ``model_type`` is not
+        "albert" (a BERT or other config would load with wrong shapes or semantics)."""
         known = {f.name for f in fields(cls)} - {"extra"}
         d = dict(d)
+        if d.get("model_type", "albert") != "albert":
+            raise ValueError(f"config model_type is {d['model_type']!r}, not 'albert': "
+                             "albert_kernels models load ALBERT checkpoints only")
         id2label = d.get("id2label")
         if "num_labels" not in d and isinstance(id2label, dict) and id2label:
             d["num_labels"] = len(id2label)
@@ -98,14 +114,19 @@ class AlbertConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "AlbertConfig":
-        """From a transformers AlbertConfig object."""
+        """From a transformers AlbertConfig object (ValueError for another model_type)."""
         d = hf_config.to_dict()
+        d["model_type"] = getattr(hf_config, "model_type", d.get("model_type"))
         d["num_labels"] = hf_config.num_labels
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
+        """transformers' config.json keys. A checkpoint's id2label/label2id that no longer match
+        num_labels are left out (transformers then names the labels LABEL_0, LABEL_1, ...)."""
         d = asdict(self)
         extra = d.pop("extra")
+        if len(extra.get("id2label") or {}) not in (0, self.num_labels):
+            extra = {k: v for k, v in extra.items() if k not in ("id2label", "label2id")}
         return {**extra, **d, "model_type": "albert"}
 
     @classmethod
