@@ -11,8 +11,10 @@ autocast off (so nothing inside is cast twice):
   "lower precision" list (``matmul``, ``linear``): every floating input to the autocast dtype
   (``torch.get_autocast_dtype``: bfloat16 or float16). Softmax statistics inside the attention
   kernels are float32 in every backend, as autocast runs ``softmax`` in float32.
-- ``add_layer_norm``: autocast's float32 list (``layer_norm``): inputs to float32, output float32,
-  as ``F.layer_norm`` gives under autocast.
+- ``add_layer_norm``: autocast's float32 list on CUDA (``layer_norm``): inputs to float32, output
+  float32, on every device. (CPU autocast leaves ``layer_norm`` in its input's dtype; in an ALBERT
+  layer that input, the residual sum, is float32 anyway: transformers adds the float32 residual
+  stream to the low-precision sublayer output, which promotes.)
 
 float64 tensors are never cast (autocast leaves them alone too). Outside autocast nothing is
 cast: mixed dtypes are then the caller's error, as for any op. The casts are differentiable, so
