@@ -184,6 +184,9 @@ def main(argv=None) -> int:
         print("check_cuda_build: nvcc not found ($CUDA_HOME/bin, /usr/local/cuda/bin, PATH)",
               file=sys.stderr)
         return 2
+    # torch guesses CUDA_HOME at import (from a wrapper nvcc on PATH it may guess /usr/local):
+    # the same toolkit as the nvcc used here, as build.py does
+    os.environ.setdefault("CUDA_HOME", str(Path(nvcc).parent.parent))
     import torch
     if not torch.version.cuda:
         print("check_cuda_build: this torch is not a CUDA build", file=sys.stderr)
