@@ -3,11 +3,15 @@
 Shared by the test suite and ``albert-kernels verify`` so that both check the same things.
 A case builds its inputs for a (dtype, device); ``run_case`` compares a backend with the
 reference under the error budget, forward and backward.
+
+To add a case, add a row to ``CASES`` (the functions ``attention_case`` ... ``gelu_ffn_case``
+say what their arguments mean). To cover a new op, write one such function returning an
+:class:`OpCase` whose ``make`` builds the op's positional and keyword arguments.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -31,7 +35,8 @@ def _randn(gen, *shape, dtype, device, scale=1.0, grad=True):
 
 
 def _mask(kind: str, batch: int, seqlen: int, gen, device):
-    """Key padding masks: right / left padding with random lengths, one row all padding."""
+    """bool [batch, seqlen] key padding mask with random lengths in [1, seqlen]: "right" (real
+    tokens first), "left" (real tokens last), "all_pad_row" (right, and row 0 all padding)."""
     lengths = torch.randint(1, seqlen + 1, (batch,), generator=gen)
     if kind == "all_pad_row":
         lengths[0] = 0
@@ -43,9 +48,16 @@ def _mask(kind: str, batch: int, seqlen: int, gen, device):
     return mask.to(device)
 
 
-def _attention_case(batch, heads, seqlen, head_dim, mask=None, transposed=False):
+def attention_case(batch: int, heads: int, seqlen: int, head_dim: int, *,
+                   mask: Optional[str] = None, transposed: bool = False,
+                   quick: bool = True) -> OpCase:
+    """``ak.attention`` on q, k, v [batch, heads, seqlen, head_dim].
+
+    mask: None (no key padding mask) or a kind of :func:`_mask`. transposed: q, k, v are
+    [B, L, H, D] storage viewed as [B, H, L, D] (a non-contiguous layout).
+    """
     def make(dtype, device, gen):
-        if transposed:  # [B, L, H, D] storage viewed as [B, H, L, D]: a non-contiguous layout
+        if transposed:
             q, k, v = (_randn(gen, batch, seqlen, heads, head_dim, dtype=dtype, device=device,
                               grad=False).transpose(1, 2).requires_grad_() for _ in range(3))
         else:
@@ -57,23 +69,27 @@ def _attention_case(batch, heads, seqlen, head_dim, mask=None, transposed=False)
         return [q, k, v], kw
     name = f"B{batch} H{heads} L{seqlen} D{head_dim}" + (f" mask={mask}" if mask else "") + \
         (" transposed" if transposed else "")
-    return make, name
+    return OpCase("attention", name, make, quick)
 
 
-def _varlen_case(lengths, heads, head_dim):
+def varlen_case(lengths: list[int], heads: int, head_dim: int, *, quick: bool = True) -> OpCase:
+    """``ak.varlen_attention`` on sequences of these `lengths` packed into q, k, v [T, heads,
+    head_dim], with cu_seqlens and max_seqlen built from them (zero lengths allowed)."""
     def make(dtype, device, gen):
         total = sum(lengths)
         q, k, v = (_randn(gen, total, heads, head_dim, dtype=dtype, device=device) for _ in range(3))
         cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()),
                           dtype=torch.int32, device=device)
         return [q, k, v, cu, max(lengths) if lengths else 0], {}
-    return make, f"lengths={list(lengths)} H{heads} D{head_dim}"
+    return OpCase("varlen_attention", f"lengths={list(lengths)} H{heads} D{head_dim}", make, quick)
 
 
-def _add_ln_case(shape, sliced=False):
+def add_layer_norm_case(shape: tuple, *, sliced: bool = False, quick: bool = True) -> OpCase:
+    """``ak.add_layer_norm`` on x, residual of `shape`, weight and bias [shape[-1]], eps 1e-12.
+    sliced: x's rows are taken from a wider tensor (last dim contiguous, rows strided)."""
     def make(dtype, device, gen):
         n = shape[-1]
-        if sliced:  # rows taken from a wider tensor: last dim contiguous, rows strided
+        if sliced:
             x = _randn(gen, *shape[:-1], n + 8, dtype=dtype, device=device, grad=False)[..., :n]
             x.requires_grad_()
         else:
@@ -82,10 +98,13 @@ def _add_ln_case(shape, sliced=False):
         w = (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype).to(device).requires_grad_()
         b = _randn(gen, n, dtype=dtype, device=device, scale=0.1)
         return [x, r, w, b, 1e-12], {}
-    return make, f"{list(shape)}" + (" sliced" if sliced else "")
+    return OpCase("add_layer_norm", f"{list(shape)}" + (" sliced" if sliced else ""), make, quick)
 
 
-def _linear_gelu_case(tokens, k, n, approximate="tanh", transposed_x=False):
+def linear_gelu_case(tokens: int, k: int, n: int, approximate: str = "tanh", *,
+                     transposed_x: bool = False, quick: bool = True) -> OpCase:
+    """``ak.linear_gelu`` on x [tokens, k], weight [n, k], bias [n] with this GELU.
+    transposed_x: x is a [k, tokens] tensor transposed (non-contiguous)."""
     def make(dtype, device, gen):
         if transposed_x:
             x = _randn(gen, k, tokens, dtype=dtype, device=device, grad=False).t().requires_grad_()
@@ -94,10 +113,13 @@ def _linear_gelu_case(tokens, k, n, approximate="tanh", transposed_x=False):
         w = _randn(gen, n, k, dtype=dtype, device=device, scale=k ** -0.5)
         b = _randn(gen, n, dtype=dtype, device=device, scale=0.1)
         return [x, w, b], {"approximate": approximate}
-    return make, f"[{tokens}, {k}] -> {n} {approximate}" + (" x transposed" if transposed_x else "")
+    name = f"[{tokens}, {k}] -> {n} {approximate}" + (" x transposed" if transposed_x else "")
+    return OpCase("linear_gelu", name, make, quick)
 
 
-def _gelu_ffn_case(tokens, hidden, inner, approximate="tanh"):
+def gelu_ffn_case(tokens: int, hidden: int, inner: int, approximate: str = "tanh", *,
+                  quick: bool = True) -> OpCase:
+    """``ak.gelu_ffn`` on x [tokens, hidden] through [inner, hidden] and [hidden, inner]."""
     def make(dtype, device, gen):
         x = _randn(gen, tokens, hidden, dtype=dtype, device=device)
         w1 = _randn(gen, inner, hidden, dtype=dtype, device=device, scale=hidden ** -0.5)
@@ -105,38 +127,61 @@ def _gelu_ffn_case(tokens, hidden, inner, approximate="tanh"):
         w2 = _randn(gen, hidden, inner, dtype=dtype, device=device, scale=inner ** -0.5)
         b2 = _randn(gen, hidden, dtype=dtype, device=device, scale=0.1)
         return [x, w1, b1, w2, b2], {"approximate": approximate}
-    return make, f"[{tokens}, {hidden}] -> {inner} {approximate}"
+    return OpCase("gelu_ffn", f"[{tokens}, {hidden}] -> {inner} {approximate}", make, quick)
 
 
-def _cases() -> list[OpCase]:
-    out = []
-    A = lambda *a, quick=True, **kw: OpCase("attention", *reversed(_attention_case(*a, **kw)), quick)
-    out += [A(2, 2, 16, 64), A(2, 2, 7, 32, mask="right"), A(3, 2, 16, 64, mask="left"),
-            A(3, 2, 16, 64, mask="all_pad_row"), A(1, 1, 1, 64), A(0, 2, 8, 64),
-            A(2, 2, 16, 128, mask="right", transposed=True),
-            A(2, 3, 113, 64, mask="right", quick=False), A(1, 2, 512, 64, mask="right", quick=False),
-            A(2, 2, 128, 128, mask="left", quick=False)]
-    V = lambda *a, quick=True: OpCase("varlen_attention", *reversed(_varlen_case(*a)), quick)
-    out += [V([5, 1, 16], 2, 64), V([0, 7, 3], 2, 32), V([1], 1, 128), V([9, 0], 2, 64),
-            V([113, 40, 1], 2, 64, quick=False), V([512, 128], 2, 64, quick=False),
-            V([77, 33], 2, 128, quick=False)]
-    L = lambda *a, quick=True, **kw: OpCase("add_layer_norm", *reversed(_add_ln_case(*a, **kw)), quick)
-    out += [L((4, 64)), L((3, 5, 100)), L((1, 768)), L((0, 768)), L((7, 96), sliced=True),
-            L((33, 768), quick=False), L((17, 1000), quick=False), L((9, 1536), quick=False),
-            L((8, 1024), quick=False), L((4, 2048), quick=False), L((3, 4096), quick=False),
-            L((16, 768), sliced=True, quick=False)]
-    G = lambda *a, quick=True, **kw: OpCase("linear_gelu", *reversed(_linear_gelu_case(*a, **kw)), quick)
-    out += [G(8, 32, 64), G(7, 48, 40, "none"), G(1, 64, 32), G(0, 32, 64),
-            G(5, 32, 48, transposed_x=True),
-            G(113, 768, 3072, quick=False), G(64, 256, 1000, "none", quick=False),
-            G(33, 1024, 4096, quick=False)]
-    F = lambda *a, quick=True: OpCase("gelu_ffn", *reversed(_gelu_ffn_case(*a)), quick)
-    out += [F(8, 32, 64), F(5, 40, 72, "none"), F(1, 16, 64),
-            F(64, 768, 3072, quick=False), F(17, 1000, 1536, "none", quick=False)]
-    return out
-
-
-CASES: list[OpCase] = _cases()
+# The table. One row per case; quick=False rows are the large shapes (skipped by `verify
+# --quick` and by the Triton interpreter). Covered on purpose: empty batches and sequences,
+# one token, odd sizes that are no multiple of a tile, ALBERT's real sizes, non-contiguous inputs.
+CASES: list[OpCase] = [
+    # attention(batch, heads, seqlen, head_dim)
+    attention_case(2, 2, 16, 64),
+    attention_case(2, 2, 7, 32, mask="right"),
+    attention_case(3, 2, 16, 64, mask="left"),
+    attention_case(3, 2, 16, 64, mask="all_pad_row"),
+    attention_case(1, 1, 1, 64),
+    attention_case(0, 2, 8, 64),
+    attention_case(2, 2, 16, 128, mask="right", transposed=True),
+    attention_case(2, 3, 113, 64, mask="right", quick=False),
+    attention_case(1, 2, 512, 64, mask="right", quick=False),
+    attention_case(2, 2, 128, 128, mask="left", quick=False),
+    # varlen_attention(lengths, heads, head_dim)
+    varlen_case([5, 1, 16], 2, 64),
+    varlen_case([0, 7, 3], 2, 32),
+    varlen_case([1], 1, 128),
+    varlen_case([9, 0], 2, 64),
+    varlen_case([113, 40, 1], 2, 64, quick=False),
+    varlen_case([512, 128], 2, 64, quick=False),
+    varlen_case([77, 33], 2, 128, quick=False),
+    # add_layer_norm(shape)
+    add_layer_norm_case((4, 64)),
+    add_layer_norm_case((3, 5, 100)),
+    add_layer_norm_case((1, 768)),
+    add_layer_norm_case((0, 768)),
+    add_layer_norm_case((7, 96), sliced=True),
+    add_layer_norm_case((33, 768), quick=False),
+    add_layer_norm_case((17, 1000), quick=False),
+    add_layer_norm_case((9, 1536), quick=False),
+    add_layer_norm_case((8, 1024), quick=False),
+    add_layer_norm_case((4, 2048), quick=False),
+    add_layer_norm_case((3, 4096), quick=False),
+    add_layer_norm_case((16, 768), sliced=True, quick=False),
+    # linear_gelu(tokens, k, n, approximate)
+    linear_gelu_case(8, 32, 64),
+    linear_gelu_case(7, 48, 40, "none"),
+    linear_gelu_case(1, 64, 32),
+    linear_gelu_case(0, 32, 64),
+    linear_gelu_case(5, 32, 48, transposed_x=True),
+    linear_gelu_case(113, 768, 3072, quick=False),
+    linear_gelu_case(64, 256, 1000, "none", quick=False),
+    linear_gelu_case(33, 1024, 4096, quick=False),
+    # gelu_ffn(tokens, hidden, inner, approximate)
+    gelu_ffn_case(8, 32, 64),
+    gelu_ffn_case(5, 40, 72, "none"),
+    gelu_ffn_case(1, 16, 64),
+    gelu_ffn_case(64, 768, 3072, quick=False),
+    gelu_ffn_case(17, 1000, 1536, "none", quick=False),
+]
 
 
 def case_applies(case: OpCase, backend: str, device: str) -> bool:

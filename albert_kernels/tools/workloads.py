@@ -39,7 +39,6 @@ class Workload:
     unit: str                   # "GB/s", "GFLOP/s" or "tokens/s"
     baseline: bool = False      # the group's reference point for ratios
     ceiling: bool = False       # a hardware ceiling (copy bandwidth, GEMM), not a competitor
-    setup_s: float = 0.0        # one-time cost outside the timing (torch.compile), if any
     rebuild: Optional[Rebuild] = None   # to build it alone in a fresh process (its CPU memory)
 
 
@@ -80,13 +79,6 @@ def copy_workload(nbytes: int, device, group: str) -> Workload:
     dst = torch.empty_like(src)
     return Workload(group, "copy (same bytes)", lambda: dst.copy_(src), 8.0 * n, "GB/s",
                     ceiling=True)
-
-
-def matmul_workload(m: int, k: int, n: int, dtype, device, group: str) -> Workload:
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    return Workload(group, f"torch.matmul [{m}x{k}]@[{k}x{n}]", lambda: torch.matmul(a, b),
-                    2.0 * m * k * n, "GFLOP/s", ceiling=True)
 
 
 # ---------------------------------------------------------------------------------------------

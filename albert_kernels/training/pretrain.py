@@ -46,9 +46,11 @@ from ..model.weights import read_hf_directory
 from .data import IGNORE_INDEX, TOKENIZER_PATH, PretrainingData, load_tokenizer
 from .optim import Lamb, parameter_groups, warmup_linear_decay
 
-# "tiny": a CPU-sized ALBERT for smoke runs and tests; "base": ALBERT v2 base. Both without the
-# SOP head's dropout, like the original pretraining code (so runs are deterministic).
-PRESETS = {
+# The model sizes `pretrain --preset` offers: "tiny", a CPU-sized ALBERT for smoke runs and tests
+# (these fields; this command only), and "base", ALBERT v2 base (model/config.py PRESETS, the v2
+# sizes that `bench --preset` takes). Both without the SOP head's dropout, like the original
+# pretraining code (so runs are deterministic).
+PRETRAIN_SIZES = {
     "tiny": dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=512),
     "base": dict(),
@@ -62,16 +64,18 @@ RUN_KEYS = ("preset", "seq_len", "batch_size", "seed")
 
 
 def model_config(preset: str, vocab_size: int) -> AlbertConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset not in PRETRAIN_SIZES:
+        raise ValueError(f"--preset must be one of {sorted(PRETRAIN_SIZES)}, got {preset!r}")
     if preset == "tiny":
-        return AlbertConfig(vocab_size=vocab_size, classifier_dropout_prob=0.0, **PRESETS["tiny"])
+        return AlbertConfig(vocab_size=vocab_size, classifier_dropout_prob=0.0,
+                            **PRETRAIN_SIZES["tiny"])
     return AlbertConfig.preset(preset, vocab_size=vocab_size, classifier_dropout_prob=0.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="tiny (hidden 128, 2 layers) or base (ALBERT v2 base); vocab = the tokenizer's")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRETRAIN_SIZES),
+                   help="model size to pretrain: tiny (hidden 128, 2 layers, this command only) or "
+                        "base (ALBERT v2 base); vocab = the tokenizer's")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in the whole run")
     p.add_argument("--batch-size", type=int, default=32,
                    help="global batch: sequences per step over all processes")
