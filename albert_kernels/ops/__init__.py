@@ -13,7 +13,7 @@ import torch
 
 from ..backends import available_backends, resolve
 from .padding import pad, unpad
-from .validate import (check_approximate, check_cu_seqlens, check_same, check_scale, check_tensor,
+from .validate import (check_approximate, check_cu_seqlens, check_dropout_p, check_same, check_scale, check_tensor,
                        check_vector, describe)
 
 
@@ -23,12 +23,18 @@ def _backend(backend: Optional[str], t: torch.Tensor, head_dim: Optional[int] = 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
+              dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
     """Softmax attention in the padded layout.
 
     q, k, v: [B, H, L, D], one float dtype and device. key_padding_mask: bool [B, L], True = real
-    key (keys where it is False get zero weight); a query whose keys are all masked returns zeros.
-    scale defaults to D ** -0.5. Returns [B, H, L, D].
+    key (keys where it is False get zero weight, whatever they hold); a query whose keys are all
+    masked returns zeros. scale defaults to D ** -0.5. dropout_p in [0, 1): dropout on the
+    attention probabilities, applied whenever > 0 (pass 0 in eval; there is no training flag):
+    each is dropped with probability dropout_p and kept ones are scaled by 1 / (1 - dropout_p),
+    as ``nn.Dropout``. The mask comes from a Philox stream keyed by torch's generator for the
+    device (``torch.manual_seed`` makes it reproducible, successive calls differ) and the
+    backward regenerates it, as FlashAttention 2 does (docs/correctness.md). Returns
+    [B, H, L, D]. Raises TypeError / ValueError naming the argument.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, rank=4, floating=True)
@@ -43,38 +49,72 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on "
                              f"{q.device}")
     scale = check_scale(scale, head_dim)
+    dropout_p = check_dropout_p(dropout_p)
     kernels = _backend(backend, q, head_dim)
-    return kernels.attention(q, k, v, key_padding_mask, scale)
+    return kernels.attention(q, k, v, key_padding_mask, scale, dropout_p)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, *, scale: Optional[float] = None,
-                     backend: Optional[str] = None, check_inputs: bool = True) -> torch.Tensor:
-    """Softmax attention over packed variable-length sequences.
+                     max_seqlen: int, *, cu_seqlens_k: Optional[torch.Tensor] = None,
+                     max_seqlen_k: Optional[int] = None, scale: Optional[float] = None,
+                     dropout_p: float = 0.0, backend: Optional[str] = None,
+                     check_inputs: bool = True) -> torch.Tensor:
+    """Softmax attention over packed variable-length sequences, in the convention of
+    FlashAttention's ``flash_attn_varlen_func``.
 
-    q, k, v: [T, H, D]; cu_seqlens: int32 [B+1], prefix sums of the lengths (cu_seqlens[0] == 0,
-    cu_seqlens[-1] == T); max_seqlen: the longest length. Each sequence attends only to itself.
-    Returns [T, H, D].
+    q: [Tq, H, D]; k, v: [Tk, H, D], one float dtype and device. cu_seqlens (FlashAttention's
+    cu_seqlens_q): int32 [B+1], prefix sums of the query lengths (cu_seqlens[0] == 0,
+    cu_seqlens[-1] == Tq); max_seqlen: the longest query length. cu_seqlens_k: int32 [B+1], the
+    same over k's tokens (cu_seqlens_k[-1] == Tk); None means cu_seqlens (then Tk == Tq and each
+    sequence attends to itself). max_seqlen_k: the longest key length; None means max_seqlen.
+    Sequence b's queries q[cu_seqlens[b]:cu_seqlens[b+1]] attend to the keys
+    k[cu_seqlens_k[b]:cu_seqlens_k[b+1]] only: queries without keys of their own (a left-padded
+    row's pad positions, say) are query-only tokens, and a sequence with queries but no keys
+    gives zero rows and zero gradients. dropout_p: as in :func:`attention` (the mask's layout
+    uses max_seqlen and max_seqlen_k, which must bound the lengths). Returns [Tq, H, D].
 
-    check_inputs: checking the values of cu_seqlens (and max_seqlen against them) reads cu_seqlens
-    back to the host: on CUDA, a device->host copy that waits for the GPU, on every call. Pass
-    ``check_inputs=False`` when you have validated them once (or built them yourself, as
-    ``ak.unpad`` does) and call repeatedly, e.g. once per layer: shapes, dtypes and devices are
-    still checked, but no value is read and nothing waits. Invalid values are then undefined
-    behaviour (out-of-bounds reads on a GPU). This is why ``AlbertModel`` validates its inputs
-    once per forward and then calls the backend kernels directly: one check, no per-layer sync.
-    Raises TypeError / ValueError naming the argument for invalid inputs, and the errors of
-    ``backends.dispatch.resolve`` for the backend.
+    check_inputs: checking the values of cu_seqlens / cu_seqlens_k (and the max lengths against
+    them) reads them back to the host: on CUDA, a device->host copy that waits for the GPU, on
+    every call. Pass ``check_inputs=False`` when you have validated them once (or built them
+    yourself, as ``ak.unpad`` does) and call repeatedly, e.g. once per layer: shapes, dtypes and
+    devices are still checked, but no value is read and nothing waits. Invalid values are then
+    undefined behaviour (out-of-bounds reads on a GPU). This is why ``AlbertModel`` validates its
+    inputs once per forward and then calls the backend kernels directly: one check, no
+    per-layer sync. Raises TypeError / ValueError naming the argument for invalid inputs, and the
+    errors of ``backends.dispatch.resolve`` for the backend.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, rank=3, floating=True)
-    check_same(["q", "k", "v"], [q, k, v])
+    check_same(["q", "k", "v"], [q, k, v], shape=False)
+    check_same(["k", "v"], [k, v])
+    if k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"k must be [Tk, H, D] with q's H, D = {list(q.shape[1:])}, "
+                         f"got {describe(k)}")
     if not isinstance(check_inputs, bool):
         raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+    if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} tokens and q {q.shape[0]}: keys laid out apart "
+                         "from the queries need cu_seqlens_k")
     check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device, values=check_inputs)
+    max_k_name = "max_seqlen_k" if max_seqlen_k is not None else "max_seqlen_k (None: max_seqlen)"
+    if cu_seqlens_k is None:
+        if max_seqlen_k is not None:
+            check_cu_seqlens(cu_seqlens, max_seqlen_k, k.shape[0], q.device,
+                             values=check_inputs, names=("cu_seqlens", max_k_name, "k"))
+        cu_seqlens_k = cu_seqlens
+    max_seqlen_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+    if cu_seqlens_k is not cu_seqlens:
+        check_tensor("cu_seqlens_k", cu_seqlens_k, rank=1)
+        if cu_seqlens_k.shape != cu_seqlens.shape:
+            raise ValueError(f"cu_seqlens_k must have the B+1 = {cu_seqlens.shape[0]} entries of "
+                             f"cu_seqlens, got {describe(cu_seqlens_k)}")
+        check_cu_seqlens(cu_seqlens_k, max_seqlen_k, k.shape[0], q.device, values=check_inputs,
+                         names=("cu_seqlens_k", max_k_name, "k"))
     scale = check_scale(scale, q.shape[-1])
+    dropout_p = check_dropout_p(dropout_p)
     kernels = _backend(backend, q, q.shape[-1])
-    return kernels.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale)
+    return kernels.varlen_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
+                                    scale, dropout_p)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

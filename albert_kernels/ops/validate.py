@@ -61,31 +61,41 @@ def check_approximate(approximate) -> None:
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device, *,
-                     values: bool = True) -> None:
+                     values: bool = True, names=("cu_seqlens", "max_seqlen", "q")) -> None:
     """cu_seqlens: int32 [B+1] on `device`; max_seqlen: an int >= 0. With `values` (and not while
     torch.compile traces), also the values: 0 first, non-decreasing, `total` last, no length
     above max_seqlen; reading them is a device->host copy (a sync on CUDA)."""
-    check_tensor("cu_seqlens", cu_seqlens, rank=1)
+    check_tensor(names[0], cu_seqlens, rank=1)
     if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+        raise TypeError(f"{names[0]} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+        raise ValueError(f"{names[0]} is on {cu_seqlens.device} but q is on {device}")
     if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must have B+1 >= 1 entries, got 0")
+        raise ValueError(f"{names[0]} must have B+1 >= 1 entries, got 0")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+        raise TypeError(f"{names[1]} must be a non-negative int, got {max_seqlen!r}")
     if max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
+        raise ValueError(f"{names[1]} must be a non-negative int, got {max_seqlen}")
     if not values or torch.compiler.is_compiling():
         return  # the value checks read the tensor on the host: eager only, not in a graph
     values = cu_seqlens.tolist()
     if values[0] != 0:
-        raise ValueError(f"cu_seqlens[0] must be 0, got {values[0]}")
+        raise ValueError(f"{names[0]}[0] must be 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
     if any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+        raise ValueError(f"{names[0]} must be non-decreasing, got {values}")
     if values[-1] != total:
-        raise ValueError(f"cu_seqlens[-1] must equal T = {total} (tokens in q), got {values[-1]}")
+        raise ValueError(f"{names[0]}[-1] must equal T = {total} (tokens in {names[2]}), "
+                         f"got {values[-1]}")
     if lengths and max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence "
-                         f"in cu_seqlens ({max(lengths)})")
+        raise ValueError(f"{names[1]} = {max_seqlen} is smaller than the longest sequence "
+                         f"in {names[0]} ({max(lengths)})")
+
+
+def check_dropout_p(dropout_p) -> float:
+    """dropout_p: a float in [0, 1) (the probability of dropping an attention probability)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
