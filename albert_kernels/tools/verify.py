@@ -1,5 +1,6 @@
-"""`albert-kernels verify`: every op (forward and backward) x backend x dtype, and the model,
-against the reference under the error budget (docs/correctness.md). Exit status 1 on any failure."""
+"""`albert-kernels verify`: every op (forward and backward) x backend x dtype, the "edge" group
+(every op on inputs at the edges of their range, tools/edge_cases.py), and the model, against the
+reference under the error budget (docs/correctness.md). Exit status 1 on any failure."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 from ..backends import available_backends
 from .budget import Budget, check_budget
 from .cases import CASES, DTYPES, case_applies, run_case
+from .edge_cases import EDGE_CASES, edge_case_applies, run_edge_case
 
 
 @dataclass
@@ -47,6 +49,20 @@ def verify_ops(backends: Iterable[str], dtypes: Iterable[str], device: str,
                 except Exception as e:  # a crash is a failure, reported, not a traceback
                     name, budget = f"{type(e).__name__}: {e}"[:80], Budget(float("inf"), 0.0, False)
                 yield Row(case.op, case.name, backend, dtype, budget, name)
+
+
+def verify_edge(backends: Iterable[str], dtypes: Iterable[str], device: str) -> Iterable[Row]:
+    """The "edge" group: every op on inputs at the edges of their range (tools/edge_cases.py)."""
+    for backend in backends:
+        for case in EDGE_CASES:
+            for dtype in dtypes:
+                if not edge_case_applies(case, dtype):
+                    continue
+                try:
+                    name, budget = worst_of(run_edge_case(case, backend, DTYPES[dtype], device))
+                except Exception as e:  # a crash is a failure, reported, not a traceback
+                    name, budget = f"{type(e).__name__}: {e}"[:80], Budget(float("inf"), 0.0, False)
+                yield Row(f"edge {case.op}", case.name, backend, dtype, budget, name)
 
 
 def _tiny_model(dtype, device, backend: str, seed: int = 0):
@@ -154,7 +170,7 @@ def main(args) -> int:
     print(f"{'check':22s} {'case':40s} {'backend':9s} {'dtype':8s} {'ok':4s} {'error':>9s} "
           f"{'budget':>9s} {'e/b':>6s}  worst")
     rows = []
-    checks = [verify_ops(backends, dtypes, device, args.quick)]
+    checks = [verify_ops(backends, dtypes, device, args.quick), verify_edge(backends, dtypes, device)]
     if not args.no_model:
         checks += [verify_model(backends, dtypes, device), verify_against_transformers(backends, device)]
     # --jsonl: one line per row, appended and flushed as it is produced, so that a run killed

@@ -4,13 +4,20 @@
 //   x, residual, out: [M, N] contiguous, storage dtype T (fp32 / fp16 / bf16 / fp64).
 //   weight, bias: [N], dtype T.   mean, rstd: [M], fp32 (fp64 for fp64 inputs).
 //   Parallel over rows: each task owns whole rows. A row's sum s = x + r is formed once in
-//   acc_t (fp32) in a per-thread row buffer (L1-resident for N <= 4096), then mean and variance
-//   are two passes over that buffer in registers (exact two-pass, no cancellation), then one
-//   pass writes out. Saved for backward: mean, rstd (s is recomputed from x and residual).
+//   acc_t (fp32: never rounded to T, so an fp16 sum above 65504 is fine) and shifted by the row's
+//   first element, s' = s - s_0, in a per-thread row buffer (L1-resident for N <= 4096); then
+//   mean and variance are two passes over that buffer (two-pass: no cancellation), then one pass
+//   writes out. The shift makes the statistics exact where a rounding step of the mean would be
+//   magnified by rstd (up to 1/sqrt(eps) = 1e6 for ALBERT's eps): a constant row gives s' = 0,
+//   mean 0, variance 0 exactly, so out = bias; a near-constant row with a large common offset
+//   loses nothing (s - s_0 is exact when s and s_0 are within a factor of 2, Sterbenz).
+//   Saved for backward: `mean` holds the mean of s' (the shifted mean), and rstd; backward
+//   recomputes s_0 and s' from x and residual exactly as forward formed them.
 //
 // Backward add_layer_norm_bwd(grad_out, x, residual, weight, mean, rstd)
 //     -> (grad_x, grad_weight, grad_bias)
 //   grad_x == grad_residual (returned once; the autograd formula hands it to both inputs).
+//   xhat = ((x + r) - s_0 - mean) * rstd, with s_0 = x[0] + r[0] and the shifted mean of forward.
 //   Rows are cut into fixed chunks of kReduceRows; a task owns whole chunks: it writes grad_x
 //   of its rows and its chunk's partial sums of grad_out * xhat (-> grad_weight) and grad_out
 //   (-> grad_bias), all fp32; the partials are then added in chunk order, so the weight and bias
@@ -53,14 +60,16 @@ void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at
       const int64_t off = row * N;
       const acc* xr = load_row(xp + off, xbuf.data(), N);
       const acc* rr = load_row(rp + off, rbuf.data(), N);
-      // pass 1: s = x + r, sum (four independent accumulators: no add-latency chain)
+      const acc shift = xr[0] + rr[0];
+      const V vshift(shift);
+      // pass 1: s' = (x + r) - shift, sum (four independent accumulators: no add-latency chain)
       V vs0(acc(0)), vs1(acc(0)), vs2(acc(0)), vs3(acc(0));
       int64_t j = 0;
       for (; j + 4 * W <= N; j += 4 * W) {
-        V a0 = V::loadu(xr + j) + V::loadu(rr + j);
-        V a1 = V::loadu(xr + j + W) + V::loadu(rr + j + W);
-        V a2 = V::loadu(xr + j + 2 * W) + V::loadu(rr + j + 2 * W);
-        V a3 = V::loadu(xr + j + 3 * W) + V::loadu(rr + j + 3 * W);
+        V a0 = V::loadu(xr + j) + V::loadu(rr + j) - vshift;
+        V a1 = V::loadu(xr + j + W) + V::loadu(rr + j + W) - vshift;
+        V a2 = V::loadu(xr + j + 2 * W) + V::loadu(rr + j + 2 * W) - vshift;
+        V a3 = V::loadu(xr + j + 3 * W) + V::loadu(rr + j + 3 * W) - vshift;
         a0.store(s + j);
         a1.store(s + j + W);
         a2.store(s + j + 2 * W);
@@ -68,13 +77,13 @@ void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at
         vs0 = vs0 + a0; vs1 = vs1 + a1; vs2 = vs2 + a2; vs3 = vs3 + a3;
       }
       for (; j + W <= N; j += W) {
-        V sv = V::loadu(xr + j) + V::loadu(rr + j);
+        V sv = V::loadu(xr + j) + V::loadu(rr + j) - vshift;
         sv.store(s + j);
         vs0 = vs0 + sv;
       }
       V vsum = (vs0 + vs1) + (vs2 + vs3);
       acc sum = at::vec::vec_reduce_all<acc>(add, vsum);
-      for (; j < N; ++j) { s[j] = xr[j] + rr[j]; sum += s[j]; }
+      for (; j < N; ++j) { s[j] = xr[j] + rr[j] - shift; sum += s[j]; }
       const acc mu = sum / acc(N);
       // pass 2: variance around the exact mean
       const V vmu(mu);
@@ -99,7 +108,7 @@ void add_ln_fwd_kernel(const at::Tensor& x, const at::Tensor& residual, const at
       const acc rs = acc(1) / std::sqrt(sq / acc(N) + acc(eps));
       mean_p[row] = mu;
       rstd_p[row] = rs;
-      // pass 3: out = (s - mu) * rstd * w + b
+      // pass 3: out = (s' - mu) * rstd * w + b
       acc* __restrict__ o = out_row(op + off, obuf.data());
       const V vrs(rs);
       const int64_t n = N;  // a local bound: the stores to o must not force reloads of N
@@ -148,12 +157,13 @@ void add_ln_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x,
         const acc* dy = load_row(gp + off, gbuf.data(), N);
         const acc* xr = load_row(xp + off, xbuf.data(), N);
         const acc* rr = load_row(rp + off, rbuf.data(), N);
-        const V vmu(mean_p[row]), vrs(rstd_p[row]);
+        const acc shift = xr[0] + rr[0];  // forward's s_0, formed the same way
+        const V vshift(shift), vmu(mean_p[row]), vrs(rstd_p[row]);
         // pass 1: xhat, w * dy, the two row means, and the weight / bias partials
         V v_a(acc(0)), v_b(acc(0));  // sum (w dy) * xhat, sum w dy
         int64_t j = 0;
         for (; j + W <= N; j += W) {
-          V xh = (V::loadu(xr + j) + V::loadu(rr + j) - vmu) * vrs;
+          V xh = (V::loadu(xr + j) + V::loadu(rr + j) - vshift - vmu) * vrs;
           V g = V::loadu(dy + j);
           V wg = V::loadu(w.data() + j) * g;
           xh.store(xhat.data() + j);
@@ -167,7 +177,7 @@ void add_ln_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x,
         acc sa = at::vec::vec_reduce_all<acc>(add, v_a);
         acc sb = at::vec::vec_reduce_all<acc>(add, v_b);
         for (; j < N; ++j) {
-          const acc xh = (xr[j] + rr[j] - mean_p[row]) * rstd_p[row];
+          const acc xh = (xr[j] + rr[j] - shift - mean_p[row]) * rstd_p[row];
           const acc wg = w[j] * dy[j];
           xhat[j] = xh; wdy[j] = wg;
           sa += wg * xh; sb += wg;

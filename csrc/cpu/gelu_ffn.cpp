@@ -42,10 +42,20 @@ Gelu parse_approximate(std::string_view approximate) {
   return Gelu::Erf;
 }
 
-// GELU and its derivative on one vector, in acc_t. tanh form: 0.5 (1 + tanh(u)) == sigmoid(2u),
-// u = sqrt(2/pi) (x + 0.044715 x^3), so gelu(x) = x * sigmoid(2u) = x / (1 + exp(t)) with
-// t = -2u = x (kA + kB x^2): one exp and one reciprocal (an approximate reciprocal refined by
-// a Newton step on AVX2: ~1 ulp, and much cheaper than a vector division), no tanh.
+// GELU and its derivative on one vector, in acc_t, accurate on the whole real line.
+// tanh form: 0.5 (1 + tanh(u)) == sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), so
+// gelu(x) = x * sigmoid(2u). With t = -2u = x (kA + kB x^2), e = exp(-|t|) in [0, 1] and
+// r = 1 / (1 + e) in [1/2, 1]: sigmoid(2u) = 1 - e r where t <= 0 (exactly 1 where e = 0,
+// whatever the reciprocal's last bit), e r where t > 0, and
+// sigmoid(2u) (1 - sigmoid(2u)) = e r^2 on both sides: no 1 - s is ever formed, so neither tail
+// cancels (the old 1 - s multiplied the reciprocal's rounding error by ~x^3: a gradient of 12760
+// at x = 1e4). x is clamped to +-kClamp before t is formed: beyond it e is 0 in float and double
+// alike (|t| > 1900), so nothing changes except that x^3 never overflows (fp16 / bf16 maxima).
+// One exp and one reciprocal (an approximate reciprocal refined by a Newton step on AVX2, ~1 ulp;
+// its argument is in [1, 2], so it never meets inf or a denormal).
+// erf form: gelu(x) = 0.5 x erfc(-x / sqrt(2)): erfc keeps the left tail's relative accuracy,
+// where 1 + erf(x / sqrt(2)) cancels to 0; the derivative adds x * pdf(x), and pdf(x) = 0 (not
+// NaN) when x^2 overflows.
 template <typename acc>
 struct GeluMath {
   using V = Vec<acc>;
@@ -55,6 +65,7 @@ struct GeluMath {
   static constexpr acc kB = acc(-2 * 0.7978845608028654 * 0.044715);  // kA * 0.044715
   static constexpr acc kInvSqrt2 = acc(0.7071067811865476);
   static constexpr acc kInvSqrt2Pi = acc(0.3989422804014327);
+  static constexpr acc kClamp = acc(30);
 
   static V reciprocal(const V& d) {
 #ifdef ALBERT_KERNELS_AVX2
@@ -66,29 +77,39 @@ struct GeluMath {
 #endif
     return V(acc(1)) / d;
   }
-  static V sigmoid_2u(const V& x, const V& x2) {  // sigmoid(2u) = 1 / (1 + exp(t))
-    // t <= 80: exp stays finite, so the reciprocal's Newton step never meets inf * 0
-    const V t = at::vec::clamp_max(x * at::vec::fmadd(V(kB), x2, V(kA)), V(acc(80)));
-    return reciprocal(V(acc(1)) + fast_exp<acc>(t));
+  // sigmoid(2u) of the clamped xc, and (grad only) e r^2 = sigmoid(2u) (1 - sigmoid(2u)).
+  static V sigmoid_2u(const V& xc, V* er2) {
+    const V t = xc * at::vec::fmadd(V(kB), xc * xc, V(kA));
+    const V e = fast_exp<acc>(t.abs().neg());
+    const V r = reciprocal(V(acc(1)) + e);
+    const V er = e * r;
+    if (er2) *er2 = er * r;
+    return V::blendv(V(acc(1)) - er, er, t > V(acc(0)));
+  }
+  static V clamp(const V& x) { return at::vec::clamp(x, V(-kClamp), V(kClamp)); }
+  static V cdf(const V& x) {  // Phi(x) = 0.5 erfc(-x / sqrt(2))
+    return V(acc(0.5)) * (x * V(-kInvSqrt2)).erfc();
   }
   static V forward(Gelu kind, const V& x) {
-    if (kind == Gelu::Tanh) return x * sigmoid_2u(x, x * x);
-    return V(acc(0.5)) * x * (V(acc(1)) + (x * V(kInvSqrt2)).erf());
+    if (kind == Gelu::Tanh) return x * sigmoid_2u(clamp(x), nullptr);
+    return x * cdf(x);
   }
   // Returns gelu'(x); writes gelu(x) to *y when y is not null (the same value forward gives).
   static V grad(Gelu kind, const V& x, V* y) {
     if (kind == Gelu::Tanh) {
-      const V x2 = x * x;
-      const V s = sigmoid_2u(x, x2);
-      const V du = V(kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), x2, V(acc(1)));  // du/dx
+      const V xc = clamp(x);
+      V er2;
+      const V s = sigmoid_2u(xc, &er2);
       if (y) *y = x * s;
-      // d/dx [x s(2u)] = s + x * s (1 - s) * 2 du
-      return s + x * s * (V(acc(1)) - s) * V(acc(2)) * du;
+      // d/dx [x s(2u)] = s + x s (1 - s) 2 du/dx = s + xc e r^2 2 sqrt(2/pi) (1 + 3 c xc^2):
+      // xc in place of x is exact (e = 0 beyond the clamp)
+      const V du2 = V(2 * kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), xc * xc, V(acc(1)));
+      return at::vec::fmadd(xc * er2, du2, s);
     }
-    const V cdf = V(acc(0.5)) * (V(acc(1)) + (x * V(kInvSqrt2)).erf());
-    if (y) *y = x * cdf;
+    const V c = cdf(x);
+    if (y) *y = x * c;
     const V pdf = V(kInvSqrt2Pi) * (V(acc(-0.5)) * x * x).exp();
-    return at::vec::fmadd(x, pdf, cdf);
+    return at::vec::fmadd(x, pdf, c);
   }
 };
 

@@ -5,10 +5,14 @@
 //   x, residual, grad_out, out, grad_x : [M, N] row-major, dtype T (fp32, fp16 or bf16)
 //   weight, bias, grad_weight, grad_bias: [N], dtype T
 //   mean, rstd                          : float32 [M]   (saved by forward for backward)
-// Everything is computed in fp32: s = x + residual is formed in fp32 (never rounded to T),
-// mean and the biased variance by two passes over the row held in registers,
-// rstd = 1 / sqrt(var + eps). Backward recomputes s from x and residual, so only mean and rstd
-// are saved:  xhat = (s - mean) * rstd,  g = grad_out * weight,
+// Everything is computed in fp32: s = x + residual is formed in fp32 (never rounded to T), and
+// shifted by the row's first element, s' = s - s_0 (s_0 = x[row, 0] + residual[row, 0]): a
+// constant row then has mean 0 and variance 0 exactly (out = bias), and a large common offset
+// costs no accuracy (one rounding step of the unshifted mean, times rstd <= 1/sqrt(eps) = 1e6 for
+// ALBERT, is what the shift removes). Mean and the biased variance of s' by two passes over the
+// row held in registers, rstd = 1 / sqrt(var + eps). `mean` holds the mean of s' (the shifted
+// mean). Backward recomputes s_0 and s' from x and residual exactly as forward formed them, so
+// only mean and rstd are saved:  xhat = (s' - mean) * rstd,  g = grad_out * weight,
 //             grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat))   (== grad_residual),
 //             grad_weight = sum_rows(grad_out * xhat),  grad_bias = sum_rows(grad_out).
 //
@@ -40,6 +44,12 @@ constexpr int kBlockThreads = 256;   // block kernels: threads per row
 constexpr int kBlockElems = 16;      // block kernels: elements per thread kept in registers
 constexpr int kMaxBlockN = kBlockThreads * kBlockElems;  // longer rows: streaming kernels
 
+// s_0 = x[base] + residual[base] in fp32: the shift of the row starting at `base`.
+template <typename T>
+__device__ __forceinline__ float row_shift(const T* x, const T* res, int64_t base) {
+  return to_float(x[base]) + to_float(res[base]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -57,6 +67,7 @@ add_ln_fwd_warp_kernel(const T* __restrict__ x, const T* __restrict__ res,
   if (row >= M) return;
   const int nvec = N / VEC;
   const int64_t base = row * N;
+  const float shift = row_shift(x, res, base);
 
   float s[SLOTS][VEC];
   float sum = 0.f;
@@ -68,7 +79,7 @@ add_ln_fwd_warp_kernel(const T* __restrict__ x, const T* __restrict__ res,
       load_vec<T, VEC>(x + base + v * VEC, xv);
       load_vec<T, VEC>(res + base + v * VEC, rv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) { s[k][j] = xv[j] + rv[j]; sum += s[k][j]; }
+      for (int j = 0; j < VEC; ++j) { s[k][j] = xv[j] + rv[j] - shift; sum += s[k][j]; }
     }
   }
   const float mean = warp_sum(sum) / N;
@@ -109,13 +120,14 @@ add_ln_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ res,
   const int nvec = N / VEC;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t base = row * N;
+    const float shift = row_shift(x, res, base);
     float s[CACHE][VEC];
     auto load_s = [&](int v, float (&dst)[VEC]) {
       float xv[VEC], rv[VEC];
       load_vec<T, VEC>(x + base + static_cast<int64_t>(v) * VEC, xv);
       load_vec<T, VEC>(res + base + static_cast<int64_t>(v) * VEC, rv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) dst[j] = xv[j] + rv[j];
+      for (int j = 0; j < VEC; ++j) dst[j] = xv[j] + rv[j] - shift;
     };
 
     float sum = 0.f;
@@ -209,6 +221,7 @@ add_ln_bwd_warp_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
        row += row_stride) {
     const int64_t base = row * N;
     const float mean = mean_in[row], rstd = rstd_in[row];
+    const float shift = row_shift(x, res, base);
     float xhat[SLOTS][VEC], g[SLOTS][VEC];
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
@@ -222,7 +235,7 @@ add_ln_bwd_warp_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
         load_vec<T, VEC>(weight + v * VEC, wv);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          xhat[k][j] = (xv[j] + rv[j] - mean) * rstd;
+          xhat[k][j] = (xv[j] + rv[j] - shift - mean) * rstd;
           g[k][j] = dy[j] * wv[j];
           sum_g += g[k][j];
           sum_gx += g[k][j] * xhat[k][j];
@@ -286,6 +299,7 @@ add_ln_bwd_block_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t base = row * N;
     const float mean = mean_in[row], rstd = rstd_in[row];
+    const float shift = row_shift(x, res, base);
     // xhat, g and grad_out of vector v of this row
     auto load_row = [&](int v, float (&xh)[VEC], float (&gg)[VEC], float (&dy)[VEC]) {
       const int64_t off = static_cast<int64_t>(v) * VEC;
@@ -295,7 +309,10 @@ add_ln_bwd_block_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
       load_vec<T, VEC>(grad_out + base + off, dy);
       load_vec<T, VEC>(weight + off, wv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) { xh[j] = (xv[j] + rv[j] - mean) * rstd; gg[j] = dy[j] * wv[j]; }
+      for (int j = 0; j < VEC; ++j) {
+        xh[j] = (xv[j] + rv[j] - shift - mean) * rstd;
+        gg[j] = dy[j] * wv[j];
+      }
     };
 
     float xhat[CACHE][VEC], g[CACHE][VEC];

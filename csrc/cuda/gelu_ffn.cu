@@ -68,20 +68,38 @@ Act parse_act(c10::string_view approximate) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GELU in fp32 (accurate tanhf / erff / expf, not the approximate intrinsics)
+// GELU in fp32 (accurate expf / erfcf, not the approximate intrinsics), on the whole real line.
+// tanh: 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). With e = exp(-|2u|)
+// and r = 1 / (1 + e): sigmoid(2u) = 1 - e r (u >= 0; exactly 1 where e = 0) or e r (u < 0), and
+// sigmoid (1 - sigmoid) = e r^2,
+// so no 1 + tanh or 1 - s cancels in either tail. x is clamped to +-kGeluClamp inside u (e is 0
+// beyond, |2u| > 1900), so x^3 never overflows (bf16 maximum) and the derivative never forms
+// 0 * inf. erf: Phi(x) = 0.5 erfc(-x / sqrt(2)), where 1 + erf(x / sqrt(2)) would cancel in the
+// left tail. (cuBLASLt's own GELU epilogue, used for fp16 / bf16 "tanh" when aligned, is not ours:
+// its tails are as cuBLAS computes them.)
 // ---------------------------------------------------------------------------------------------
 constexpr float kSqrt2OverPi = 0.7978845608028654f;   // sqrt(2 / pi)
 constexpr float kGeluCoeff = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
+constexpr float kGeluClamp = 30.f;
+
+// sigmoid(2u) of the clamped xc; *er2 = e r^2 = sigmoid(2u) (1 - sigmoid(2u)) when er2 is set.
+__device__ __forceinline__ float gelu_sigmoid(float xc, float* er2) {
+  const float two_u = 2.f * kSqrt2OverPi * (xc + kGeluCoeff * xc * xc * xc);
+  const float e = expf(-fabsf(two_u));
+  const float r = 1.f / (1.f + e);
+  const float er = e * r;
+  if (er2) *er2 = er * r;
+  return two_u >= 0.f ? 1.f - er : er;
+}
 
 template <int ACT>
 __device__ __forceinline__ float act_fwd(float x) {
   if constexpr (ACT == kGeluTanh) {
-    const float u = kSqrt2OverPi * (x + kGeluCoeff * x * x * x);
-    return 0.5f * x * (1.f + tanhf(u));
+    return x * gelu_sigmoid(fminf(fmaxf(x, -kGeluClamp), kGeluClamp), nullptr);
   } else if constexpr (ACT == kGeluErf) {
-    return 0.5f * x * (1.f + erff(x * kInvSqrt2));
+    return x * (0.5f * erfcf(-x * kInvSqrt2));
   } else {
     return x;
   }
@@ -91,11 +109,12 @@ __device__ __forceinline__ float act_fwd(float x) {
 template <int ACT>
 __device__ __forceinline__ float act_grad(float x) {
   if constexpr (ACT == kGeluTanh) {
-    const float x2 = x * x;
-    const float t = tanhf(kSqrt2OverPi * (x + kGeluCoeff * x2 * x));
-    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kGeluCoeff * x2);
+    const float xc = fminf(fmaxf(x, -kGeluClamp), kGeluClamp);  // exact: e r^2 = 0 beyond
+    float er2;
+    const float s = gelu_sigmoid(xc, &er2);
+    return s + xc * er2 * (2.f * kSqrt2OverPi) * (1.f + 3.f * kGeluCoeff * xc * xc);
   } else if constexpr (ACT == kGeluErf) {
-    return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
+    return 0.5f * erfcf(-x * kInvSqrt2) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
   } else {
     return 1.f;
   }

@@ -1,9 +1,14 @@
 """Triton residual add + LayerNorm: y = LayerNorm(x + residual) * weight + bias over the last dim.
 
 Rows are x.reshape(-1, N) (a view when possible: rows may be strided, the last dim has stride 1).
-Statistics are fp32 whatever the input dtype. Saved for backward: x, residual, weight, and the
-per-row fp32 mean and rstd; the sum x + residual is recomputed in backward instead of stored
-(one fewer [M, N] tensor written in forward and kept alive until backward).
+Statistics are fp32 whatever the input dtype, and the sum s = x + residual is formed in fp32 (never
+rounded to the input dtype, where it may overflow). Each row is shifted by its first element,
+s' = s - s_0, before its two-pass mean and variance: a constant row gives exactly mean 0, variance
+0, output = bias, and a large common offset costs no accuracy (the mean of the unshifted row is
+off by a rounding step, which rstd, up to 1/sqrt(eps) = 1e6, would magnify). Saved for backward:
+x, residual, weight, and per row the fp32 mean of s' (the shifted mean) and rstd; backward forms
+s_0 and s' again exactly as forward did (the sum is recomputed instead of stored: one fewer
+[M, N] tensor written in forward and kept alive until backward).
 
 Backward is deterministic: dx (also d residual) per row tile; dweight and dbias reduced in two
 stages, partial sums per program into an fp32 [G, N] buffer, then a second kernel that adds the G
@@ -19,12 +24,21 @@ from .common import ceil_div
 
 
 @triton.jit
+def _row_shift(X, RES, rows64, stride_xm, stride_rm, row_ok):
+    """s_0 = x[row, 0] + residual[row, 0] in fp32, as a [BLOCK_M, 1] column (0 past M)."""
+    x0 = tl.load(X + rows64 * stride_xm, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    r0 = tl.load(RES + rows64 * stride_rm, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return x0 + r0
+
+
+@triton.jit
 def _add_ln_fwd_kernel(X, RES, W, B, Y, MEAN, RSTD, M, N, stride_xm, stride_rm, stride_ym, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """BLOCK_M rows per program, a whole row (BLOCK_N = next_power_of_2(N), masked) in registers.
 
     X, RES, Y: [M, N] rows at row * stride_*m (64-bit), columns contiguous. W, B: [N].
-    MEAN, RSTD: fp32 [M], written for backward. All arithmetic in fp32.
+    MEAN (the mean of s - s_0, s_0 = x[row, 0] + residual[row, 0]), RSTD: fp32 [M], written
+    for backward. All arithmetic in fp32.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -34,7 +48,8 @@ def _add_ln_fwd_kernel(X, RES, W, B, Y, MEAN, RSTD, M, N, stride_xm, stride_rm, 
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     r = tl.load(RES + rows64 * stride_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    s = x + r
+    shift = _row_shift(X, RES, rows64, stride_xm, stride_rm, row_ok)
+    s = tl.where(ok, x + r - shift, 0.0)
     mean = tl.sum(s, 1) / N
     centered = tl.where(ok, s - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / N + eps)
@@ -54,7 +69,8 @@ def _add_ln_bwd_dx_kernel(X, RES, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
     dweight = sum(dy * xhat), dbias = sum(dy) over those rows, stored in row pid of the fp32
     [G, N] buffers DW_PARTIAL, DB_PARTIAL.
 
-    xhat = (x + residual - mean) * rstd is recomputed from the saved fp32 mean and rstd;
+    xhat = (x + residual - s_0 - mean) * rstd is recomputed from the saved fp32 shifted mean
+    and rstd, s_0 formed as forward formed it;
     dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)), all in fp32.
     """
     pid = tl.program_id(0)
@@ -74,7 +90,8 @@ def _add_ln_bwd_dx_kernel(X, RES, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
         dy = tl.load(DY + rows64 * stride_dym + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(ok, (x + r - mean[:, None]) * rstd[:, None], 0.0)
+        shift = _row_shift(X, RES, rows64, stride_xm, stride_rm, row_ok)
+        xhat = tl.where(ok, (x + r - shift - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dy
         c1 = tl.sum(xhat * wdy, 1) / N
         c2 = tl.sum(wdy, 1) / N

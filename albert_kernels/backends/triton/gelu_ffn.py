@@ -46,20 +46,66 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 GELU_COEF = tl.constexpr(0.044715)
 
 
+GELU_CLAMP = tl.constexpr(30.0)
+# erfc(a) = t exp(-a^2 + ERFC_C + t P(t)), t = 1 / (1 + a / 2), a >= 0: Numerical Recipes' erfcc
+# (Press et al., section 6.2), relative error < 1.2e-7 everywhere; P is written out in _erfc_nonneg.
+ERFC_C = tl.constexpr(-1.26551223)
+
+
 @triton.jit
-def _tanh(u):
-    """tanh(u) = 2 * sigmoid(2u) - 1: exp only, so the interpreter and PTX both take it, and it
-    saturates to +-1 without NaN (exp overflowing to inf gives 2 / inf = 0)."""
-    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+def _erfc_nonneg(a):
+    """erfc(a) for a >= 0 with fp32 relative accuracy in the tail (where 1 - erf(a) is 0).
+    exp(-a^2) and exp(P(t) - err) are separate factors, err = the rounding of a^2 (fma), so no
+    rounding of a large exponent sum is magnified (libdevice's erfc has no interpreter twin).
+    a is clamped to 12, where exp(-a^2) is already 0 in fp32: a^2 never overflows."""
+    a = tl.minimum(a, 12.0)
+    t = 1.0 / (1.0 + 0.5 * a)
+    p = 0.17087277
+    p = p * t - 0.82215223
+    p = p * t + 1.48851587
+    p = p * t - 1.13520398
+    p = p * t + 0.27886807
+    p = p * t - 0.18628806
+    p = p * t + 0.09678418
+    p = p * t + 0.37409196
+    p = p * t + 1.00002368
+    a2 = a * a
+    a2_err = tl.fma(a, a, -a2)
+    return t * tl.exp(-a2) * tl.exp(p * t + ERFC_C - a2_err)
+
+
+@triton.jit
+def _phi(z):
+    """Phi(z) = 0.5 erfc(-z / sqrt(2)) of fp32 z: 0.5 (1 + erf) where z >= 0, the erfc tail below
+    (1 + erf(z / sqrt(2)) cancels there)."""
+    w = z * INV_SQRT_2
+    return tl.where(z >= 0, 0.5 * (1.0 + tl.math.erf(w)), 0.5 * _erfc_nonneg(tl.abs(w)))
+
+
+@triton.jit
+def _sigmoid_2u(z):
+    """(s, e r^2) for the tanh GELU of fp32 z: s = sigmoid(2u) = 0.5 (1 + tanh(u)),
+    u = sqrt(2/pi) (z + 0.044715 z^3), and e r^2 = s (1 - s), from e = exp(-|2u|) and
+    r = 1 / (1 + e): s = 1 - e r (u >= 0: exactly 1 where e = 0, whatever the division's last
+    bit) or e r (u < 0). No 1 - s and no 1 + tanh is formed, so
+    neither tail cancels; z is clamped to +-30 first (e underflows to 0 beyond), so z^3 never
+    overflows (bf16 maximum) and no 0 * inf appears in the derivative."""
+    zc = tl.minimum(tl.maximum(z, -GELU_CLAMP), GELU_CLAMP)
+    two_u = 2.0 * SQRT_2_OVER_PI * (zc + GELU_COEF * zc * zc * zc)
+    e = tl.exp(-tl.abs(two_u))
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    return tl.where(two_u >= 0, 1.0 - er, er), er * r
 
 
 @triton.jit
 def _gelu(z, gelu_tanh):
     """GELU of fp32 z: tanh approximation when gelu_tanh != 0, else the exact erf form."""
     if gelu_tanh != 0:
-        g = 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_COEF) * SQRT_2_OVER_PI))
+        s, _ = _sigmoid_2u(z)
+        g = z * s
     else:
-        g = 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT_2))
+        g = z * _phi(z)
     return g
 
 
@@ -67,10 +113,11 @@ def _gelu(z, gelu_tanh):
 def _gelu_grad(z, gelu_tanh):
     """d gelu / dz of fp32 z, same flavour switch as _gelu."""
     if gelu_tanh != 0:
-        t = _tanh((z + z * z * z * GELU_COEF) * SQRT_2_OVER_PI)
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * GELU_COEF))
+        s, er2 = _sigmoid_2u(z)
+        zc = tl.minimum(tl.maximum(z, -GELU_CLAMP), GELU_CLAMP)  # exact: er2 = 0 beyond
+        d = s + zc * er2 * (2.0 * SQRT_2_OVER_PI) * (1.0 + zc * zc * (3.0 * GELU_COEF))
     else:
-        d = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        d = _phi(z) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     return d
 
 
