@@ -3,9 +3,20 @@
 // Layouts (contiguous; the op wrappers make them so):
 //   padded:  q, k, v, out, grad_* [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or
 //            none; lse float32 [B, H, L].
-//   varlen:  q, k, v, out, grad_* [T, H, D]; cu_seqlens int32 [B+1]; lse float32 [H, T].
-// Both are read through a per-(sequence, head) view (Seq): token i of the view is at
-// base + i * stride (stride D padded, H * D varlen), its lse at lse_base + i.
+//   varlen:  q, out, grad_q [Tq, H, D], k, v, grad_k, grad_v [Tk, H, D]; cu_seqlens_q,
+//            cu_seqlens_k int32 [B+1]: sequence b's queries cu_q[b]:cu_q[b+1] attend to its keys
+//            cu_k[b]:cu_k[b+1] only (FlashAttention's varlen API); lse float32 [H, Tq].
+// Both are read through a per-(sequence, head) view (Seq): query i of the view is at
+// q_base + i * stride, key j at k_base + j * stride (stride D padded, H * D varlen), query i's lse
+// at lse_base + i. A sequence with queries and no key gives zero rows and zero gradients.
+//
+// Dropout (template flag DROPOUT; false compiles the kernels without it): probability (i, j) of
+// (sequence s, head h) is kept iff its Philox4x32-10 draw at
+// offset + ((s * H + h) * max_q + i) * max_k + j passes the threshold (philox.cuh, the same draws
+// as Triton's tl.randint and backends/dropout.py); kept ones are scaled by 1 / (1 - p). The
+// softmax statistics (m, l, lse) are those of the undropped scores; O = (P * Z) V with
+// Z = keep / (1 - p); backward regenerates Z: dV = (P * Z)^T dO, dP = (dO V^T) * Z,
+// dS = P * (dP - delta), delta = rowsum(dO * O) as without dropout.
 // Head dims: 32, 64 and 128 (templates); others are rejected. All offsets are 64-bit.
 //
 // Numerics: scores, the online softmax statistics (running max m and sum l), the output
@@ -42,6 +53,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "philox.cuh"
 
 namespace albert_kernels {
 namespace cuda {
@@ -60,49 +72,61 @@ struct AttnParams {
   float* lse;         // forward: written; backward: read
   float* delta;       // backward scratch, lse's layout
   const bool* mask;   // padded: [B, L] or null
-  const int* cu_seqlens;  // varlen: [B + 1] or null
+  const int* cu_seqlens_q;  // varlen: [B + 1] or null
+  const int* cu_seqlens_k;  // varlen: [B + 1] or null
   int H;
   int L;              // padded length (unused for varlen)
-  int64_t T;          // varlen: total tokens
+  int64_t Tq;         // varlen: total query tokens (lse is [H, Tq])
   float scale, scale_log2;
+  philox::Dropout drop;  // read by the DROPOUT instantiations only
 };
 
-// One (sequence, head) of q / k / v / out: token i at base + i * stride, its lse at lse_base + i.
+// One (sequence, head): query i at q_base + i * stride, key j at k_base + j * stride, query i's
+// lse at lse_base + i; rng = dropout offset of its element (0, 0).
 struct Seq {
-  int64_t base, stride, lse_base;
-  int len;
+  int64_t q_base, k_base, stride, lse_base;
+  int q_len, k_len;
   const bool* mask;
+  uint64_t rng;
 };
 
 template <int D>
 __device__ __forceinline__ Seq seq_of(const AttnParams& p, int64_t bh) {
   const int64_t b = bh / p.H, h = bh % p.H;
   Seq s;
-  if (p.cu_seqlens != nullptr) {
-    const int start = p.cu_seqlens[b];
-    s.len = p.cu_seqlens[b + 1] - start;
+  if (p.cu_seqlens_q != nullptr) {
+    const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    s.q_len = p.cu_seqlens_q[b + 1] - q0;
+    s.k_len = p.cu_seqlens_k[b + 1] - k0;
     s.stride = static_cast<int64_t>(p.H) * D;
-    s.base = start * s.stride + h * D;
-    s.lse_base = h * p.T + start;
+    s.q_base = q0 * s.stride + h * D;
+    s.k_base = k0 * s.stride + h * D;
+    s.lse_base = h * p.Tq + q0;
     s.mask = nullptr;
   } else {
-    s.len = p.L;
+    s.q_len = s.k_len = p.L;
     s.stride = D;
-    s.base = bh * p.L * D;
+    s.q_base = s.k_base = bh * p.L * D;
     s.lse_base = bh * p.L;
     s.mask = p.mask != nullptr ? p.mask + b * p.L : nullptr;
   }
+  s.rng = philox::head_offset(p.drop, b, h, p.H);
   return s;
 }
 
 __device__ __forceinline__ bool key_valid(const Seq& s, int j) {
-  return j < s.len && (s.mask == nullptr || s.mask[j]);
+  return j < s.k_len && (s.mask == nullptr || s.mask[j]);
+}
+
+// Is probability (query i, key j) of this (sequence, head) kept by dropout?
+__device__ __forceinline__ bool kept(const AttnParams& p, const Seq& s, int i, int j) {
+  return philox::keep(p.drop, s.rng, i, j);
 }
 
 // lse in the log2 domain for backward; +inf for rows without a real key (or outside the sequence)
 // so that exp2(s - lse2) == 0 for them.
 __device__ __forceinline__ float lse2_of(const AttnParams& p, const Seq& s, int row) {
-  if (row >= s.len) return INFINITY;
+  if (row >= s.q_len) return INFINITY;
   const float l = p.lse[s.lse_base + row];
   return l == -INFINITY ? INFINITY : l * kLog2e;
 }
@@ -223,14 +247,26 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a_smem, in
 }
 
 // acc[D/8 n-tiles] += P (16 x K, given as accumulators p[K/8][4]) times a row-major smem tile
-// [K][D] (rows 0..K-1): the P V / P^T dO / dS K / dS^T Q products.
-template <typename T, int D, int K>
+// [K][D] (rows 0..K-1): the P V / P^T dO / dS K / dS^T Q products. DROP: entry (j, e) of p enters
+// as p * scale where bit 4 j + e of `keep` is set, else as 0 (dropout, no second array).
+template <typename T, int D, int K, bool DROP = false>
 __device__ __forceinline__ void mma_pv(float (&acc)[D / 8][4], const float (&p)[K / 8][4],
-                                       const T* b_smem, int lane) {
+                                       const T* b_smem, int lane, uint32_t keep = 0, float scale = 1.f) {
+  static_assert(!DROP || K / 8 * 4 <= 32, "keep bits must fit 32 bits");
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[4];
-    acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+    if constexpr (DROP) {
+      float c0[4], c1[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        c0[e] = (keep >> (8 * kk + e)) & 1u ? p[2 * kk][e] * scale : 0.f;
+        c1[e] = (keep >> (8 * kk + 4 + e)) & 1u ? p[2 * kk + 1][e] * scale : 0.f;
+      }
+      acc_to_a<T>(a, c0, c1);
+    } else {
+      acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+    }
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b[4];
@@ -242,19 +278,20 @@ __device__ __forceinline__ void mma_pv(float (&acc)[D / 8][4], const float (&p)[
   }
 }
 
-// Stores a warp's 16 x D accumulator tile (rows row0 + g and row0 + g + 8 of the view) times `mul`.
+// Stores a warp's 16 x D accumulator tile (rows row0 + g and row0 + g + 8 of a view with `len`
+// rows, token stride `stride`) times `mul`.
 template <typename T, int D>
-__device__ __forceinline__ void store_rows(T* g_base, const Seq& s, int row0, const float (&acc)[D / 8][4],
-                                           float mul0, float mul1, int lane) {
+__device__ __forceinline__ void store_rows(T* g_base, int64_t stride, int len, int row0,
+                                           const float (&acc)[D / 8][4], float mul0, float mul1, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const int ra = row0 + g, rb = ra + 8;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
     const int col = j * 8 + 2 * t;
-    if (ra < s.len)
-      *reinterpret_cast<uint32_t*>(g_base + ra * s.stride + col) = pack2<T>(acc[j][0] * mul0, acc[j][1] * mul0);
-    if (rb < s.len)
-      *reinterpret_cast<uint32_t*>(g_base + rb * s.stride + col) = pack2<T>(acc[j][2] * mul1, acc[j][3] * mul1);
+    if (ra < len)
+      *reinterpret_cast<uint32_t*>(g_base + ra * stride + col) = pack2<T>(acc[j][0] * mul0, acc[j][1] * mul0);
+    if (rb < len)
+      *reinterpret_cast<uint32_t*>(g_base + rb * stride + col) = pack2<T>(acc[j][2] * mul1, acc[j][3] * mul1);
   }
 }
 
@@ -278,14 +315,16 @@ __device__ __forceinline__ int next_key_block(const Seq& s, int nb, int n_blocks
 // ---------------------------------------------------------------------------------------------
 constexpr int kTcBlockM = 64;  // query rows per forward / dq CTA (16 per warp)
 constexpr int kTcBlockN = 64;  // keys per forward / dq iteration; keys per dk/dv CTA
-template <int D> constexpr int bwd_block_m() { return D >= 128 ? 32 : 64; }  // dk/dv: queries per step
+// dk/dv: queries per step (with dropout at D = 128: 16, else sm_80 spills a few registers)
+template <int D, bool DROPOUT = false>
+constexpr int bwd_block_m() { return D >= 128 ? (DROPOUT ? 16 : 32) : 64; }
 
 template <typename T, int D>
 constexpr size_t fwd_tc_smem() {
   return (kTcBlockM + 2 * kTcBlockN) * pitch<D>() * sizeof(T) + 2 * kTcBlockN * sizeof(float);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams p) {
   constexpr int BM = kTcBlockM, BN = kTcBlockN, NT_S = BN / 8, NT_O = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -296,18 +335,18 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int m0 = blockIdx.y * BM;
-  if (m0 >= s.len) return;
+  if (m0 >= s.q_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
-  const T* q = static_cast<const T*>(p.q) + s.base;
-  const T* k = static_cast<const T*>(p.k) + s.base;
-  const T* v = static_cast<const T*>(p.v) + s.base;
-  const int n_blocks = (s.len + BN - 1) / BN;
+  const T* q = static_cast<const T*>(p.q) + s.q_base;
+  const T* k = static_cast<const T*>(p.k) + s.k_base;
+  const T* v = static_cast<const T*>(p.v) + s.k_base;
+  const int n_blocks = (s.k_len + BN - 1) / BN;
 
-  load_tile_async<T, D, BM>(Qs, q, s.stride, m0, s.len);
+  load_tile_async<T, D, BM>(Qs, q, s.stride, m0, s.q_len);
   int nb = next_key_block<BN>(s, 0, n_blocks, bias_s);
-  if (nb < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.len);
+  if (nb < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.k_len);
   cp_async_commit();  // group: Q + K(nb)
-  if (nb < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.len);
+  if (nb < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.k_len);
   cp_async_commit();  // group: V(nb)
 
   float o[NT_O][4];
@@ -325,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
     mma_abt<T, D, NT_S>(sc, Qs, warp * 16, Ks, lane);
     __syncthreads();  // every warp is done with Ks
     const int nb_next = next_key_block<BN>(s, nb + 1, n_blocks, bias_s + (buf ^ 1) * BN);
-    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb_next * BN, s.len);
+    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb_next * BN, s.k_len);
     cp_async_commit();
 
     // Online softmax over this block (rows g and g + 8 of the warp's 16; a quad shares a row).
@@ -360,12 +399,20 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
     for (int j = 0; j < NT_O; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e >> 1];
+    if constexpr (DROPOUT) {  // l_run above sums every probability, dropped or not
+      const int row = m0 + warp * 16 + (lane >> 2);
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!kept(p, s, row + 8 * (e >> 1), nb * BN + j * 8 + 2 * t + (e & 1))) sc[j][e] = 0.f;
+    }
 
     cp_async_wait<1>();  // V(nb) has landed
     __syncthreads();
     mma_pv<T, D, BN>(o, sc, Vs, lane);
     __syncthreads();  // every warp is done with Vs
-    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb_next * BN, s.len);
+    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb_next * BN, s.k_len);
     cp_async_commit();
     nb = nb_next;
     buf ^= 1;
@@ -378,14 +425,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
     inv[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+    if constexpr (DROPOUT) inv[r] *= p.drop.scale;
   }
   const int row0 = m0 + warp * 16;
-  store_rows<T, D>(static_cast<T*>(p.o) + s.base, s, row0, o, inv[0], inv[1], lane);
+  store_rows<T, D>(static_cast<T*>(p.o) + s.q_base, s.stride, s.q_len, row0, o, inv[0], inv[1], lane);
   if (t == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + (lane >> 2) + 8 * r;
-      if (row < s.len)
+      if (row < s.q_len)
         p.lse[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] * kLn2 + logf(l_run[r]) : -INFINITY;
     }
   }
@@ -400,11 +448,11 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnParams p) {
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const T* o = static_cast<const T*>(p.out) + s.base;
-  const T* dout = static_cast<const T*>(p.dout) + s.base;
+  const T* o = static_cast<const T*>(p.out) + s.q_base;
+  const T* dout = static_cast<const T*>(p.dout) + s.q_base;
   for (int i = 0; i < kDeltaRows / 4; ++i) {
     const int row = blockIdx.y * kDeltaRows + warp * (kDeltaRows / 4) + i;
-    if (row >= s.len) break;
+    if (row >= s.q_len) break;
     float acc = 0.f;
 #pragma unroll
     for (int d = lane; d < D; d += 32)
@@ -417,15 +465,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnPara
 // ---------------------------------------------------------------------------------------------
 // fp16 / bf16 backward: dk, dv
 // ---------------------------------------------------------------------------------------------
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT = false>
 constexpr size_t dkdv_tc_smem() {
-  return (2 * kTcBlockN + 2 * bwd_block_m<D>()) * pitch<D>() * sizeof(T) +
-         2 * bwd_block_m<D>() * sizeof(float);
+  return (2 * kTcBlockN + 2 * bwd_block_m<D, DROPOUT>()) * pitch<D>() * sizeof(T) +
+         2 * bwd_block_m<D, DROPOUT>() * sizeof(float);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p) {
-  constexpr int BN = kTcBlockN, BM = bwd_block_m<D>(), NT_S = BM / 8, NT_O = D / 8;
+  constexpr int BN = kTcBlockN, BM = bwd_block_m<D, DROPOUT>(), NT_S = BM / 8, NT_O = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * pitch<D>();
@@ -436,36 +484,46 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int n0 = blockIdx.y * BN;
-  if (n0 >= s.len) return;
+  if (n0 >= s.k_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int key_row0 = n0 + warp * 16;
-  T* dk = static_cast<T*>(p.dk) + s.base;
-  T* dv = static_cast<T*>(p.dv) + s.base;
+  T* dk = static_cast<T*>(p.dk) + s.k_base;
+  T* dv = static_cast<T*>(p.dv) + s.k_base;
   float acc_k[NT_O][4], acc_v[NT_O][4];
 #pragma unroll
   for (int j = 0; j < NT_O; ++j) { zero(acc_k[j]); zero(acc_v[j]); }
 
   const bool any_key = __syncthreads_or(threadIdx.x < BN && key_valid(s, n0 + threadIdx.x));
   if (!any_key) {  // all keys of this block are padding: their gradients are 0
-    store_rows<T, D>(dk, s, key_row0, acc_k, 0.f, 0.f, lane);
-    store_rows<T, D>(dv, s, key_row0, acc_v, 0.f, 0.f, lane);
+    store_rows<T, D>(dk, s.stride, s.k_len, key_row0, acc_k, 0.f, 0.f, lane);
+    store_rows<T, D>(dv, s.stride, s.k_len, key_row0, acc_v, 0.f, 0.f, lane);
     return;
   }
   const bool valid_a = key_valid(s, key_row0 + g), valid_b = key_valid(s, key_row0 + g + 8);
-  const T* q = static_cast<const T*>(p.q) + s.base;
-  const T* dout = static_cast<const T*>(p.dout) + s.base;
-  load_tile_async<T, D, BN>(Ks, static_cast<const T*>(p.k) + s.base, s.stride, n0, s.len);
-  load_tile_async<T, D, BN>(Vs, static_cast<const T*>(p.v) + s.base, s.stride, n0, s.len);
+  const T* q = static_cast<const T*>(p.q) + s.q_base;
+  const T* dout = static_cast<const T*>(p.dout) + s.q_base;
+  load_tile_async<T, D, BN>(Ks, static_cast<const T*>(p.k) + s.k_base, s.stride, n0, s.k_len);
+  load_tile_async<T, D, BN>(Vs, static_cast<const T*>(p.v) + s.k_base, s.stride, n0, s.k_len);
   cp_async_commit();
 
-  for (int mb = 0; mb * BM < s.len; ++mb) {
-    load_tile_async<T, D, BM>(Qs, q, s.stride, mb * BM, s.len);
-    load_tile_async<T, D, BM>(dOs, dout, s.stride, mb * BM, s.len);
+  for (int mb = 0; mb * BM < s.q_len; ++mb) {
+    load_tile_async<T, D, BM>(Qs, q, s.stride, mb * BM, s.q_len);
+    load_tile_async<T, D, BM>(dOs, dout, s.stride, mb * BM, s.q_len);
     cp_async_commit();
     if (threadIdx.x < BM) {
       const int row = mb * BM + threadIdx.x;
       lse_s[threadIdx.x] = lse2_of(p, s, row);
-      delta_s[threadIdx.x] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+      delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
+    }
+    // dropout: bit 4 j + e = entry (j, e) of this warp's P^T tile kept. Drawn while the tiles
+    // load, before the score accumulators are live (fewer registers at once).
+    uint32_t keep = 0;
+    if constexpr (DROPOUT) {
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (kept(p, s, mb * BM + j * 8 + 2 * t + (e & 1), key_row0 + g + 8 * (e >> 1))) keep |= 1u << (4 * j + e);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -483,9 +541,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
         const float l2 = lse_s[j * 8 + 2 * t + (e & 1)];
         pt[j][e] = valid ? exp2f(pt[j][e] * p.scale_log2 - l2) : 0.f;
       }
-    mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += P^T dO
+    if constexpr (DROPOUT) {
+      mma_pv<T, D, BM, true>(acc_v, pt, dOs, lane, keep, p.drop.scale);  // dV += (P * Z)^T dO
+    } else {
+      mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += P^T dO
+    }
 
-    // dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+    // dS^T = P^T * (dP^T - delta), dP^T = V dO^T (times Z^T with dropout)
     float ds[NT_S][4];
 #pragma unroll
     for (int j = 0; j < NT_S; ++j) zero(ds[j]);
@@ -493,12 +555,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
 #pragma unroll
     for (int j = 0; j < NT_S; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ds[j][e] = pt[j][e] * (ds[j][e] - delta_s[j * 8 + 2 * t + (e & 1)]);
+      for (int e = 0; e < 4; ++e) {
+        const float dp = DROPOUT ? ((keep >> (4 * j + e)) & 1u ? ds[j][e] * p.drop.scale : 0.f) : ds[j][e];
+        ds[j][e] = pt[j][e] * (dp - delta_s[j * 8 + 2 * t + (e & 1)]);
+      }
     mma_pv<T, D, BM>(acc_k, ds, Qs, lane);  // dK += dS^T Q (times scale at the end)
     __syncthreads();  // every warp is done with Qs, dOs, lse_s, delta_s
   }
-  store_rows<T, D>(dk, s, key_row0, acc_k, p.scale, p.scale, lane);
-  store_rows<T, D>(dv, s, key_row0, acc_v, 1.f, 1.f, lane);
+  store_rows<T, D>(dk, s.stride, s.k_len, key_row0, acc_k, p.scale, p.scale, lane);
+  store_rows<T, D>(dv, s.stride, s.k_len, key_row0, acc_v, 1.f, 1.f, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,7 +574,7 @@ constexpr size_t dq_tc_smem() {
   return (2 * kTcBlockM + 2 * kTcBlockN) * pitch<D>() * sizeof(T) + kTcBlockN * sizeof(float);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnParams p) {
   constexpr int BM = kTcBlockM, BN = kTcBlockN, NT_S = BN / 8, NT_O = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -521,30 +586,30 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int m0 = blockIdx.y * BM;
-  if (m0 >= s.len) return;
+  if (m0 >= s.q_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = m0 + warp * 16;
-  const T* k = static_cast<const T*>(p.k) + s.base;
-  const T* v = static_cast<const T*>(p.v) + s.base;
-  load_tile_async<T, D, BM>(Qs, static_cast<const T*>(p.q) + s.base, s.stride, m0, s.len);
-  load_tile_async<T, D, BM>(dOs, static_cast<const T*>(p.dout) + s.base, s.stride, m0, s.len);
+  const T* k = static_cast<const T*>(p.k) + s.k_base;
+  const T* v = static_cast<const T*>(p.v) + s.k_base;
+  load_tile_async<T, D, BM>(Qs, static_cast<const T*>(p.q) + s.q_base, s.stride, m0, s.q_len);
+  load_tile_async<T, D, BM>(dOs, static_cast<const T*>(p.dout) + s.q_base, s.stride, m0, s.q_len);
   cp_async_commit();
   float lse2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + g + 8 * r;
     lse2[r] = lse2_of(p, s, row);
-    delta[r] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+    delta[r] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
   }
   float acc[NT_O][4];
 #pragma unroll
   for (int j = 0; j < NT_O; ++j) zero(acc[j]);
 
-  const int n_blocks = (s.len + BN - 1) / BN;
+  const int n_blocks = (s.k_len + BN - 1) / BN;
   for (int nb = next_key_block<BN>(s, 0, n_blocks, bias_s); nb < n_blocks;
        nb = next_key_block<BN>(s, nb + 1, n_blocks, bias_s)) {
-    load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.len);
-    load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.len);
+    load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.k_len);
+    load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.k_len);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -558,15 +623,20 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
     for (int j = 0; j < NT_S; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float prob = exp2f(pr[j][e] * p.scale_log2 + bias_s[j * 8 + 2 * t + (e & 1)] - lse2[r]);
-        ds[j][e] = prob * (ds[j][e] - delta[r]);
+        const int r = e >> 1, col = j * 8 + 2 * t + (e & 1);
+        const float prob = exp2f(pr[j][e] * p.scale_log2 + bias_s[col] - lse2[r]);
+        if constexpr (DROPOUT) {
+          const bool keep = kept(p, s, row0 + g + 8 * r, nb * BN + col);
+          ds[j][e] = prob * ((keep ? ds[j][e] * p.drop.scale : 0.f) - delta[r]);
+        } else {
+          ds[j][e] = prob * (ds[j][e] - delta[r]);
+        }
       }
     mma_pv<T, D, BN>(acc, ds, Ks, lane);  // dQ += dS K (times scale at the end)
     __syncthreads();  // every warp is done with Ks, Vs, bias_s
   }
   cp_async_wait<0>();
-  store_rows<T, D>(static_cast<T*>(p.dq) + s.base, s, row0, acc, p.scale, p.scale, lane);
+  store_rows<T, D>(static_cast<T*>(p.dq) + s.q_base, s.stride, s.q_len, row0, acc, p.scale, p.scale, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,7 +666,7 @@ template <int D>
 constexpr size_t fwd_simt_smem() { return (kSimtTile * D + kSimtTile * (D + 1) + kSimtTile * D + kSimtTile) * sizeof(float); }
 
 // Lane j scores key j of the tile; lane l owns output dims l, l + 32, ...
-template <int D>
+template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParams p) {
   constexpr int BT = kSimtTile, RPW = kSimtRowsPerWarp, DL = D / 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -607,11 +677,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int m0 = blockIdx.y * BT;
-  if (m0 >= s.len) return;
+  if (m0 >= s.q_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const float* k = static_cast<const float*>(p.k) + s.base;
-  const float* v = static_cast<const float*>(p.v) + s.base;
-  load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.base, s.stride, m0, s.len);
+  const float* k = static_cast<const float*>(p.k) + s.k_base;
+  const float* v = static_cast<const float*>(p.v) + s.k_base;
+  load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.q_base, s.stride, m0, s.q_len);
 
   float o[RPW][DL], m_run[RPW], l_run[RPW];
 #pragma unroll
@@ -621,7 +691,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
 #pragma unroll
     for (int c = 0; c < DL; ++c) o[r][c] = 0.f;
   }
-  for (int n0 = 0; n0 < s.len; n0 += BT) {
+  for (int n0 = 0; n0 < s.k_len; n0 += BT) {
     __syncthreads();  // the previous tile is consumed
     bool valid = false;
     if (threadIdx.x < BT) {
@@ -629,8 +699,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
       bias_s[threadIdx.x] = valid ? 0.f : -INFINITY;
     }
     if (!__syncthreads_or(valid)) continue;  // all padding: skip the block
-    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.len);
-    load_tile_f32<D, D>(Vs, v, s.stride, n0, s.len);
+    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.k_len);
+    load_tile_f32<D, D>(Vs, v, s.stride, n0, s.k_len);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
@@ -639,9 +709,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
       const float mx = fmaxf(m_run[r], warp_max(sc));
       const float base = mx == -INFINITY ? 0.f : mx;
       const float alpha = exp2f(m_run[r] - base);
-      const float pj = exp2f(sc - base);
-      l_run[r] = l_run[r] * alpha + warp_sum(pj);
+      float pj = exp2f(sc - base);
+      l_run[r] = l_run[r] * alpha + warp_sum(pj);  // every probability, dropped or not
       m_run[r] = mx;
+      if constexpr (DROPOUT) {
+        if (!kept(p, s, m0 + warp * RPW + r, n0 + lane)) pj = 0.f;
+      }
 #pragma unroll
       for (int c = 0; c < DL; ++c) o[r][c] *= alpha;
       for (int j = 0; j < BT; ++j) {
@@ -651,12 +724,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
       }
     }
   }
-  float* out = static_cast<float*>(p.o) + s.base;
+  float* out = static_cast<float*>(p.o) + s.q_base;
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
     const int row = m0 + warp * RPW + r;
-    if (row >= s.len) continue;
-    const float inv = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+    if (row >= s.q_len) continue;
+    const float inv = (l_run[r] > 0.f ? 1.f / l_run[r] : 0.f) * (DROPOUT ? p.drop.scale : 1.f);
 #pragma unroll
     for (int c = 0; c < DL; ++c) out[row * s.stride + lane + 32 * c] = o[r][c] * inv;
     if (lane == 0) p.lse[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] * kLn2 + logf(l_run[r]) : -INFINITY;
@@ -668,7 +741,7 @@ constexpr size_t dkdv_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * 
 
 // CTA: 32 keys (warp w owns keys 8w..8w+7); lane i scores query i of each 32-query tile; lane l
 // owns gradient dims l, l + 32, ...
-template <int D>
+template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const AttnParams p) {
   constexpr int BT = kSimtTile, KPW = kSimtRowsPerWarp, DL = D / 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -681,7 +754,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int n0 = blockIdx.y * BT;
-  if (n0 >= s.len) return;
+  if (n0 >= s.k_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float acc_k[KPW][DL], acc_v[KPW][DL];
 #pragma unroll
@@ -691,28 +764,41 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
 
   const bool any_key = __syncthreads_or(threadIdx.x < BT && key_valid(s, n0 + threadIdx.x));
   if (any_key) {
-    load_tile_f32<D, D>(Ks, static_cast<const float*>(p.k) + s.base, s.stride, n0, s.len);
-    load_tile_f32<D, D>(Vs, static_cast<const float*>(p.v) + s.base, s.stride, n0, s.len);
-    const float* q = static_cast<const float*>(p.q) + s.base;
-    const float* dout = static_cast<const float*>(p.dout) + s.base;
-    for (int mb = 0; mb < s.len; mb += BT) {
+    load_tile_f32<D, D>(Ks, static_cast<const float*>(p.k) + s.k_base, s.stride, n0, s.k_len);
+    load_tile_f32<D, D>(Vs, static_cast<const float*>(p.v) + s.k_base, s.stride, n0, s.k_len);
+    const float* q = static_cast<const float*>(p.q) + s.q_base;
+    const float* dout = static_cast<const float*>(p.dout) + s.q_base;
+    for (int mb = 0; mb < s.q_len; mb += BT) {
       __syncthreads();  // the previous query tile is consumed
-      load_tile_f32<D, D + 1>(Qs, q, s.stride, mb, s.len);
-      load_tile_f32<D, D + 1>(dOs, dout, s.stride, mb, s.len);
+      load_tile_f32<D, D + 1>(Qs, q, s.stride, mb, s.q_len);
+      load_tile_f32<D, D + 1>(dOs, dout, s.stride, mb, s.q_len);
       if (threadIdx.x < BT) {
         const int row = mb + threadIdx.x;
         lse_s[threadIdx.x] = lse2_of(p, s, row);
-        delta_s[threadIdx.x] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+        delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
+      }
+      uint32_t keep_bits = 0;  // dropout: bit kk = (query mb + lane, key warp * KPW + kk) kept
+      if constexpr (DROPOUT) {
+#pragma unroll
+        for (int kk = 0; kk < KPW; ++kk)
+          if (kept(p, s, mb + lane, n0 + warp * KPW + kk)) keep_bits |= 1u << kk;
       }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < KPW; ++kk) {
         const int key = warp * KPW + kk;
         if (!key_valid(s, n0 + key)) continue;  // warp-uniform
+        const bool keep = (keep_bits >> kk) & 1u;
         const float sc = dot_f32<D>(Qs + lane * (D + 1), Ks + key * D);
         const float dp = dot_f32<D>(dOs + lane * (D + 1), Vs + key * D);
-        const float pi = exp2f(sc * p.scale_log2 - lse_s[lane]);
-        const float dsi = pi * (dp - delta_s[lane]);
+        float pi = exp2f(sc * p.scale_log2 - lse_s[lane]);
+        float dsi;
+        if constexpr (DROPOUT) {  // pi becomes (P * Z)^T once dS^T has used P^T
+          dsi = pi * ((keep ? dp * p.drop.scale : 0.f) - delta_s[lane]);
+          pi = keep ? pi * p.drop.scale : 0.f;
+        } else {
+          dsi = pi * (dp - delta_s[lane]);
+        }
         for (int i = 0; i < BT; ++i) {
           const float pb = __shfl_sync(0xffffffffu, pi, i);
           const float db = __shfl_sync(0xffffffffu, dsi, i);
@@ -725,12 +811,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
       }
     }
   }
-  float* dk = static_cast<float*>(p.dk) + s.base;
-  float* dv = static_cast<float*>(p.dv) + s.base;
+  float* dk = static_cast<float*>(p.dk) + s.k_base;
+  float* dv = static_cast<float*>(p.dv) + s.k_base;
 #pragma unroll
   for (int kk = 0; kk < KPW; ++kk) {
     const int row = n0 + warp * KPW + kk;
-    if (row >= s.len) continue;
+    if (row >= s.k_len) continue;
 #pragma unroll
     for (int c = 0; c < DL; ++c) {
       dk[row * s.stride + lane + 32 * c] = acc_k[kk][c] * p.scale;
@@ -743,7 +829,7 @@ template <int D>
 constexpr size_t dq_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + kSimtTile) * sizeof(float); }
 
 // CTA: 32 queries (warp w owns rows 8w..8w+7); lane j scores key j of each 32-key tile.
-template <int D>
+template <int D, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnParams p) {
   constexpr int BT = kSimtTile, RPW = kSimtRowsPerWarp, DL = D / 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -755,22 +841,22 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int m0 = blockIdx.y * BT;
-  if (m0 >= s.len) return;
+  if (m0 >= s.q_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.base, s.stride, m0, s.len);
-  load_tile_f32<D, D>(dOs, static_cast<const float*>(p.dout) + s.base, s.stride, m0, s.len);
-  const float* k = static_cast<const float*>(p.k) + s.base;
-  const float* v = static_cast<const float*>(p.v) + s.base;
+  load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.q_base, s.stride, m0, s.q_len);
+  load_tile_f32<D, D>(dOs, static_cast<const float*>(p.dout) + s.q_base, s.stride, m0, s.q_len);
+  const float* k = static_cast<const float*>(p.k) + s.k_base;
+  const float* v = static_cast<const float*>(p.v) + s.k_base;
   float acc[RPW][DL], lse2[RPW], delta[RPW];
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
     const int row = m0 + warp * RPW + r;
     lse2[r] = lse2_of(p, s, row);
-    delta[r] = row < s.len ? p.delta[s.lse_base + row] : 0.f;
+    delta[r] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
 #pragma unroll
     for (int c = 0; c < DL; ++c) acc[r][c] = 0.f;
   }
-  for (int n0 = 0; n0 < s.len; n0 += BT) {
+  for (int n0 = 0; n0 < s.k_len; n0 += BT) {
     __syncthreads();  // the previous key tile is consumed
     bool valid = false;
     if (threadIdx.x < BT) {
@@ -778,8 +864,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
       bias_s[threadIdx.x] = valid ? 0.f : -INFINITY;
     }
     if (!__syncthreads_or(valid)) continue;
-    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.len);
-    load_tile_f32<D, D + 1>(Vs, v, s.stride, n0, s.len);
+    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.k_len);
+    load_tile_f32<D, D + 1>(Vs, v, s.stride, n0, s.k_len);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
@@ -787,7 +873,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
       const float sc = dot_f32<D>(Qs + local * D, Ks + lane * (D + 1));
       const float dp = dot_f32<D>(dOs + local * D, Vs + lane * (D + 1));
       const float pj = exp2f(sc * p.scale_log2 + bias_s[lane] - lse2[r]);
-      const float dsj = pj * (dp - delta[r]);
+      float dsj;
+      if constexpr (DROPOUT) {
+        dsj = pj * ((kept(p, s, m0 + local, n0 + lane) ? dp * p.drop.scale : 0.f) - delta[r]);
+      } else {
+        dsj = pj * (dp - delta[r]);
+      }
       for (int j = 0; j < BT; ++j) {
         const float db = __shfl_sync(0xffffffffu, dsj, j);
 #pragma unroll
@@ -795,11 +886,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
       }
     }
   }
-  float* dq = static_cast<float*>(p.dq) + s.base;
+  float* dq = static_cast<float*>(p.dq) + s.q_base;
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
     const int row = m0 + warp * RPW + r;
-    if (row >= s.len) continue;
+    if (row >= s.q_len) continue;
 #pragma unroll
     for (int c = 0; c < DL; ++c) dq[row * s.stride + lane + 32 * c] = acc[r][c] * p.scale;
   }
@@ -829,25 +920,28 @@ static_assert(fwd_tc_smem<__half, 128>() <= kMaxDynamicSmem && dq_tc_smem<__half
                   dkdv_simt_smem<128>() <= kMaxDynamicSmem && dq_simt_smem<128>() <= kMaxDynamicSmem,
               "attention tiles exceed the shared memory of sm_80");
 
-// bh = (sequences x heads), max_len = longest sequence.
-template <typename T, int D>
-void run_fwd(const AttnParams& p, int64_t bh, int64_t max_len, cudaStream_t stream) {
+// bh = (sequences x heads); max_q / max_k = longest query / key run of a sequence.
+template <typename T, int D, bool DROPOUT>
+void run_fwd(const AttnParams& p, int64_t bh, int64_t max_q, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
-    launch(attn_fwd_simt_kernel<D>, bh, ceil_div(max_len, kSimtTile), fwd_simt_smem<D>(), p, stream);
+    launch(attn_fwd_simt_kernel<D, DROPOUT>, bh, ceil_div(max_q, kSimtTile), fwd_simt_smem<D>(), p, stream);
   } else {
-    launch(attn_fwd_tc_kernel<T, D>, bh, ceil_div(max_len, kTcBlockM), fwd_tc_smem<T, D>(), p, stream);
+    launch(attn_fwd_tc_kernel<T, D, DROPOUT>, bh, ceil_div(max_q, kTcBlockM), fwd_tc_smem<T, D>(), p, stream);
   }
 }
 
-template <typename T, int D>
-void run_bwd(const AttnParams& p, int64_t bh, int64_t max_len, cudaStream_t stream) {
-  launch(attn_bwd_delta_kernel<T, D>, bh, ceil_div(max_len, kDeltaRows), 0, p, stream);
+template <typename T, int D, bool DROPOUT>
+void run_bwd(const AttnParams& p, int64_t bh, int64_t max_q, int64_t max_k, cudaStream_t stream) {
+  launch(attn_bwd_delta_kernel<T, D>, bh, ceil_div(max_q, kDeltaRows), 0, p, stream);
   if constexpr (std::is_same_v<T, float>) {
-    launch(attn_bwd_dkdv_simt_kernel<D>, bh, ceil_div(max_len, kSimtTile), dkdv_simt_smem<D>(), p, stream);
-    launch(attn_bwd_dq_simt_kernel<D>, bh, ceil_div(max_len, kSimtTile), dq_simt_smem<D>(), p, stream);
+    launch(attn_bwd_dkdv_simt_kernel<D, DROPOUT>, bh, ceil_div(max_k, kSimtTile), dkdv_simt_smem<D>(), p,
+           stream);
+    launch(attn_bwd_dq_simt_kernel<D, DROPOUT>, bh, ceil_div(max_q, kSimtTile), dq_simt_smem<D>(), p, stream);
   } else {
-    launch(attn_bwd_dkdv_tc_kernel<T, D>, bh, ceil_div(max_len, kTcBlockN), dkdv_tc_smem<T, D>(), p, stream);
-    launch(attn_bwd_dq_tc_kernel<T, D>, bh, ceil_div(max_len, kTcBlockM), dq_tc_smem<T, D>(), p, stream);
+    launch(attn_bwd_dkdv_tc_kernel<T, D, DROPOUT>, bh, ceil_div(max_k, kTcBlockN), dkdv_tc_smem<T, D, DROPOUT>(), p,
+           stream);
+    launch(attn_bwd_dq_tc_kernel<T, D, DROPOUT>, bh, ceil_div(max_q, kTcBlockM), dq_tc_smem<T, D>(), p,
+           stream);
   }
 }
 
@@ -862,20 +956,48 @@ void run_bwd(const AttnParams& p, int64_t bh, int64_t max_len, cudaStream_t stre
     }                                                                                     \
   }()
 
+// Dropout on or off: the kernels without dropout are separate instantiations (no cost when off).
+#define AK_DISPATCH_DROPOUT(on, ...)                                  \
+  [&] {                                                               \
+    if (on) { constexpr bool DROPOUT = true; return __VA_ARGS__(); }  \
+    constexpr bool DROPOUT = false;                                   \
+    return __VA_ARGS__();                                             \
+  }()
+
 // Contiguous, and 16-byte aligned (cp.async reads 16-byte chunks): a misaligned view is copied.
 at::Tensor prepare(const at::Tensor& t) {
   auto c = t.contiguous();
   return aligned_to(c.data_ptr(), 16) ? c : c.clone();
 }
 
+// q [.., D]; k and v of one shape with q's heads and head dim (rank 4: q's shape exactly).
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
   TORCH_CHECK(q.is_cuda(), op, ": expected CUDA tensors");
-  TORCH_CHECK(q.dim() == rank && k.sizes() == q.sizes() && v.sizes() == q.sizes(), op,
-              ": q, k, v must have the same shape of rank ", rank);
+  TORCH_CHECK(q.dim() == rank && k.dim() == rank && k.sizes() == v.sizes(), op,
+              ": q, k, v must have rank ", rank, " and k, v the same shape");
+  const bool same = rank == 4 ? k.sizes() == q.sizes()
+                              : k.size(1) == q.size(1) && k.size(2) == q.size(2);
+  TORCH_CHECK(same, op, ": k and v must match q's ", rank == 4 ? "shape" : "heads and head dim");
   for (const auto* t : {&k, &v}) {
     TORCH_CHECK(t->device() == q.device() && t->scalar_type() == q.scalar_type(), op,
                 ": q, k, v must share device and dtype");
   }
+}
+
+// The dropout of a call: threshold = min(floor(p * 2^32), 2^32 - 1), scale 1 / (1 - p)
+// (backends/dropout.py); p == 0 leaves it off.
+philox::Dropout make_dropout(const char* op, double p, int64_t seed, int64_t offset, int64_t max_q,
+                             int64_t max_k) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  TORCH_CHECK(max_q <= INT32_MAX && max_k <= INT32_MAX, op, ": sequences too long");
+  philox::Dropout d{};
+  d.seed = static_cast<uint64_t>(seed);
+  d.offset = static_cast<uint64_t>(offset);
+  d.threshold = philox::threshold(p);
+  d.scale = static_cast<float>(1.0 / (1.0 - p));
+  d.max_q = static_cast<int>(max_q);
+  d.max_k = static_cast<int>(max_k);
+  return d;
 }
 
 AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -886,57 +1008,69 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
-// Runs run_fwd / run_bwd for q's dtype and head dim.
-void dispatch_fwd(const char* op, const at::Tensor& q, int64_t head_dim, const AttnParams& p,
-                  int64_t bh, int64_t max_len, cudaStream_t stream) {
+// Runs run_fwd / run_bwd for q's dtype and head dim, with or without dropout (p > 0).
+void dispatch_fwd(const char* op, const at::Tensor& q, int64_t head_dim, double dropout_p,
+                  const AttnParams& p, int64_t bh, int64_t max_q, cudaStream_t stream) {
   AK_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
-    AK_DISPATCH_HEAD_DIM(op, head_dim, [&] { run_fwd<scalar_t, HEAD_DIM>(p, bh, max_len, stream); });
+    AK_DISPATCH_HEAD_DIM(op, head_dim, [&] {
+      AK_DISPATCH_DROPOUT(dropout_p > 0.0, [&] { run_fwd<scalar_t, HEAD_DIM, DROPOUT>(p, bh, max_q, stream); });
+    });
   });
 }
 
-void dispatch_bwd(const char* op, const at::Tensor& q, int64_t head_dim, const AttnParams& p,
-                  int64_t bh, int64_t max_len, cudaStream_t stream) {
+void dispatch_bwd(const char* op, const at::Tensor& q, int64_t head_dim, double dropout_p,
+                  const AttnParams& p, int64_t bh, int64_t max_q, int64_t max_k, cudaStream_t stream) {
   AK_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
-    AK_DISPATCH_HEAD_DIM(op, head_dim, [&] { run_bwd<scalar_t, HEAD_DIM>(p, bh, max_len, stream); });
+    AK_DISPATCH_HEAD_DIM(op, head_dim, [&] {
+      AK_DISPATCH_DROPOUT(dropout_p > 0.0, [&] {
+        run_bwd<scalar_t, HEAD_DIM, DROPOUT>(p, bh, max_q, max_k, stream);
+      });
+    });
   });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Ops: padded
 // ---------------------------------------------------------------------------------------------
+const bool* padded_mask(const char* op, const std::optional<at::Tensor>& mask_in, at::Tensor& mask,
+                        const at::Tensor& q) {
+  if (!mask_in.has_value()) return nullptr;
+  mask = mask_in->contiguous();
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == q.size(0) &&
+                  mask.size(1) == q.size(2) && mask.device() == q.device(),
+              op, ": key_padding_mask must be bool [B, L] on q's device");
+  return mask.data_ptr<bool>();
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in,
-                                                 const std::optional<at::Tensor>& mask_in, double scale) {
+                                                 const std::optional<at::Tensor>& mask_in, double scale,
+                                                 double dropout_p, int64_t seed, int64_t offset) {
   check_qkv("attention_fwd", q_in, k_in, v_in, 4);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3);
+  TORCH_CHECK(L <= INT32_MAX && H <= INT32_MAX, "attention_fwd: sizes too large");
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   auto out = at::empty_like(q);
   auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   AttnParams p = base_params(q, k, v, scale);
   at::Tensor mask;
-  if (mask_in.has_value()) {
-    mask = mask_in->contiguous();
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
-                    mask.size(1) == L && mask.device() == q.device(),
-                "attention_fwd: key_padding_mask must be bool [B, L] on q's device");
-    p.mask = mask.data_ptr<bool>();
-  }
-  TORCH_CHECK(L <= INT32_MAX && H <= INT32_MAX, "attention_fwd: sizes too large");
+  p.mask = padded_mask("attention_fwd", mask_in, mask, q);
+  p.drop = make_dropout("attention_fwd", dropout_p, seed, offset, L, L);
   p.H = static_cast<int>(H);
   p.L = static_cast<int>(L);
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   if (q.numel() == 0) return {out, lse.fill_(-INFINITY)};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_fwd("attention_fwd", q, D, p, B * H, L, stream);
+  dispatch_fwd("attention_fwd", q, D, dropout_p, p, B * H, L, stream);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& mask_in,
-    double scale) {
+    double scale, double dropout_p, int64_t seed, int64_t offset) {
   check_qkv("attention_bwd", q_in, k_in, v_in, 4);
   TORCH_CHECK(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "attention_bwd: grad_out and out must have q's shape");
@@ -951,12 +1085,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   AttnParams p = base_params(q, k, v, scale);
   at::Tensor mask;
-  if (mask_in.has_value()) {
-    mask = mask_in->contiguous();
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == B * L,
-                "attention_bwd: key_padding_mask must be bool [B, L]");
-    p.mask = mask.data_ptr<bool>();
-  }
+  p.mask = padded_mask("attention_bwd", mask_in, mask, q);
+  p.drop = make_dropout("attention_bwd", dropout_p, seed, offset, L, L);
   p.H = static_cast<int>(H);
   p.L = static_cast<int>(L);
   p.out = out.data_ptr(); p.dout = dout.data_ptr();
@@ -964,68 +1094,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_bwd("attention_bwd", q, D, p, B * H, L, stream);
+  dispatch_bwd("attention_bwd", q, D, dropout_p, p, B * H, L, L, stream);
   return {dq, dk, dv};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ops: varlen
+// Ops: varlen (separate query and key sequences)
 // ---------------------------------------------------------------------------------------------
-AttnParams varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& cu, double scale) {
-  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 &&
-                  cu.device() == q.device(),
-              "varlen_attention: cu_seqlens must be int32 [B + 1] on q's device");
+AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& cu_q, const at::Tensor& cu_k, double scale) {
+  for (const auto* cu : {&cu_q, &cu_k}) {
+    TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() >= 1 &&
+                    cu->device() == q.device(),
+                op, ": cu_seqlens_q and cu_seqlens_k must be int32 [B + 1] on q's device");
+  }
+  TORCH_CHECK(cu_q.numel() == cu_k.numel(), op, ": cu_seqlens_q and cu_seqlens_k must have the same length");
+  TORCH_CHECK(q.size(1) <= INT32_MAX, op, ": too many heads");
   AttnParams p = base_params(q, k, v, scale);
-  p.cu_seqlens = cu.data_ptr<int>();
+  p.cu_seqlens_q = cu_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_k.data_ptr<int>();
   p.H = static_cast<int>(q.size(1));
-  p.T = q.size(0);
+  p.Tq = q.size(0);
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                        const at::Tensor& v_in, const at::Tensor& cu_in,
-                                                        int64_t max_seqlen, double scale) {
-  check_qkv("varlen_attention_fwd", q_in, k_in, v_in, 3);
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_q_in,
+    const at::Tensor& cu_k_in, int64_t max_q, int64_t max_k, double scale, double dropout_p, int64_t seed,
+    int64_t offset) {
+  const char* op = "varlen_attention_fwd";
+  check_qkv(op, q_in, k_in, v_in, 3);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
-  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in), cu = cu_in.contiguous();
+  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  const auto cu_q = cu_q_in.contiguous(), cu_k = cu_k_in.contiguous();
   auto out = at::empty_like(q);
   auto lse = at::empty({H, T}, q.options().dtype(at::kFloat));
-  AttnParams p = varlen_params(q, k, v, cu, scale);
+  AttnParams p = varlen_params(op, q, k, v, cu_q, cu_k, scale);
+  p.drop = make_dropout(op, dropout_p, seed, offset, max_q, max_k);
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const int64_t batch = cu.numel() - 1;
-  if (q.numel() == 0 || batch == 0) return {out, lse};
+  const int64_t batch = cu_q.numel() - 1;
+  if (q.numel() == 0 || batch == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  // every row is written: a sequence without keys (or all of them, k empty) gives 0 and lse -inf
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_fwd("varlen_attention_fwd", q, D, p, batch * H, max_seqlen, stream);
+  dispatch_fwd(op, q, D, dropout_p, p, batch * H, max_q, stream);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_in, int64_t max_seqlen,
-    double scale) {
-  check_qkv("varlen_attention_bwd", q_in, k_in, v_in, 3);
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_q_in, const at::Tensor& cu_k_in,
+    int64_t max_q, int64_t max_k, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  const char* op = "varlen_attention_bwd";
+  check_qkv(op, q_in, k_in, v_in, 3);
   TORCH_CHECK(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "varlen_attention_bwd: grad_out and out must have q's shape");
+              op, ": grad_out and out must have q's shape");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
-  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in), cu = cu_in.contiguous();
+  const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  const auto cu_q = cu_q_in.contiguous(), cu_k = cu_k_in.contiguous();
   const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
   const auto lse = lse_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse.numel() == H * T, "varlen_attention_bwd: lse must be float32 [H, T]");
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const int64_t batch = cu.numel() - 1;
-  if (q.numel() == 0 || batch == 0) return {dq, dk, dv};
+  TORCH_CHECK(lse.numel() == H * T, op, ": lse must be float32 [H, Tq]");
+  // key rows that belong to no sequence (past cu_seqlens_k[-1]) get zero gradients
+  auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const int64_t batch = cu_q.numel() - 1;
+  // keys no sequence owns (or a batch without queries) get zero gradients; the kernels write
+  // every key of every sequence
+  if (q.numel() == 0 || batch == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   auto delta = at::empty({H, T}, q.options().dtype(at::kFloat));
-  AttnParams p = varlen_params(q, k, v, cu, scale);
+  AttnParams p = varlen_params(op, q, k, v, cu_q, cu_k, scale);
+  p.drop = make_dropout(op, dropout_p, seed, offset, max_q, max_k);
   p.out = out.data_ptr(); p.dout = dout.data_ptr();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_bwd("varlen_attention_bwd", q, D, p, batch * H, max_seqlen, stream);
+  dispatch_bwd(op, q, D, dropout_p, p, batch * H, max_q, max_k, stream);
   return {dq, dk, dv};
 }
 

@@ -2,8 +2,10 @@
 
     add_layer_norm.cu  residual add + LayerNorm, forward and backward (deterministic dweight/dbias)
     gelu_ffn.cu        linear_gelu / gelu_ffn through cuBLASLt GEMMs with fused GELU epilogues
-    attention.cu       FlashAttention-2-style attention, padded and varlen (tensor cores for
-                       fp16/bf16, CUDA cores for fp32), deterministic backward
+    attention.cu       FlashAttention-2-style attention, padded and varlen with separate query /
+                       key sequences (tensor cores for fp16/bf16, CUDA cores for fp32),
+                       in-kernel attention dropout (Philox4x32-10 of philox.cuh: the draws of
+                       backends/dropout.py and triton's tl.randint), deterministic backward
 
 The functions are the extension's device-generic wrappers (the dispatcher picks these kernels for
 CUDA tensors). The first import builds the extension with its CUDA sources (once; cached, see
