@@ -119,7 +119,7 @@ def test_policy_on_the_ops(dtype, backend):
         n = ak.add_layer_norm(*low, backend=backend)
         # float32 as on CUDA (autocast's float32 list); CPU autocast leaves layer_norm in the
         # input dtype, but a model's residual stream is float32 there, so it is float32 too
-        expected_n = torch.nn.functional.layer_norm((low[0] + low[1]).float(), (32,))
+        expected_n = torch.nn.functional.layer_norm(low[0].float() + low[1].float(), (32,))
         q = torch.randn(2, 4, 5, 8, generator=gen)
         o = ak.attention(q, q, q, backend=backend)
     assert y.dtype == expected.dtype == dtype
