@@ -37,8 +37,9 @@ def cpp_required() -> Optional[str]:
     """Why this host must be able to build and load the cpp backend, or None if it need not."""
     if ci():
         return f"CI={os.environ['CI']!r} is set"
-    from torch.utils.cpp_extension import get_cxx_compiler
-    compiler = shutil.which(get_cxx_compiler())
+    # torch's JIT build uses $CXX, else c++ (importing torch.utils.cpp_extension to ask it would
+    # print its "No CUDA runtime" warning in every session on a machine without a GPU)
+    compiler = shutil.which(os.environ.get("CXX") or "c++")
     return f"a C++ compiler was found: {compiler}" if compiler else None
 
 
