@@ -247,26 +247,14 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a_smem, in
 }
 
 // acc[D/8 n-tiles] += P (16 x K, given as accumulators p[K/8][4]) times a row-major smem tile
-// [K][D] (rows 0..K-1): the P V / P^T dO / dS K / dS^T Q products. DROP: entry (j, e) of p enters
-// as p * scale where bit 4 j + e of `keep` is set, else as 0 (dropout, no second array).
-template <typename T, int D, int K, bool DROP = false>
+// [K][D] (rows 0..K-1): the P V / P^T dO / dS K / dS^T Q products.
+template <typename T, int D, int K>
 __device__ __forceinline__ void mma_pv(float (&acc)[D / 8][4], const float (&p)[K / 8][4],
-                                       const T* b_smem, int lane, uint32_t keep = 0, float scale = 1.f) {
-  static_assert(!DROP || K / 8 * 4 <= 32, "keep bits must fit 32 bits");
+                                       const T* b_smem, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[4];
-    if constexpr (DROP) {
-      float c0[4], c1[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        c0[e] = (keep >> (8 * kk + e)) & 1u ? p[2 * kk][e] * scale : 0.f;
-        c1[e] = (keep >> (8 * kk + 4 + e)) & 1u ? p[2 * kk + 1][e] * scale : 0.f;
-      }
-      acc_to_a<T>(a, c0, c1);
-    } else {
-      acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
-    }
+    acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b[4];
@@ -515,16 +503,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
       lse_s[threadIdx.x] = lse2_of(p, s, row);
       delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
     }
-    // dropout: bit 4 j + e = entry (j, e) of this warp's P^T tile kept. Drawn while the tiles
-    // load, before the score accumulators are live (fewer registers at once).
-    uint32_t keep = 0;
-    if constexpr (DROPOUT) {
-#pragma unroll
-      for (int j = 0; j < NT_S; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (kept(p, s, mb * BM + j * 8 + 2 * t + (e & 1), key_row0 + g + 8 * (e >> 1))) keep |= 1u << (4 * j + e);
-    }
     cp_async_wait<0>();
     __syncthreads();
 
@@ -541,11 +519,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
         const float l2 = lse_s[j * 8 + 2 * t + (e & 1)];
         pt[j][e] = valid ? exp2f(pt[j][e] * p.scale_log2 - l2) : 0.f;
       }
-    if constexpr (DROPOUT) {
-      mma_pv<T, D, BM, true>(acc_v, pt, dOs, lane, keep, p.drop.scale);  // dV += (P * Z)^T dO
-    } else {
-      mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += P^T dO
-    }
+    if constexpr (!DROPOUT) mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += P^T dO
 
     // dS^T = P^T * (dP^T - delta), dP^T = V dO^T (times Z^T with dropout)
     float ds[NT_S][4];
@@ -556,9 +530,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
     for (int j = 0; j < NT_S; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float dp = DROPOUT ? ((keep >> (4 * j + e)) & 1u ? ds[j][e] * p.drop.scale : 0.f) : ds[j][e];
-        ds[j][e] = pt[j][e] * (dp - delta_s[j * 8 + 2 * t + (e & 1)]);
+        const int col = j * 8 + 2 * t + (e & 1);
+        if constexpr (DROPOUT) {  // P^T becomes (P * Z)^T once dS^T has used P^T
+          const bool keep = kept(p, s, mb * BM + col, key_row0 + g + 8 * (e >> 1));
+          ds[j][e] = pt[j][e] * ((keep ? ds[j][e] * p.drop.scale : 0.f) - delta_s[col]);
+          pt[j][e] = keep ? pt[j][e] * p.drop.scale : 0.f;
+        } else {
+          ds[j][e] = pt[j][e] * (ds[j][e] - delta_s[col]);
+        }
       }
+    if constexpr (DROPOUT) mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += (P * Z)^T dO
     mma_pv<T, D, BM>(acc_k, ds, Qs, lane);  // dK += dS^T Q (times scale at the end)
     __syncthreads();  // every warp is done with Qs, dOs, lse_s, delta_s
   }
@@ -777,23 +758,17 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
         lse_s[threadIdx.x] = lse2_of(p, s, row);
         delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
       }
-      uint32_t keep_bits = 0;  // dropout: bit kk = (query mb + lane, key warp * KPW + kk) kept
-      if constexpr (DROPOUT) {
-#pragma unroll
-        for (int kk = 0; kk < KPW; ++kk)
-          if (kept(p, s, mb + lane, n0 + warp * KPW + kk)) keep_bits |= 1u << kk;
-      }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < KPW; ++kk) {
         const int key = warp * KPW + kk;
         if (!key_valid(s, n0 + key)) continue;  // warp-uniform
-        const bool keep = (keep_bits >> kk) & 1u;
         const float sc = dot_f32<D>(Qs + lane * (D + 1), Ks + key * D);
         const float dp = dot_f32<D>(dOs + lane * (D + 1), Vs + key * D);
         float pi = exp2f(sc * p.scale_log2 - lse_s[lane]);
         float dsi;
         if constexpr (DROPOUT) {  // pi becomes (P * Z)^T once dS^T has used P^T
+          const bool keep = kept(p, s, mb + lane, n0 + key);
           dsi = pi * ((keep ? dp * p.drop.scale : 0.f) - delta_s[lane]);
           pi = keep ? pi * p.drop.scale : 0.f;
         } else {
