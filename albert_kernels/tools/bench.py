@@ -295,6 +295,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", metavar="FILE", help="write machine, configurations and results")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios vs the baselines")
     p.add_argument("--quiet", action="store_true", help="no progress, just the table")
+    p.add_argument("--latency", action="store_true",
+                   help="one short request at a time instead (tools/latency.py): batch 1 and 4, "
+                   "L = 8, 32, 128, fp32 on CPU, ours vs transformers sdpa, torch.compile, "
+                   "ONNX Runtime, OpenVINO (the `bench` extra), and the floors; uses --preset, "
+                   "--min-time, --no-compile, --quick, --json, --quiet")
 
 
 def _memory_options(args) -> Optional[str]:
@@ -337,6 +342,9 @@ def _run(w: Workload, args, base_mem: dict[str, float], say: Callable[[str], Non
 
 
 def main(args) -> int:
+    if getattr(args, "latency", False):
+        from .latency import main as latency_main
+        return latency_main(args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)

@@ -1,0 +1,77 @@
+"""`albert-kernels bench --latency` (tools/latency.py) on a tiny ALBERT: the rows, the output check
+against transformers on real tokens, and contenders that are absent, wrong or raising."""
+import json
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from albert_kernels.cli import main
+from albert_kernels.model import AlbertConfig
+from albert_kernels.tools import latency
+from albert_kernels.tools.latency import Contender, run_latency
+
+TINY = dict(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+
+
+def by_name(rows):
+    return {r.name: r for r in rows}
+
+
+def test_rows_checked_and_timed_and_absent_runtime_skipped(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)       # `import openvino` raises ImportError
+    rows, floors = run_latency(AlbertConfig(**TINY), batches=(1,), lengths=(8,), min_time_s=0.02,
+                               compile_baseline=False)
+    assert floors["gemm_flop_s"] > 0 and floors["copy_bytes_s"] > 0
+    rows = by_name(rows)
+    assert {r.batch for r in rows.values()} == {1} and {r.seqlen for r in rows.values()} == {8}
+    for name in ("transformers sdpa", "ours (cpp)"):
+        r = rows[name]
+        assert r.check == "ok", r.check
+        assert r.max_abs_diff is not None and r.max_abs_diff <= latency.TOLERANCE
+        assert r.median_s > 0 and r.min_s <= r.median_s <= r.max_s
+    assert rows["transformers sdpa"].max_abs_diff == 0.0 and rows["transformers sdpa"].vs_baseline == 1.0
+    assert rows["openvino"].check.startswith("skipped: openvino not installed")
+    assert rows["openvino"].median_s is None
+    assert rows["torch.compile(transformers sdpa)"].check == "skipped: --no-compile"
+    ort = [r for n, r in rows.items() if n.startswith("onnxruntime")]
+    if ort and not ort[0].check.startswith("skipped"):
+        assert ort[0].check == "ok", ort[0].check
+    floor = rows["floor: GEMM FLOPs at large-M rate"]
+    cfg = AlbertConfig(**TINY)
+    assert floor.median_s == pytest.approx(latency.encoder_flops(cfg, 8) / floors["gemm_flop_s"])
+    assert latency.encoder_flops(cfg, 8) == 2 * 8 * (16 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 64))
+
+
+def test_wrong_or_raising_contender_marks_its_row():
+    cfg = AlbertConfig(**TINY)
+    hf = latency._hf_model(cfg)
+    right = Contender("transformers sdpa", lambda ids: hf(ids).last_hidden_state)
+    wrong = Contender("off by 1e-2", lambda ids: hf(ids).last_hidden_state + 1e-2)
+    def boom(ids):
+        raise RuntimeError("no kernel")
+    floors = {"gemm_flop_s": 1e9, "copy_bytes_s": 1e9}
+    rows = by_name(latency._shape_rows(cfg, [right, wrong, Contender("raises", boom)], 2, 8,
+                                       floors, 0.01, lambda what: None))
+    assert rows["off by 1e-2"].check.startswith("FAILED")
+    assert rows["off by 1e-2"].max_abs_diff == pytest.approx(1e-2, rel=1e-3)
+    assert rows["off by 1e-2"].median_s is not None          # still timed, marked
+    assert rows["raises"].check == "error: RuntimeError: no kernel"
+    assert rows["raises"].median_s is None
+
+
+def test_cli_latency_quick_writes_json(monkeypatch, tmp_path):
+    monkeypatch.setattr(latency.AlbertConfig, "preset", classmethod(lambda cls, name: cls(**TINY)))
+    for mod in ("onnxruntime", "openvino"):                  # keep the CLI check short
+        monkeypatch.setitem(sys.modules, mod, None)
+    out = tmp_path / "lat.json"
+    assert main(["bench", "--latency", "--quick", "--quiet", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    names = [r["name"] for r in doc["results"]]
+    assert "ours (cpp)" in names and "transformers sdpa" in names
+    assert all(r["check"] in ("ok", "floor") or r["check"].startswith("skipped")
+               for r in doc["results"]), doc["results"]
+    assert main(["bench", "--latency", "--device", "cuda"]) == 1
