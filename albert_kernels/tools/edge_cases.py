@@ -178,8 +178,20 @@ def _gelu_case(op, kind, approximate, transposed_x=False, limit: Optional[float]
     return EdgeCase(op, name, make)
 
 
+def _empty_dim(op: str):
+    """gelu_ffn with an empty intermediate dim (I = 0: out = b2, grad_b2 = sum of dy), or
+    linear_gelu without input features (K = 0: pre = bias)."""
+    def make(dtype, device, gen):
+        rnd = lambda *shape: _leaf(torch.randn(*shape, generator=gen, dtype=torch.float64),
+                                   dtype, device)
+        if op == "gelu_ffn":
+            return EdgeInputs([rnd(3, 8), rnd(0, 8), rnd(0), rnd(8, 0), rnd(8)], {"approximate": "tanh"})
+        return EdgeInputs([rnd(3, 0), rnd(4, 0), rnd(4)], {"approximate": "none"})
+    return EdgeCase(op, "empty intermediate (I = 0)" if op == "gelu_ffn" else "no input features (K = 0)", make)
+
+
 def _gelu_cases() -> list[EdgeCase]:
-    out = []
+    out = [_empty_dim("gelu_ffn"), _empty_dim("linear_gelu")]
     for approximate in ("tanh", "none"):
         out += [_gelu_case("linear_gelu", kind, approximate)
                 for kind in ("issue", "left tail", "right tail", "huge", "dtype max", "tiny")]

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.gelu_ffn import _gelu_and_grad
 from .common import INTERPRETING, ceil_div, mma
 
 # PROLOGUE: what happens to an A tile as it is loaded.
@@ -256,8 +257,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, prologue: int = PRO_NONE, epilog
         extra = torch.empty((m, k), dtype=a.dtype, device=a.device)
     sums = torch.empty(m, dtype=a.dtype, device=a.device) if rowsum else None
     if m == 0 or n == 0:
-        if sums is not None:
-            sums.zero_()
+        _no_programs(a, z, prologue, gelu_tanh, extra, sums)
         return c, extra, sums
     dz = extra if prologue == PRO_GELU_GRAD else c
     z = z if z is not None else c
@@ -270,8 +270,20 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, prologue: int = PRO_NONE, epilog
     return c, extra, sums
 
 
+def _no_programs(a, z, prologue, gelu_tanh, extra, sums) -> None:
+    """No program runs when M or N is 0, but dz (PRO_GELU_GRAD) and the row sums of A do not
+    depend on N: with N == 0 (an empty hidden or intermediate dim) they are formed here."""
+    a32 = a.float()
+    if prologue == PRO_GELU_GRAD:
+        approximate = "tanh" if gelu_tanh else "none"
+        extra.copy_(a32 * _gelu_and_grad(z.float(), approximate, True)[1])
+        a32 = extra.float()
+    if sums is not None:
+        sums.copy_(a32.sum(1))
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])  # not -1: the last dim may be 0
 
 
 class _LinearGeluFunction(torch.autograd.Function):
