@@ -15,7 +15,8 @@ A contender whose package is absent or whose export fails is skipped with the re
 Before timing, every contender's last_hidden_state is compared with transformers' on the real
 tokens (all of them: no padding): max |diff| <= 1e-3 or the row is marked "check FAILED" (it is
 still timed; a contender that raises is marked and not timed). Timing: interleaved rounds, one
-call of each contender per round (tools.bench.run_interleaved): median and min-max.
+call of each contender per round (tools.bench.run_interleaved): median and min-max; "x sdpa" is
+the speed-up over transformers sdpa (its median / the row's), "vs floor" the row's median / floor.
 
 Floors, measured in the same run: the encoder's matrix-product FLOPs for the token count
 (embedding projection, and per layer Q, K, V, attention output, FFN in/out; attention scores
@@ -54,7 +55,7 @@ class Row:
     first_call_s: Optional[float] = None
     max_abs_diff: Optional[float] = None
     check: str = "not run"         # "ok", "FAILED (...)", "floor", "error: ..."
-    vs_baseline: Optional[float] = None      # median / transformers sdpa median (lower: faster)
+    speedup_vs_sdpa: Optional[float] = None  # transformers sdpa median / median (higher: faster)
     vs_floor: Optional[float] = None         # median / the floor
 
 
@@ -251,7 +252,7 @@ def _shape_rows(cfg, cons: list[Contender], batch: int, seqlen: int, floors: dic
     base = next((r.median_s for r in rows if r.name == BASELINE), None)
     for r in rows:
         if r.median_s is not None:
-            r.vs_baseline = r.median_s / base if base else None
+            r.speedup_vs_sdpa = base / r.median_s if base else None
             r.vs_floor = r.median_s / max(flop_s, byte_s)
     return rows
 
@@ -281,18 +282,19 @@ def _f(v: Optional[float], spec: str, width: int) -> str:
 
 
 def format_latency(rows: list[Row], floors: dict) -> str:
-    """The table: contender, B, L, median ms, spread (min-max ms), time ratio vs transformers sdpa
-    (below 1: faster), time ratio vs the floor (the larger floor), check."""
+    """The table: contender, B, L, median ms, spread (min-max ms), speed-up vs transformers sdpa
+    (its median / the row's; above 1: faster), time ratio vs the floor (the larger floor), the
+    first call at that shape (compilation), check."""
     lines = [f"large-M GEMM rate {floors['gemm_flop_s'] / 1e9:.1f} GFLOP/s, cache-resident copy "
              f"{floors['copy_bytes_s'] / 1e9:.1f} GB/s",
              f"{'contender':40s} {'B':>2s} {'L':>4s} {'median ms':>10s} {'min-max ms':>17s} "
-             f"{'vs sdpa':>8s} {'vs floor':>8s} {'1st call s':>10s}  check"]
+             f"{'x sdpa':>8s} {'vs floor':>8s} {'1st call s':>10s}  check"]
     for r in rows:
         spread = (f"{1e3 * r.min_s:8.2f}-{1e3 * r.max_s:8.2f}" if r.min_s is not None
                   else f"{'-':>17s}")
         lines.append(f"{r.name[:40]:40s} {r.batch:2d} {r.seqlen:4d} "
                      f"{_f(None if r.median_s is None else 1e3 * r.median_s, '.2f', 10)} {spread} "
-                     f"{_f(r.vs_baseline, '.2f', 8)} {_f(r.vs_floor, '.2f', 8)} "
+                     f"{_f(r.speedup_vs_sdpa, '.2f', 8)} {_f(r.vs_floor, '.2f', 8)} "
                      f"{_f(r.first_call_s, '.2f', 10)}  {r.check}")
     return "\n".join(lines)
 
