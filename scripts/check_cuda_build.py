@@ -31,7 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # kernel name substring -> why its spills are accepted. Empty: no kernel may spill.
-ALLOWED_SPILLS: dict[str, str] = {}
+ALLOWED_SPILLS: dict[str, str] = {
+    # ptxas (nvcc 13.0), 2026-11-30: 20 B spill stores/loads on sm_90 without dropout and 8 B on
+    # sm_80 with dropout, since the kernel took separate query/key ranges and the dropout flag. The
+    # fp32 SIMT path only (fp16/bf16 use the tensor-core kernels); three restructurings did not
+    # remove it. A few bytes to L1 on a path that is not the fast one: accepted, to be revisited
+    # with a GPU at hand (measure before and after).
+    "attn_bwd_dkdv_simt_kernel<64,": "fp32 SIMT dK/dV at head dim 64: 8-20 B, see the comment above",
+}
 
 
 @dataclass
@@ -240,7 +247,8 @@ def report(kernels: list[KernelInfo], arch: str, failed: list[str]) -> int:
         print(f"FAIL: no kernels were compiled for {sorted(missing)}")
     if failed or bad or (missing and not failed) or not kernels:
         return 1
-    print("OK: every CUDA source compiles for " + ", ".join(sorted(expected)) + " without spills")
+    print("OK: every CUDA source compiles for " + ", ".join(sorted(expected)) + " without spills"
+          + (f" (except {len(allowed)} accepted in ALLOWED_SPILLS)" if allowed else ""))
     return 0
 
 
