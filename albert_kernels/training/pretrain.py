@@ -184,7 +184,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = AlbertForPreTraining(config, backend=args.backend)
         if state is not None:
-            self.model.load_hf_state_dict(state)
+            self.model.load_hf_state_dict(state, strict=True)  # resume: every weight or an error
         self.model.to(dist_.device).train()
         dtype = DTYPES[args.dtype]
         self.compute = self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)
