@@ -18,11 +18,11 @@ still timed; a contender that raises is marked and not timed). Timing: interleav
 call of each contender per round (tools.bench.run_interleaved): median and min-max; "x sdpa" is
 the speed-up over transformers sdpa (its median / the row's), "vs floor" the row's median / floor.
 
-Floors, measured in the same run: the encoder's matrix-product FLOPs for the token count
-(embedding projection, and per layer Q, K, V, attention output, FFN in/out; attention scores
-excluded) at the large-M GEMM rate (torch.mm at M = 512), and the shared layer's weight bytes,
-streamed once per layer, at the cache-resident copy bandwidth (an 8 MiB buffer copied into another;
-bytes read + written per second). "vs floor" divides by the larger of the two.
+Floors, their rates timed in the same rounds as each shape's contenders: the encoder's
+matrix-product FLOPs for the token count (embedding projection, and per layer Q, K, V, attention
+output, FFN in/out; attention scores excluded) at the large-M GEMM rate (torch.mm at M = 512),
+and the shared layer's weight bytes, streamed once per layer, at the cache-resident copy
+bandwidth (an 8 MiB buffer copied into another; bytes read + written per second). "vs floor" divides by the larger of the two.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from .workloads import Workload
 
 TOLERANCE = 1e-3       # max |diff| vs transformers' last_hidden_state, fp32
 BASELINE = "transformers sdpa"
+GEMM_PROBE, COPY_PROBE = "gemm_flop_s", "copy_bytes_s"
 
 
 @dataclass
@@ -158,7 +159,8 @@ def contenders(cfg: AlbertConfig, hf, compile_baseline: bool, runtimes: bool, tm
             say(f"ONNX export: {_onnx_export(hf, cfg, path)}")
         except Exception as e:  # noqa: BLE001
             reason = f"torch.onnx.export failed: {type(e).__name__}: {str(e)[:200]}"
-            return out + [Contender("onnxruntime", None, reason), Contender("openvino", None, reason)]
+            return out + [Contender("onnxruntime", None, reason),
+                          Contender("openvino", None, reason)]
         out.append(_guarded("onnxruntime", lambda: _ort(path, cfg, tmp, say)))
         out.append(_guarded("openvino", lambda: _openvino(path)))
     return out
@@ -169,31 +171,19 @@ def _ours(hf) -> Contender:
     return Contender("ours (cpp)", lambda ids: model(ids).last_hidden_state)
 
 
-def gemm_rate(cfg: AlbertConfig, min_time_s: float = 0.3) -> float:
-    """FLOP/s of torch.mm at M = 512 tokens on the FFN-in shape [512, H] x [H, I]."""
+def floor_workloads(cfg: AlbertConfig, copy_nbytes: int = 8 << 20) -> list[Workload]:
+    """The two rate probes, timed in the same rounds as the contenders: torch.mm at M = 512 tokens
+    on the FFN-in shape [512, H] x [H, I] (work: FLOPs), and a cache-resident copy of an
+    `copy_nbytes` buffer into another (work: bytes read + written)."""
     a, b = torch.randn(512, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.intermediate_size)
-    return 2 * 512 * cfg.hidden_size * cfg.intermediate_size / _best_time(lambda: torch.mm(a, b),
-                                                                          min_time_s)
-
-
-def copy_bandwidth(nbytes: int = 8 << 20, min_time_s: float = 0.3) -> float:
-    """Bytes/s (read + written) copying an `nbytes` buffer into another (cache-resident)."""
-    src, dst = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
-    return 2 * nbytes / _best_time(lambda: dst.copy_(src), min_time_s)
-
-
-def _best_time(fn: Callable, min_time_s: float) -> float:
-    fn()
-    times, t_end = [], time.perf_counter() + min_time_s
-    while len(times) < 5 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    src, dst = torch.randn(copy_nbytes // 4), torch.empty(copy_nbytes // 4)
+    return [Workload("floor", GEMM_PROBE, lambda: torch.mm(a, b),
+                     2 * 512 * cfg.hidden_size * cfg.intermediate_size, "GFLOP/s"),
+            Workload("floor", COPY_PROBE, lambda: dst.copy_(src), 2 * copy_nbytes, "GB/s")]
 
 
 def encoder_flops(cfg: AlbertConfig, tokens: int) -> int:
-    """Matrix-product FLOPs of the encoder for `tokens` tokens (as tools.model_workloads.gemm_floor)."""
+    """Matrix-product FLOPs of the encoder for `tokens` tokens (as model_workloads.gemm_floor)."""
     E, H, I = cfg.embedding_size, cfg.hidden_size, cfg.intermediate_size
     per_layer = 4 * H * H + 2 * H * I
     return 2 * tokens * (E * H + cfg.num_hidden_layers * cfg.inner_group_num * per_layer)
@@ -206,7 +196,7 @@ def weight_bytes(cfg: AlbertConfig) -> int:
 
 
 def _check(c: Contender, ids: torch.Tensor, ref: torch.Tensor, row: Row) -> bool:
-    """Call `c` once (its first call at this shape, timed), compare with `ref`; False if it raised."""
+    """Call `c` once (its first call at this shape, timed), compare with `ref`; False: it raised."""
     try:
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -225,7 +215,10 @@ def _check(c: Contender, ids: torch.Tensor, ref: torch.Tensor, row: Row) -> bool
 
 def _shape_rows(cfg, cons: list[Contender], batch: int, seqlen: int, floors: dict,
                 min_time_s: float, say) -> list[Row]:
-    """Check then time every contender at one (B, L), plus the two floor rows."""
+    """Check then time every contender at one (B, L), plus the two floor rows. `floors` holds the
+    rates {"gemm_flop_s", "copy_bytes_s"}; an empty dict: measure them here, in the same rounds
+    as the contenders (a loaded machine's slow phases then hit rates and contenders alike), and
+    fill it in."""
     gen = torch.Generator().manual_seed(batch * 1000 + seqlen)
     ids = torch.randint(5, cfg.vocab_size, (batch, seqlen), generator=gen)
     with torch.inference_mode():
@@ -240,9 +233,13 @@ def _shape_rows(cfg, cons: list[Contender], batch: int, seqlen: int, floors: dic
                     c.call(ids)
             timed.append((row, Workload(f"B{batch} L{seqlen}", c.name, fn, batch * seqlen,
                                         "tokens/s")))
+    probes = [] if floors else floor_workloads(cfg)
     say(f"B{batch} L{seqlen}: timing {len(timed)} contenders round-robin")
-    for (row, _), r in zip(timed, run_interleaved([w for _, w in timed], min_time_s)):
+    results = run_interleaved([w for _, w in timed] + probes, min_time_s)
+    for (row, _), r in zip(timed, results):
         row.median_s, row.min_s, row.max_s = r.median_s, r.min_s, r.max_s
+    for w, r in zip(probes, results[len(timed):]):
+        floors[w.name] = w.work / r.median_s
     tokens = batch * seqlen
     flop_s = encoder_flops(cfg, tokens) / floors["gemm_flop_s"]
     byte_s = weight_bytes(cfg) / floors["copy_bytes_s"]
@@ -260,12 +257,11 @@ def _shape_rows(cfg, cons: list[Contender], batch: int, seqlen: int, floors: dic
 def run_latency(cfg: AlbertConfig, batches=(1, 4), lengths=(8, 32, 128), min_time_s: float = 2.0,
                 compile_baseline: bool = True, runtimes: bool = True,
                 say: Callable[[str], None] = lambda what: None) -> tuple[list[Row], dict]:
-    """The latency table's rows (each (B, L): contenders, then the two floors) and the measured
-    floors {"gemm_flop_s", "copy_bytes_s"}. cfg: an AlbertConfig (fp32, random weights)."""
+    """The latency table's rows (each (B, L): contenders, then the two floors at the rates
+    measured in that shape's rounds) and the rates' medians over the shapes {"gemm_flop_s",
+    "copy_bytes_s"}. cfg: an AlbertConfig (fp32, random weights)."""
     hf = _hf_model(cfg)
-    say("measuring the large-M GEMM rate and the cache-resident copy bandwidth")
-    floors = {"gemm_flop_s": gemm_rate(cfg), "copy_bytes_s": copy_bandwidth()}
-    rows = []
+    rows, rates = [], []
     with tempfile.TemporaryDirectory(prefix="ak_latency_") as tmp:
         cons = contenders(cfg, hf, compile_baseline, runtimes, tmp, say)
         for c in cons:
@@ -273,8 +269,9 @@ def run_latency(cfg: AlbertConfig, batches=(1, 4), lengths=(8, 32, 128), min_tim
                 say(f"skipping {c.name}: {c.skip}")
         for b in batches:
             for n in lengths:
-                rows += _shape_rows(cfg, cons, b, n, floors, min_time_s, say)
-    return rows, floors
+                rates.append({})
+                rows += _shape_rows(cfg, cons, b, n, rates[-1], min_time_s, say)
+    return rows, {k: statistics.median(r[k] for r in rates) for k in (GEMM_PROBE, COPY_PROBE)}
 
 
 def _f(v: Optional[float], spec: str, width: int) -> str:
@@ -286,7 +283,8 @@ def format_latency(rows: list[Row], floors: dict) -> str:
     (its median / the row's; above 1: faster), time ratio vs the floor (the larger floor), the
     first call at that shape (compilation), check."""
     lines = [f"large-M GEMM rate {floors['gemm_flop_s'] / 1e9:.1f} GFLOP/s, cache-resident copy "
-             f"{floors['copy_bytes_s'] / 1e9:.1f} GB/s",
+             f"{floors['copy_bytes_s'] / 1e9:.1f} GB/s (medians over the shapes; each shape's "
+             "floors use the rates timed in its own rounds)",
              f"{'contender':40s} {'B':>2s} {'L':>4s} {'median ms':>10s} {'min-max ms':>17s} "
              f"{'x sdpa':>8s} {'vs floor':>8s} {'1st call s':>10s}  check"]
     for r in rows:
