@@ -22,7 +22,8 @@ Floors, their rates timed in the same rounds as each shape's contenders: the enc
 matrix-product FLOPs for the token count (embedding projection, and per layer Q, K, V, attention
 output, FFN in/out; attention scores excluded) at the large-M GEMM rate (torch.mm at M = 512),
 and the shared layer's weight bytes, streamed once per layer, at the cache-resident copy
-bandwidth (an 8 MiB buffer copied into another; bytes read + written per second). "vs floor" divides by the larger of the two.
+bandwidth (an 8 MiB buffer copied into another; bytes read + written per second). "vs floor"
+divides by the larger of the two.
 """
 from __future__ import annotations
 
