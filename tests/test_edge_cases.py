@@ -18,8 +18,8 @@ import albert_kernels as ak
 from albert_kernels.backends import backend_names, unavailable_reason
 from albert_kernels.tools.edge_cases import (DTYPES, EDGE_CASES, EdgeInputs, attention_inputs,
                                              compare_inputs, edge_case_applies, gelu_inputs,
-                                             layer_norm_inputs, run_edge_case, score_amplitude,
-                                             varlen_inputs)
+                                             known_broken, layer_norm_inputs, run_edge_case,
+                                             score_amplitude, varlen_inputs)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = [(b, d) for b in backend_names() for d in DEVICES if not (b == "reference" and d != "cpu")]
@@ -41,21 +41,6 @@ def _assert_ok(results, what: str) -> None:
 # Named edge cases
 # ---------------------------------------------------------------------------------------------
 
-# Attention kernels that are not right on an edge case yet (their owners have the report): the
-# test is an xfail(strict=True), so it fails as soon as the kernel is fixed, to drop the entry.
-_ALL = ("float32", "float16", "bfloat16")
-_CPP_HUGE = ("cpp attention backward: dq, dk are NaN on some rows when the scaled scores reach "
-             "~3e4 (forward finite)")
-_TRITON_HUGE = ("triton attention: with scaled scores ~3e4 the probabilities lose ~0.4% (the "
-                "exponent rounds at the scores' magnitude): dv error 5e-3 against a budget of 3e-6 "
-                "in fp32, dq, dk 1e-4 where float64 gives ~0")
-KNOWN_BROKEN = {
-    ("cpp", "attention", "huge q.k scores, NaN padding"): (_ALL, _CPP_HUGE),
-    ("cpp", "varlen_attention", "huge q.k scores"): (_ALL, _CPP_HUGE),
-    ("triton", "attention", "huge q.k scores"): (("float32", "bfloat16"), _TRITON_HUGE),
-    ("triton", "attention", "huge q.k scores, NaN padding"): (_ALL, _TRITON_HUGE),
-    ("triton", "varlen_attention", "huge q.k scores"): (("float32", "bfloat16"), _TRITON_HUGE),
-}
 # The drawn attention tests leave huge scores out on these backends (the named cases above keep
 # the failure visible).
 HUGE_SCORES_BROKEN = {"cpp", "triton"}
@@ -67,9 +52,9 @@ def test_edge_case_within_budget(backend, device, case, dtype, request):
     _skip_unless_runs(backend, device)
     if not edge_case_applies(case, dtype):
         pytest.skip(f"{case.name} does not apply to {dtype}")
-    broken = KNOWN_BROKEN.get((backend, case.op, case.name))
-    if broken and dtype in broken[0]:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=broken[1]))
+    broken = known_broken(backend, case, dtype)
+    if broken:  # strict: the test fails as soon as the kernel is fixed, to drop the entry
+        request.applymarker(pytest.mark.xfail(strict=True, reason=broken))
     results = run_edge_case(case, backend, DTYPES[dtype], device)
     _assert_ok(results, f"{case.op} {case.name} {dtype} on {backend}/{device}")
 
