@@ -14,7 +14,7 @@ import torch
 from .config import AlbertConfig
 from .layers import AlbertTransformer, ResolvesKernels, pack_tokens
 from .layout import mask_layout
-from .outputs import Recorder, transformers_collector, warn_not_fused
+from .outputs import Recorder, find_transformers_collector, transformers_collector, warn_not_fused
 
 
 def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -93,6 +93,7 @@ def patch_hf(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.
     if not isinstance(model, hf.AlbertPreTrainedModel):
         raise TypeError(f"patch_hf expects a transformers ALBERT model, got {type(model).__name__}")
     config = AlbertConfig.from_hf(model.config)
+    find_transformers_collector()  # now, not inside a forward torch.compile may trace
     for name, module in list(model.named_modules()):
         if isinstance(module, PatchedAlbertTransformer):
             module._use_backend(backend)

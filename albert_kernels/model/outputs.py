@@ -22,14 +22,29 @@ import torch
 import torch.nn.functional as F
 
 
+# transformers 5's context variable holding the active output collector; None on transformers 4.
+# Looked up once, eagerly (patch_hf calls find_transformers_collector): an import inside a forward
+# that torch.compile traces is a graph break, and on transformers 4 a failing one.
+_COLLECTOR_VAR: list = []
+
+
+def find_transformers_collector() -> None:
+    """Look up (once) where transformers keeps the active output collector, if it has one."""
+    if not _COLLECTOR_VAR:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:
+            _active_collector = None
+        _COLLECTOR_VAR.append(_active_collector)
+
+
 def transformers_collector() -> Optional[dict]:
     """The output collector transformers 5's ``capture_outputs`` has active for this call, or None
     (transformers 4, or no capture asked)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return None
-    collector = _active_collector.get()
+    if not _COLLECTOR_VAR:
+        find_transformers_collector()
+    var = _COLLECTOR_VAR[0]
+    collector = var.get() if var is not None else None
     return collector if collector else None
 
 
