@@ -176,14 +176,15 @@ def _spec(jit_fn, args, kwargs, arch: int):
     return jit_fn._pack_args(backend, kwargs, bound_args, specialization, options)
 
 
-def _configs_for(kernel, args, arch: int) -> list:
+def _configs_for(kernel, args, kwargs, arch: int) -> list:
     """The launch options autotuning may pick on `arch` (one empty dict for a plain kernel)."""
     from triton.runtime.autotuner import Autotuner
     if not isinstance(kernel, Autotuner):
         return [{}]
-    from .gelu_ffn import usable_configs
+    from .gelu_ffn import has_gelu, usable_configs
     elem_bytes = next(a.element_size() for a in args if isinstance(a, torch.Tensor))
-    return [c.all_kwargs() for c in usable_configs(kernel.configs, elem_bytes, SHARED_LIMIT[arch])]
+    return [c.all_kwargs() for c in usable_configs(kernel.configs, elem_bytes, SHARED_LIMIT[arch],
+                                                   has_gelu(kwargs))]
 
 
 def _dtype_label(args) -> str:
@@ -198,7 +199,7 @@ def collect_jobs(archs=(80, 90)) -> list:
         jit_fn = _jit_function(kernel)
         dtype = _dtype_label(args)
         for arch in archs:
-            for config in _configs_for(kernel, args, arch):
+            for config in _configs_for(kernel, args, kwargs, arch):
                 launch_kwargs = {**kwargs, **config}
                 options, signature, constexprs, attrs = _spec(jit_fn, args, launch_kwargs, arch)
                 opts = tuple(sorted(options.__dict__.items()))

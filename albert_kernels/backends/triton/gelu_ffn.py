@@ -146,23 +146,40 @@ def shared_memory_estimate(config: triton.Config, elem_bytes: int) -> int:
     return (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes * config.num_stages
 
 
-def usable_configs(configs, elem_bytes: int, shared_limit: int) -> list:
-    """The configs autotuning may pick for an element size on a chip with `shared_limit` bytes."""
+# The GELU prologue / epilogues (the erfc- and sigmoid-based forms that stay exact in both tails)
+# hold more fp32 temporaries per accumulator element: in 16-bit, tiles above 64 x 64 spill 48-1088
+# bytes per thread on sm_80 / sm_90 (triton 3.6 and 3.8 AOT, 2026-11-30), so those variants keep
+# the 64 x 64 tiles only. To be revisited with a GPU at hand (measure the bigger tiles' speed).
+_GELU_MAX_TILE = 64 * 64
+
+
+def usable_configs(configs, elem_bytes: int, shared_limit: int, gelu: bool = False) -> list:
+    """The configs autotuning may pick for an element size on a chip with `shared_limit` bytes;
+    `gelu`: the launch has a GELU prologue or epilogue (see _GELU_MAX_TILE)."""
     wanted = CONFIGS_FP32 if elem_bytes == 4 else CONFIGS_16BIT
     return [c for c in configs
-            if any(c is w for w in wanted) and shared_memory_estimate(c, elem_bytes) <= shared_limit]
+            if any(c is w for w in wanted) and shared_memory_estimate(c, elem_bytes) <= shared_limit
+            and not (gelu and elem_bytes < 4
+                     and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > _GELU_MAX_TILE)]
+
+
+def has_gelu(launch_kwargs) -> bool:
+    """Whether a launch of _matmul_kernel (its PROLOGUE / EPILOGUE arguments) runs GELU code."""
+    return (int(launch_kwargs.get("PROLOGUE", 0)) == int(PRO_GELU_GRAD.value)
+            or int(launch_kwargs.get("EPILOGUE", 0)) in (int(EPI_BIAS_GELU.value), int(EPI_GELU_GRAD.value)))
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Autotuner hook: `usable_configs` for this dtype and device. Under the interpreter (CPU
     verification, nothing to time) just the smallest tile of the dtype's list."""
     elem_bytes = named_args["A"].element_size()
+    gelu = has_gelu({**kwargs, **named_args})
     if INTERPRETING:
-        return [min(usable_configs(configs, elem_bytes, 1 << 30),
+        return [min(usable_configs(configs, elem_bytes, 1 << 30, gelu),
                     key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     from triton.runtime import driver
     limit = driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
-    return usable_configs(configs, elem_bytes, limit)
+    return usable_configs(configs, elem_bytes, limit, gelu)
 
 
 @triton.autotune(configs=CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
