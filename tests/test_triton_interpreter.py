@@ -52,6 +52,7 @@ def test_multi_block_case_under_interpreter(case, dtype):
 
 from albert_kernels.backends import dropout  # noqa: E402
 from albert_kernels.tools.budget import check_budget  # noqa: E402
+from attention_helpers import dense_padded, dense_varlen  # noqa: E402  (the float64 dense attention)
 
 FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,33 +73,6 @@ def triton_attention():
         pytest.skip(reason)
     import importlib
     return importlib.import_module("albert_kernels.backends.triton.attention")
-
-
-def _ref_sequence(q, k, v, scale, keep, p):
-    """One sequence: q [Lq, H, D], k, v [Lk, H, D], keep bool [H, >=Lq, >=Lk] or None."""
-    if k.shape[0] == 0:
-        return torch.zeros_like(q)
-    probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * scale, -1)
-    if keep is not None:
-        probs = torch.where(keep[:, :q.shape[0], :k.shape[0]], probs / (1 - p), 0.0)
-    return torch.einsum("hqk,khd->qhd", probs, v)
-
-
-def _ref_varlen(q, k, v, cu_q, cu_k, scale, keep, p):
-    outs = [_ref_sequence(q[a:b], k[c:d], v[c:d], scale, None if keep is None else keep[s], p)
-            for s, (a, b, c, d) in enumerate(zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]))]
-    return torch.cat(outs) if outs else torch.zeros_like(q)
-
-
-def _ref_padded(q, k, v, mask, scale, keep, p):
-    """q, k, v [B, H, L, D]; padded keys (mask False) selected away as the reference backend does."""
-    rows = []
-    for b in range(q.shape[0]):
-        real = mask[b] if mask is not None else torch.ones(q.shape[2], dtype=torch.bool)
-        qs, ks, vs = (t[b].transpose(0, 1) for t in (q, k, v))
-        kb = None if keep is None else keep[b][:, :, real]
-        rows.append(_ref_sequence(qs, ks[real], vs[real], scale, kb, p).transpose(0, 1))
-    return torch.stack(rows)
 
 
 def _leaves(*tensors, dtype, device="cpu"):
@@ -142,7 +116,7 @@ def test_attention_dropout_padded_matches_reference_given_its_mask(triton_attent
     keep = _replay_keep(state, p, b, h, l, l)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03  # the keep rate
     _set_rng_state(state)  # the call draws the replayed (seed, offset)
-    out, cand = _check_fwd_bwd(run, lambda q, k, v: _ref_padded(q, k, v, mask, d ** -0.5, keep, p),
+    out, cand = _check_fwd_bwd(run, lambda q, k, v: dense_padded(q, k, v, mask, d ** -0.5, keep, p),
                                (q, k, v), FLOATS[dtype], grad_out, "padded")
     _set_rng_state(state)
     with torch.no_grad():
@@ -173,7 +147,7 @@ def test_varlen_separate_query_and_key_sequences(triton_attention, dtype, p):
     keep = _replay_keep(state, p, len(lq), h, max_q, max_k) if p > 0 else None
     _set_rng_state(state)
     real = sum(lk)  # the reference sees only the keys that belong to a sequence
-    ref = lambda q, k, v: _ref_varlen(q, k[:real], v[:real], cu_q, cu_k, d ** -0.5, keep, p)
+    ref = lambda q, k, v: dense_varlen(q, k[:real], v[:real], cu_q, cu_k, d ** -0.5, keep, p)
     out, cand = _check_fwd_bwd(run, ref, (q, k, v), FLOATS[dtype], grad_out, f"varlen p={p}")
     no_key = slice(cu_q[2], cu_q[3])  # the sequence with 37 queries and no key
     assert out[no_key].abs().max() == 0 and cand[0].grad[no_key].abs().max() == 0
@@ -191,7 +165,7 @@ def test_attention_nonfinite_padded_key_and_value_slots(triton_attention, dtype)
     mask = torch.arange(l)[None, :] < torch.tensor([[33], [7]])
     pad = ~mask[:, None, :, None].expand(b, h, l, d)
     run = lambda q, k, v: triton_attention.attention(q, k, v, mask.to(DEVICE), d ** -0.5, 0.0)
-    ref = lambda q, k, v: _ref_padded(q, k, v, mask, d ** -0.5, None, 0.0)
+    ref = lambda q, k, v: dense_padded(q, k, v, mask, d ** -0.5, None, 0.0)
     results = []
     for k_pad, v_pad in ((float("nan"), float("-inf")), (0.0, 0.0)):
         kk, vv = k.masked_fill(pad, k_pad), v.masked_fill(pad, v_pad)
@@ -216,7 +190,7 @@ def test_attention_huge_scores_stay_finite(triton_attention, dtype):
     cand = _leaves(q, k, v, dtype=FLOATS[dtype], device=DEVICE)
     gold, base = (_leaves(q, k, v, dtype=t) for t in (torch.float64, FLOATS[dtype]))
     out = triton_attention.attention(*cand, mask.to(DEVICE), d ** -0.5, 0.0)
-    refs = [_ref_padded(*x, mask, d ** -0.5, None, 0.0) for x in (gold, base)]
+    refs = [dense_padded(*x, mask, d ** -0.5, None, 0.0) for x in (gold, base)]
     result = check_budget(out, refs[1], refs[0], FLOATS[dtype])
     assert result.ok, f"huge scores forward {dtype}: {result}"
     out.backward(torch.randn(b, h, l, d, generator=gen).to(device=DEVICE, dtype=out.dtype))
