@@ -1,5 +1,8 @@
 """ak.patch_hf: a transformers ALBERT model runs on our kernels with the same outputs and
 gradients, the same parameters, and clear errors for what it does not support."""
+import copy
+import warnings
+
 import pytest
 import torch
 
@@ -124,6 +127,68 @@ def test_train_eval_and_backend_switch():
     assert not torch.equal(a, c), "hidden dropout is active in training"
     ak.patch_hf(model, backend=None)
     assert model.encoder is enc and enc.backend is None
+
+
+def _states_and_grads(model, ids, mask, attentions, upstream):
+    """Run with hidden states (and attention probabilities) asked for, ``.retain_grad()`` on every
+    one returned, backward from the outputs heads read (last hidden state on real positions, the
+    pooler); (states, their grads)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # output_attentions: "not fused"
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                    output_attentions=attentions)
+    states = list(out.hidden_states) + list(out.attentions if attentions else ())
+    for t in states:
+        t.retain_grad()
+    w_hidden, w_pooled = (u.to(out.last_hidden_state.dtype) for u in upstream)
+    loss = (out.last_hidden_state * w_hidden * mask[..., None]).sum() + \
+        (out.pooler_output * w_pooled).sum()
+    loss.backward()
+    return states, [t.grad for t in states]
+
+
+@pytest.mark.parametrize("attentions", [False, True], ids=["hidden-states", "with-attentions"])
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("kind", ["patched", "ours", "ours-padded"])
+def test_returned_states_are_on_the_gradient_path(kind, padding, attentions, cpu_backend):
+    """Every hidden state and attention probability returned is an ancestor of the outputs:
+    ``.retain_grad()`` on it gets a gradient, equal (within the error budget, fp64 transformers as
+    gold) to what transformers' model gives its own, on real query positions (and position 0 under
+    left padding). Covers the packed path (padding-free), the padded grid that forms the attention
+    matrices (with-attentions), and our model on the padded grid (ours-padded: unpad=False)."""
+    torch.manual_seed(0)
+    hf = _model("AlbertModel", "eager", num_hidden_groups=1).eval()
+    gold = copy.deepcopy(hf).double()
+    if kind == "patched":
+        ours = ak.patch_hf(copy.deepcopy(hf), backend=cpu_backend)
+    else:
+        ours = ak.AlbertModel.from_hf(hf, backend=cpu_backend).eval()
+        ours.unpad = kind == "ours"
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (3, SEQ), generator=gen)
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    for b, n in enumerate([SEQ, 6, 9]):
+        if padding == "right":
+            mask[b, n:] = 0
+        elif padding == "left":
+            mask[b, :SEQ - n] = 0
+    upstream = (torch.randn(3, SEQ, 64, generator=gen, dtype=torch.float64),
+                torch.randn(3, 64, generator=gen, dtype=torch.float64))
+    runs = [_states_and_grads(m, ids, mask, attentions, upstream) for m in (ours, hf, gold)]
+    (c_states, c_grads), (b_states, b_grads), (g_states, g_grads) = runs
+    assert len(c_states) == len(b_states) == 4 + (3 if attentions else 0)
+    rows = mask.bool().clone()
+    rows[:, 0] = True  # a left-padded first position is what the pooler reads
+    scale = max(float(g.abs().max()) for g in g_grads)
+    for i, (c, b, g, state) in enumerate(zip(c_grads, b_grads, g_grads, c_states)):
+        assert c is not None, f"returned state {i} got no gradient: it is not on the path"
+        assert b is not None and g is not None
+        pick = (lambda t: t[rows]) if state.dim() == 3 else (lambda t: t.transpose(1, 2)[rows])
+        for got, base, want, what in ((c_states[i], b_states[i], g_states[i], "value"),
+                                      (c, b, g, "grad")):
+            result = check_budget(pick(got), pick(base), pick(want),
+                                  scale=scale if what == "grad" else None)
+            assert result.ok, f"state {i} {what}: {result}"
 
 
 def test_unsupported_features_raise():

@@ -75,6 +75,50 @@ def key_mask_from_attention_mask(mask, batch: int, seqlen: int) -> Optional[torc
     return layout.key_mask
 
 
+class Unpacker:
+    """Between the layers' tokens [N, ...] and the [B, L, ...] grid of a batch (made by
+    :func:`pack_tokens`).
+
+    ``unpack(h)`` (calling it) puts tokens on the grid: real tokens and a left-padded first
+    position hold their values, other padded positions zero rows. ``tokens(grid, h)`` takes the
+    tokens back from such a grid, so that a computation continued from them has the grid on its
+    path: hidden states returned to the caller are then ancestors of the outputs, and
+    ``.retain_grad()`` on them receives gradients, as on transformers' own. ``h`` (the tokens the
+    grid was made from) gives the padded layout's positions that the grid zeroes, so the
+    continued values are exactly ``h``'s.
+
+    Packed layout: ``indices`` int64 [N] into the flattened B*L positions (None: every position
+    is a token, in order). Padded layout (``padded``): N = B*L and ``keep`` bool [B, L] or None
+    (every position kept).
+    """
+
+    def __init__(self, batch: int, seqlen: int, padded: bool,
+                 indices: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None):
+        self.batch, self.seqlen, self.padded = batch, seqlen, padded
+        self.indices, self.keep = indices, keep
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        batch, seqlen, rest = self.batch, self.seqlen, h.shape[1:]
+        if self.padded:
+            out = h.view(batch, seqlen, *rest)
+            return out if self.keep is None else out * self.keep[..., None].to(out.dtype)
+        if self.indices is None:
+            return h.view(batch, seqlen, *rest)
+        out = h.new_zeros(batch * seqlen, *rest).index_put((self.indices,), h)
+        return out.view(batch, seqlen, *rest)
+
+    def tokens(self, grid: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The tokens [N, ...] of `grid` [B, L, ...] (made by ``self(h)``), computed from `grid`;
+        their values equal `h`'s."""
+        flat = grid.reshape(self.batch * self.seqlen, *grid.shape[2:])
+        if self.padded:
+            if self.keep is None:
+                return flat
+            keep = self.keep.reshape(-1, *(1,) * (h.dim() - 1))
+            return torch.where(keep, flat, h)   # zeroed positions: h's values, off the grid
+        return flat if self.indices is None else flat.index_select(0, self.indices)
+
+
 def pack_tokens(grid: torch.Tensor, layout: MaskLayout, padded: bool, kernels: Kernels,
                 probs: Optional[list] = None):
     """Lay a [B, L, ...] batch out as tokens for the layers: the one place that removes padding.
@@ -83,9 +127,10 @@ def pack_tokens(grid: torch.Tensor, layout: MaskLayout, padded: bool, kernels: K
     tokens with cu_seqlens (the fast path; without a mask, B sequences of L tokens; packed rows:
     one sequence per block), plus a left-padded row's first position as a query-only token; or,
     with `padded` (torch.compile: static shapes) or `probs` (a list receiving attention
-    probabilities), every position of the grid. The plan carries `kernels`. ``unpack(h)`` puts
-    [N, ...] back on the [B, L] grid: real tokens and a left-padded first position hold their
-    values, other padded positions zero rows. Packed, the device is read once or twice here
+    probabilities), every position of the grid. The plan carries `kernels`. ``unpack``, an
+    :class:`Unpacker`, puts [N, ...] back on the [B, L] grid (``unpack(h)``: real tokens and a
+    left-padded first position hold their values, other padded positions zero rows) and takes
+    tokens back from it (``unpack.tokens``). Packed, the device is read once or twice here
     (lengths, left-padded rows); never per layer.
     """
     batch, seqlen = grid.shape[:2]
@@ -98,11 +143,8 @@ def pack_tokens(grid: torch.Tensor, layout: MaskLayout, padded: bool, kernels: K
         if key_mask is not None and layout.segments is None and seqlen > 0:
             keep = key_mask.clone()  # a left-padded first position is computed and kept
             keep[:, 0] = key_mask.any(dim=1)
-
-        def unpack_grid(h: torch.Tensor) -> torch.Tensor:
-            out = h.view(batch, seqlen, *h.shape[1:])
-            return out if keep is None else out * keep[..., None].to(out.dtype)
-        return grid.reshape(batch * seqlen, *grid.shape[2:]), plan, unpack_grid
+        unpack = Unpacker(batch, seqlen, padded=True, keep=keep)
+        return grid.reshape(batch * seqlen, *grid.shape[2:]), plan, unpack
     indices, cu, max_seqlen, extra = packed_sequences(layout, batch, seqlen, grid.device)
     flat = grid.reshape(batch * seqlen, *grid.shape[2:])
     tokens = flat if indices is None else flat.index_select(0, indices)
@@ -111,13 +153,7 @@ def pack_tokens(grid: torch.Tensor, layout: MaskLayout, padded: bool, kernels: K
         positions, plan.cu_extra = extra
         tokens = torch.cat([tokens, flat.index_select(0, positions)])
         indices = torch.cat([indices, positions])
-
-    def unpack(h: torch.Tensor) -> torch.Tensor:
-        if indices is None:
-            return h.view(batch, seqlen, *h.shape[1:])
-        out = h.new_zeros(batch * seqlen, *h.shape[1:]).index_put((indices,), h)
-        return out.view(batch, seqlen, *h.shape[1:])
-    return tokens, plan, unpack
+    return tokens, plan, Unpacker(batch, seqlen, padded=False, indices=indices)
 
 
 class ResolvesKernels:
@@ -257,16 +293,16 @@ class AlbertTransformer(nn.Module):
                 recorder: Optional[Recorder] = None) -> torch.Tensor:
         """x [N, embedding_size] -> [N, hidden]. `recorder` (only when hidden states are asked
         for) receives the first layer's input and every layer's output, as transformers' hooks
-        on its AlbertLayer record them."""
+        on its AlbertLayer record them; the computation continues from what it returns, so the
+        recorded hidden states are on the path to the output (their gradients are the output's)."""
         h = self.embedding_hidden_mapping_in(x)
         if recorder is None:
             for i in range(self.config.num_hidden_layers):
                 h = self.albert_layer_groups[self.config.group_of_layer(i)](h, plan)
             return h
-        recorder.hidden(h)
+        h = recorder.hidden(h)
         for i in range(self.config.num_hidden_layers):
             layers = self.albert_layer_groups[self.config.group_of_layer(i)].albert_layers
             for j, layer in enumerate(layers):
-                h = layer(h, plan)
-                recorder.hidden(h, group_end=j == len(layers) - 1)
+                h = recorder.hidden(layer(h, plan), group_end=j == len(layers) - 1)
         return h

@@ -10,6 +10,10 @@ encoder, which returns the tuples (one hidden state per layer-group call there).
 
 Hidden states are token-major inside our encoder ([N, hidden]); each one recorded is put back on
 the [B, L] grid, so its values on real positions are transformers'; padded positions hold zeros.
+The next layer then reads its tokens from that grid (only when hidden states are asked for), so
+every returned hidden state is an ancestor of the outputs: ``.retain_grad()`` on it gets the
+gradient, as on transformers' own. The attention probabilities returned are the very tensors
+the context is computed from.
 Attention probabilities are formed only by :func:`attention_probs` on the padded grid: a call that
 asks for them runs every layer there, not on the fused kernels, and says so once.
 """
@@ -53,7 +57,8 @@ class Recorder:
 
     hidden_states: None (not asked) or a list that receives each recorded hidden state (or None
     where `selection`, a set of indices, leaves it out). attentions: None or a list receiving
-    [B, H, L, L] probabilities per layer. `unpack` puts [N, hidden] tokens on the [B, L] grid;
+    [B, H, L, L] probabilities per layer. `unpack` (``layers.Unpacker``) puts [N, hidden] tokens
+    on the [B, L] grid and takes them back;
     `per_group`: record after each layer-group call (transformers 4) instead of each layer.
     """
 
@@ -70,13 +75,21 @@ class Recorder:
         return cls(collector.get("hidden_states"), collector.get("attentions"),
                    collector.get("_hidden_states_layers"))
 
-    def hidden(self, h: torch.Tensor, group_end: bool = True) -> None:
-        """Record hidden state `h` [N, hidden] (if this recorder takes hidden states)."""
+    def hidden(self, h: torch.Tensor, group_end: bool = True) -> torch.Tensor:
+        """Record hidden state `h` [N, hidden] (if this recorder takes hidden states) and return
+        the tokens to continue from: recorded, the [B, L, hidden] grid handed to the caller is
+        put on the path to the outputs (``unpack.tokens``: the same values, computed from the
+        grid), so ``.retain_grad()`` on it gets the gradient, as transformers' hidden states do;
+        else `h` itself."""
         if self.hidden_states is None or (self.per_group and not group_end):
-            return
+            return h
         index = len(self.hidden_states)
-        keep = self.selection is None or index in self.selection
-        self.hidden_states.append(self.unpack(h) if keep else None)
+        if self.selection is not None and index not in self.selection:
+            self.hidden_states.append(None)
+            return h
+        grid = self.unpack(h)
+        self.hidden_states.append(grid)
+        return self.unpack.tokens(grid, h)
 
 
 def warn_not_fused(where: str) -> None:
