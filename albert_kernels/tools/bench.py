@@ -6,7 +6,8 @@ memory (docs/performance.md): on GPU `torch.cuda.max_memory_allocated()` over th
 calls, on CPU (model workloads, `--memory`) the peak resident set of a fresh process that builds
 that workload alone and calls it twice (tools/memory.py).
 
-`--json FILE` writes {"machine", "date", "config", "results"}; each result row has:
+`--json FILE` writes {"machine", "date", "config", "results"} (config: the options, --dropout and
+--autocast included, which the model rows' group names also carry); each result row has:
   group, name, unit          what is measured, who does it, the throughput unit
   work_per_call              bytes, FLOPs or real tokens per call
   median_s, min_s, max_s     call time over `repeats` timed calls after warm-up (null: --memory-only)
@@ -42,7 +43,7 @@ import torch
 
 from . import memory
 from .info import machine
-from .model_workloads import model_workloads
+from .model_workloads import AUTOCAST_DTYPES, model_workloads
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         bias_gelu_workloads, linear_gelu_workloads)
 
@@ -169,7 +170,8 @@ def collect(args) -> list[Workload]:
     if args.model:
         builders.append(lambda: model_workloads(args.preset, args.batch, args.seq, args.padding,
                                                 args.mode, dtype, device,
-                                                compile_baseline=not args.no_compile))
+                                                compile_baseline=not args.no_compile,
+                                                dropout=args.dropout, autocast=args.autocast))
     if args.ops:
         tokens = args.batch * args.seq
         builders += [lambda: add_layer_norm_workloads(tokens, 768, dtype, device),
@@ -271,6 +273,17 @@ def plot(rows: list[dict], machine_info: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def dropout_probability(text: str) -> float:
+    """argparse type of --dropout: a float in [0, 1)."""
+    try:
+        p = float(text)
+    except ValueError:
+        p = None
+    if p is None or not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return p
+
+
 def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu, or cuda if present)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
@@ -280,6 +293,14 @@ def add_arguments(p) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--padding", default="realistic", choices=["none", "realistic"])
     p.add_argument("--mode", default="forward", choices=["forward", "train"])
+    p.add_argument("--dropout", type=dropout_probability, default=0.0, metavar="P",
+                   help="model benchmarks: hidden_dropout_prob and attention_probs_dropout_prob "
+                   "of every contender, transformers' and ours (default 0, as the v2 presets; "
+                   "acts in --mode train)")
+    p.add_argument("--autocast", default=None, choices=list(AUTOCAST_DTYPES),
+                   help="model benchmarks: run every contender's call (forward, or the whole "
+                   "training step) under torch.autocast(device type, this dtype), with float32 "
+                   "parameters; the GEMM floor multiplies in this dtype")
     p.add_argument("--ops", action="store_true", help="only the op benchmarks")
     p.add_argument("--model", action="store_true", help="only the model benchmarks")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -341,7 +362,32 @@ def _run(w: Workload, args, base_mem: dict[str, float], say: Callable[[str], Non
     return r
 
 
+def _model_options(args) -> Optional[str]:
+    """--dropout / --autocast apply to the model benchmarks (alone when neither --ops nor --model
+    is given); the reason the options conflict, if they do."""
+    asked = [f for f, on in (("--dropout", args.dropout), ("--autocast", args.autocast)) if on]
+    if not asked:
+        return None
+    if getattr(args, "latency", False):
+        return f"{' and '.join(asked)}: --latency runs float32 inference only"
+    if args.ops and not args.model:
+        return f"{' and '.join(asked)} set the model benchmarks: add --model (the ops run neither)"
+    if args.ops:
+        return f"{' and '.join(asked)} set the model benchmarks only: drop --ops"
+    args.model = True
+    if args.autocast and (args.dtype or "float32") != "float32":
+        return (f"--autocast {args.autocast} runs float32 models under autocast: --dtype must be "
+                f"float32, got {args.dtype}")
+    if args.autocast:
+        args.dtype = "float32"
+    return None
+
+
 def main(args) -> int:
+    conflict = _model_options(args)
+    if conflict:
+        print(conflict, file=sys.stderr)
+        return 1
     if getattr(args, "latency", False):
         from .latency import main as latency_main
         return latency_main(args)
@@ -384,8 +430,9 @@ def main(args) -> int:
     if args.json:
         doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "config": {k: getattr(args, k) for k in ("device", "dtype", "preset", "batch", "seq",
-                                                         "padding", "mode", "min_time", "quick",
-                                                         "no_compile", "memory", "memory_only")},
+                                                         "padding", "mode", "dropout", "autocast",
+                                                         "min_time", "quick", "no_compile",
+                                                         "memory", "memory_only")},
                "results": rows}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)

@@ -1,7 +1,9 @@
 """Model benchmark workloads: ALBERT forward (or a training step) on a padded batch, ours against
-transformers (eager, sdpa, torch.compile) on the same weights and inputs, and the GEMM floor."""
+transformers (eager, sdpa, torch.compile) on the same weights and inputs, and the GEMM floor;
+optionally with dropout (hidden and attention, every contender) and under ``torch.autocast``."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -60,20 +62,35 @@ def _ours_model(cfg: AlbertConfig, mode: str, backend: str, hf_sdpa, dtype, devi
     return model.to(device=device, dtype=dtype).train(mode == "train")
 
 
-def _step(model, batch, mode: str, hf: bool):
-    """One call: inference forward, or forward + backward of the MLM + SOP loss."""
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+
+
+def _autocast(device, dtype: Optional[torch.dtype]):
+    """A fresh ``torch.autocast`` context for `device`'s type in `dtype`, or a no-op (None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _step(model, batch, mode: str, hf: bool, autocast: Optional[torch.dtype] = None,
+          device="cpu"):
+    """One call: inference forward, or forward + backward of the MLM + SOP loss (the whole call,
+    backward included, under ``torch.autocast(device type, autocast)`` when `autocast` is a
+    dtype). Returns the model's output (the checks read it; timing ignores it)."""
     ids, mask, labels, sop = batch
     if mode == "forward":
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(device, autocast):
                 return model(ids, attention_mask=mask) if hf else model(ids, mask)
         return run
 
     def train():
         model.zero_grad(set_to_none=True)
-        out = model(ids, attention_mask=mask, labels=labels, sentence_order_label=sop) if hf \
-            else model(ids, mask, labels=labels, sentence_order_label=sop)
-        out.loss.backward()
+        with _autocast(device, autocast):
+            out = model(ids, attention_mask=mask, labels=labels, sentence_order_label=sop) if hf \
+                else model(ids, mask, labels=labels, sentence_order_label=sop)
+            out.loss.backward()
+        return out
     return train
 
 
@@ -105,14 +122,22 @@ def gemm_floor(cfg: AlbertConfig, tokens: int, mode: str, dtype, device, group: 
 
 def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: str,
                     dtype: Union[torch.dtype, str], device, compile_baseline: bool = True,
-                    only: Optional[Sequence[str]] = None) -> list[Workload]:
+                    only: Optional[Sequence[str]] = None, dropout: float = 0.0,
+                    autocast: Optional[str] = None) -> list[Workload]:
     """One batch through ALBERT `preset` (inference forward, or an MLM + SOP training step): the
     GEMM floor, transformers eager and sdpa (the baseline) and torch.compile of it, ours on each
     backend, and in forward mode torch.compile of ours; same inputs and weights for all.
 
-    dtype: a torch dtype or its name ("float32"). only: build just the workloads with these names
-    (in this order); an empty list builds the inputs and nothing else. Every workload returned
-    carries the `Rebuild` that builds it alone in a fresh process.
+    dtype: a torch dtype or its name ("float32"): the parameters'. only: build just the workloads
+    with these names (in this order); an empty list builds the inputs and nothing else. Every
+    workload returned carries the `Rebuild` that builds it alone in a fresh process.
+
+    dropout: probability in [0, 1) set as both ``hidden_dropout_prob`` and
+    ``attention_probs_dropout_prob`` of every contender's config (transformers' and ours; the v2
+    presets have 0). It acts in train mode only (forward mode is inference). autocast: None or
+    "bfloat16" / "float16": every contender's call (forward, or the whole training step) runs
+    under ``torch.autocast(device type, that dtype)``, and the GEMM floor runs its products in
+    that dtype. Both are named in the group. ValueError for a value outside these.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -122,18 +147,25 @@ def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: st
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype must be a torch dtype or its name, e.g. 'float32', got {dtype!r}")
         dtype = getattr(torch, dtype)
-    cfg = AlbertConfig.preset(preset)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None or one of {AUTOCAST_DTYPES}, got {autocast!r}")
+    cfg = AlbertConfig.preset(preset, hidden_dropout_prob=float(dropout),
+                              attention_probs_dropout_prob=float(dropout))
     batch_tensors, tokens = model_inputs(cfg, batch, seqlen, padding, device)
     group = (f"ALBERT-{preset} {mode} B{batch} L{seqlen} padding={padding} "
-             f"{str(dtype).replace('torch.', '')} ({tokens} real tokens)")
-    builders = _builders(cfg, batch_tensors, tokens, group, mode, dtype, device, compile_baseline)
+             f"{str(dtype).replace('torch.', '')}" + (f" dropout={dropout:g}" if dropout else "")
+             + (f" autocast={autocast}" if autocast else "") + f" ({tokens} real tokens)")
+    builders = _builders(cfg, batch_tensors, tokens, group, mode, dtype, device, compile_baseline,
+                         getattr(torch, autocast) if autocast else None)
     names = list(builders) if only is None else list(only)
     unknown = [n for n in names if n not in builders]
     if unknown:
         raise ValueError(f"only must name workloads of {list(builders)}, got {unknown}")
     rebuild = dict(preset=preset, batch=batch, seqlen=seqlen, padding=padding, mode=mode,
                    dtype=str(dtype).replace("torch.", ""), device=str(device),
-                   compile_baseline=compile_baseline)
+                   compile_baseline=compile_baseline, dropout=dropout, autocast=autocast)
     out = []
     for name in names:
         w = builders[name]()
@@ -143,9 +175,12 @@ def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: st
 
 
 def _builders(cfg: AlbertConfig, batch_tensors, tokens: int, group: str, mode: str, dtype, device,
-              compile_baseline: bool) -> dict[str, Callable[[], Workload]]:
+              compile_baseline: bool, autocast: Optional[torch.dtype] = None
+              ) -> dict[str, Callable[[], Workload]]:
     """Workload name -> function that builds it. A model is built when a workload first needs it
-    (ours copies transformers sdpa's weights) and shared by the workloads built after."""
+    (ours copies transformers sdpa's weights) and shared by the workloads built after. Every
+    model call runs under ``torch.autocast`` in `autocast` (None: not); the GEMM floor then
+    multiplies in that dtype."""
     transformers = _transformers()
     models: dict[str, torch.nn.Module] = {}
 
@@ -162,11 +197,11 @@ def _builders(cfg: AlbertConfig, batch_tensors, tokens: int, group: str, mode: s
         return models[key]
 
     def workload(name: str, model, is_hf: bool, baseline: bool = False):
-        return lambda: Workload(group, name, _step(model(), batch_tensors, mode, is_hf), tokens,
-                                "tokens/s", baseline=baseline)
+        return lambda: Workload(group, name, _step(model(), batch_tensors, mode, is_hf, autocast,
+                                                   device), tokens, "tokens/s", baseline=baseline)
 
     compiled = lambda make: lambda: torch.compile(make(), dynamic=False)
-    out = {GEMM_FLOOR: lambda: gemm_floor(cfg, tokens, mode, dtype, device, group)}
+    out = {GEMM_FLOOR: lambda: gemm_floor(cfg, tokens, mode, autocast or dtype, device, group)}
     if transformers:
         out["transformers eager"] = workload("transformers eager", lambda: hf("eager"), True)
         out["transformers sdpa"] = workload("transformers sdpa", lambda: hf("sdpa"), True,
