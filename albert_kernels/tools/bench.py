@@ -415,11 +415,11 @@ def main(args) -> int:
         # CPU model benchmarks: calls of seconds each, on a noisy shared machine: round-robin
         if (workloads and not args.memory_only and torch.device(args.device).type == "cpu"
                 and all(w.unit == "tokens/s" for w in workloads)):
-            group_say = progress(f"[{i}/{len(builders)}] {workloads[0].group[:60]} ::")
+            group_say = progress(f"[{i}/{len(builders)}] {workloads[0].group[:90]} ::")
             group_say(f"timing {len(workloads)} workloads round-robin")
             timed = run_interleaved(workloads, args.min_time, say=group_say)
         for j, w in enumerate(workloads, 1):
-            say = progress(f"[{i}/{len(builders)}] {w.group[:60]} :: {w.name} "
+            say = progress(f"[{i}/{len(builders)}] {w.group[:90]} :: {w.name} "
                            f"({j}/{len(workloads)})")
             if not args.memory_only and timed[j - 1] is None:
                 say("timing")
