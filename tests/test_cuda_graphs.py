@@ -324,3 +324,28 @@ def test_capture_and_replay_match_the_eager_model(backend, dtype):
     with torch.inference_mode():
         model(ids, mask)
     assert len(runner.graphs) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_compile_reduce_overhead_on_cuda_records_cuda_graphs(backend):
+    """torch.compile(model, mode="reduce-overhead") on CUDA: the padded layout has static shapes,
+    so inductor must record CUDA graphs without skipping them (no host sync, no boolean
+    index_put, no CPU op in the graph) and give the eager outputs."""
+    if unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(unavailable_reason(backend, "cuda"))
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = ak.AlbertModel(_config(hidden_size=128, num_attention_heads=4), backend=backend)
+    model = model.cuda().eval()
+    ids, mask = (t.cuda() for t in _inputs([12, 5], gen_seed=3))
+    counters.clear()
+    with torch.no_grad():
+        eager = model(ids, mask)
+        compiled = torch.compile(model, mode="reduce-overhead")
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(ids, mask)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    torch.testing.assert_close(out.last_hidden_state, eager.last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
