@@ -34,6 +34,7 @@ installs it (docs/api.md, "CUDA graphs").
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -181,7 +182,8 @@ class CudaGraphRunner:
         self.max_tokens = max_tokens
         self.capture = capture
         self.graphs: dict = {}          # (Bucket, autocast dtype or None) -> _Graph
-        self.buckets_used: list = []    # the bucket of every call that ran bucketed, in order
+        self.bucket_calls: Counter = Counter()   # Bucket -> calls that ran in it
+        self.last_bucket: Optional[Bucket] = None  # the bucket of the last call that ran bucketed
         self._pool = None
         self._signature = None
         self._dummy: dict = {}          # device -> dummy_row
@@ -247,7 +249,8 @@ class CudaGraphRunner:
         if bucket.tokens > self.max_tokens:
             return None
         self._check_call(model, tokens.device.type)
-        self.buckets_used.append(bucket)
+        self.bucket_calls[bucket] += 1
+        self.last_bucket = bucket
         dummy = self._dummy.get(tokens.device)
         if dummy is None:
             dummy = self._dummy[tokens.device] = dummy_row(model.config, tokens.device)
