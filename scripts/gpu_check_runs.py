@@ -352,8 +352,16 @@ def main(args) -> int:
     if args.cmd == "model":
         return run_model(args)
     ops_and_model = _groups(torch.bfloat16)       # ops (4), model forward, training step
-    latency = lambda compile_pass: (lambda: run_latency(args.jsonl, args.deadline,
-                                                        compile_pass=compile_pass))
+
+    def latency(compile_pass: bool):
+        def group():
+            try:
+                return run_latency(args.jsonl, args.deadline, compile_pass=compile_pass)
+            except Exception as e:  # a row says so; the groups after it still run
+                _append(args.jsonl, {"group": "latency", "name": "latency pass", "error":
+                                     f"{type(e).__name__}: {e}"[:300], "compile_pass": compile_pass})
+                return []
+        return group
     groups = ops_and_model[:5] + [latency(False)] + ops_and_model[5:] + [latency(True)]
     return run_bench(args.jsonl, args.deadline, groups)
 
