@@ -90,9 +90,9 @@ class AlbertPreTrainedModel(WeightsMixin, ResolvesKernels, nn.Module):
         RuntimeError otherwise (here, and at a forward that breaks one of these); ValueError for
         a max_tokens that is not a positive int. Returns the model."""
         from .cuda_graphs import CudaGraphRunner
-        runner = CudaGraphRunner(max_tokens)
+        checker = CudaGraphRunner(max_tokens)  # ValueError for a bad max_tokens
         for module in self._albert_models():
-            runner.check_model(module)
+            checker.check_model(module)
         for module in self._albert_models():
             module.cuda_graphs = CudaGraphRunner(max_tokens)
         return self
