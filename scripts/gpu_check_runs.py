@@ -1,7 +1,8 @@
 """The GPU check's model comparison and short benchmark (scripts/gpu_check.py model | bench).
 
 model: our model on CUDA against transformers, fp16 and bf16, on a padded batch, for each GPU
-backend, under the error budget of albert_kernels/tools/budget.py:
+backend (the forward also with CUDA graphs, enable_cuda_graphs), under the error budget of
+albert_kernels/tools/budget.py:
     gold      transformers in float64 (eager attention)
     base      transformers in the dtype (sdpa attention)
     candidate ours in the dtype: AlbertModel.from_hf (inference, last_hidden_state on real
@@ -108,6 +109,17 @@ def model_check(backend: str, dtype_name: str, transformers, device: str = "cuda
         ours = ak.AlbertModel.from_hf(base_m.albert, backend=backend).to(device, dtype).eval()
         cand = ours(batch[0], batch[1]).last_hidden_state[real]
         rows.append(("forward last_hidden_state (real tokens)", "hidden",
+                     check_budget(cand, base, gold, dtype)))
+        # the same forward as CUDA graphs (model/cuda_graphs.py): captured, then replayed; on
+        # the CPU (the test of this comparison) the same bucketed inputs run eagerly
+        if torch.device(device).type == "cuda":
+            ours.enable_cuda_graphs(max_tokens=512)
+        else:
+            from albert_kernels.model.cuda_graphs import CudaGraphRunner
+            ours.cuda_graphs = CudaGraphRunner(max_tokens=512, capture=False)
+        for _ in range(2):
+            cand = ours(batch[0], batch[1]).last_hidden_state[real]
+        rows.append(("forward with CUDA graphs (real tokens)", "hidden",
                      check_budget(cand, base, gold, dtype)))
     gold_out = _train_outputs(gold_m.train(), batch)
     base_out = _train_outputs(base_m.train(), batch)

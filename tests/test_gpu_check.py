@@ -115,11 +115,13 @@ def test_prebuilt_extension_is_refused_when_it_does_not_match(tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_model_comparison_passes_on_a_cpu_backend(dtype):
     """The GPU check's model-vs-transformers rows, run here on the reference backend: the
-    comparison itself (parameter matching, budgets) must not fail a correct model."""
+    comparison itself (parameter matching, budgets) must not fail a correct model (the CUDA-graph
+    row runs its bucketed inputs eagerly here)."""
     transformers = pytest.importorskip("transformers")
     import gpu_check_runs
     rows = gpu_check_runs.model_check("reference", dtype, transformers, device="cpu")
     assert [r["case"] for r in rows] == ["forward last_hidden_state (real tokens)",
+                                         "forward with CUDA graphs (real tokens)",
                                          "training loss + every grad (patch_hf)"]
     for row in rows:
         assert row["pass"], row
