@@ -166,6 +166,9 @@ def test_no_packed_memory_when_unused(cpu_backend):
     with torch.no_grad():
         model(long_ids)
     assert _entry(model) is None, "more tokens than MAX_TOKENS: unpacked"
+    with torch.no_grad():
+        model(ids[:1, :packed.MIN_TOKENS - 1])
+    assert _entry(model) is None, "fewer tokens than MIN_TOKENS (one row): unpacked"
     _packed(model, ids, mask)
     with torch.no_grad():
         model(long_ids)
