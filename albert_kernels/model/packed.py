@@ -139,12 +139,13 @@ def packed_encoder(encoder, x: torch.Tensor) -> Optional[PackedEncoder]:
     """The encoder's packed weights if the small-M path applies to input x [M, embedding_size]
     (see the module docstring), built or rebuilt when the parameters changed; else None, after
     dropping any packed copy (training or large batches hold no packed memory)."""
+    if torch.compiler.is_compiling():  # traced graphs keep the usual path; nothing is touched
+        return None
     cache = encoder.__dict__.get("_pack_cache")
     if cache is None:  # a module made before the cache existed (an old pickle)
         cache = encoder._pack_cache = PackCache()
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
             and MIN_TOKENS <= x.shape[0] <= MAX_TOKENS and not encoder.training
-            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu") and available()):
         cache.clear()
         return None
