@@ -11,8 +11,8 @@ gelu_new, "none" for the erf GELU), the FFN out, and the embedding mapping. ALBE
 layers, so one packed copy serves every depth (12 applications for base) and every call.
 ``benchmarks/small_m_gemm.py`` measured the library paths (F.linear, MKL packed
 ``torch.ops.mkl._mkl_linear``, oneDNN packed, fbgemm's fp16-weight GEMM) and picked oneDNN: the
-fastest fp32 one in the 12-layer shared-weight loop at every M measured (1.3-1.7x F.linear at
-M = 8-128); MKL's packed GEMM is packed for one M and falls back to the unpacked product for any
+fastest fp32 one in the 12-layer shared-weight loop from M = 2 to 128 (1.2-1.7x F.linear; at
+M = 1 F.linear's matrix-vector product wins: MIN_TOKENS); MKL's packed GEMM is packed for one M and falls back to the unpacked product for any
 other, and fbgemm's only fp32-activation path rounds the weights to fp16 (outside the budget).
 
 When it runs (:func:`packed_encoder`): eager CPU fp32 inference — the encoder is in eval mode, no
