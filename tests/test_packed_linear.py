@@ -87,6 +87,16 @@ def test_packed_matches_unpacked_within_budget(name, cpu_backend):
     _check(model, ids[:1])  # batch 1, no mask: no gather at all
 
 
+
+def test_padded_layout_runs_packed(cpu_backend):
+    """unpad=False: the layers run on the [B, L] grid with a key padding mask; the packed path
+    reads the attention output whatever its strides (it once failed a .view there)."""
+    model = _model(cpu_backend)
+    model.unpad = False
+    ids, mask = _batch()
+    got = _check(model, ids, mask)
+    assert got.shape == (*ids.shape, model.config.hidden_size)
+
 def test_hidden_states_and_attentions_on_the_packed_path(cpu_backend):
     model = _model(cpu_backend)
     ids, mask = _batch()

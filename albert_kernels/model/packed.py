@@ -120,7 +120,7 @@ class PackedEncoder:
         module = plan.kernels.module  # autocast is off on this path: no per-op autocast check
         n = h.shape[0]
         qkv = linear(h, qkv_w, qkv_b).view(n, 3, heads, head_dim).transpose(0, 1).contiguous()
-        ctx = plan.attend(qkv[0], qkv[1], qkv[2], scale).view(n, heads * head_dim)
+        ctx = plan.attend(qkv[0], qkv[1], qkv[2], scale).reshape(n, heads * head_dim)
         a = module.add_layer_norm(linear(ctx, o_w, o_b), h, ln1_w, ln1_b, eps1)
         f = linear(linear(a, f1_w, f1_b, approximate), f2_w, f2_b)
         return module.add_layer_norm(f, a, ln2_w, ln2_b, eps2)
