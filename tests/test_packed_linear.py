@@ -96,6 +96,7 @@ def test_padded_layout_runs_packed(cpu_backend):
     ids, mask = _batch()
     got = _check(model, ids, mask)
     assert got.shape == (*ids.shape, model.config.hidden_size)
+    _check(model, ids[:1], torch.ones_like(mask[:1]))  # one row, no padding
 
 def test_hidden_states_and_attentions_on_the_packed_path(cpu_backend):
     model = _model(cpu_backend)
