@@ -17,8 +17,10 @@
 #                   then albert-kernels verify --device cuda --backend triton
 #   model       40  the model on CUDA vs transformers, fp16/bf16, padded batch, cuda and triton
 #   bench       45  ops vs SDPA flash/efficient/cudnn, add+LN vs copy, linear_gelu vs GEMM; model
-#                   forward and training step vs transformers sdpa; no torch.compile (gets any time
-#                   earlier steps left unused)
+#                   forward; latency (batch 1, L=8/32/128, fp16/fp32: ours eager, ours with CUDA
+#                   graphs, transformers sdpa); training step vs transformers sdpa; last, when
+#                   time is left, torch.compile(transformers, reduce-overhead) latency (gets any
+#                   time earlier steps left unused)
 #   summary      5  summary.md (also rewritten after every step and on exit)
 #
 # Results, under $OUT, appended as they are produced (a kill loses nothing already measured):

@@ -1,7 +1,8 @@
 """The GPU check's model comparison and short benchmark (scripts/gpu_check.py model | bench).
 
 model: our model on CUDA against transformers, fp16 and bf16, on a padded batch, for each GPU
-backend, under the error budget of albert_kernels/tools/budget.py:
+backend (the forward also with CUDA graphs, enable_cuda_graphs), under the error budget of
+albert_kernels/tools/budget.py:
     gold      transformers in float64 (eager attention)
     base      transformers in the dtype (sdpa attention)
     candidate ours in the dtype: AlbertModel.from_hf (inference, last_hidden_state on real
@@ -15,6 +16,17 @@ each of its backends forced (flash, efficient, cudnn; a backend that refuses the
 row with its error), add+LayerNorm against a copy of the same bytes, linear_gelu against the GEMM
 alone, and the model forward and training step against transformers sdpa. Groups are skipped
 when the deadline is near.
+
+latency (issue 16, docs/performance.md "GPU latency"): one short request, ALBERT-base, batch 1,
+L = 8, 32, 128, fp16 and fp32, random weights, no padding, under torch.inference_mode: ours
+eager, ours with CUDA graphs (enable_cuda_graphs), transformers sdpa (the baseline) and, in a
+second pass when the deadline leaves COMPILE_RESERVE_S, torch.compile(transformers,
+mode="reduce-overhead", dynamic=True: one compilation per dtype) beside sdpa again. Every
+contender's last_hidden_state is held to the error budget (tools/budget.py: transformers in
+float64 is gold, transformers sdpa in the dtype is base) before it is timed; a row says "check".
+Times are wall clock from a synchronised start to a synchronised end (what a caller waits),
+contenders interleaved round by round; the first call (graph capture, compilation) is reported
+apart.
 """
 from __future__ import annotations
 
@@ -97,6 +109,17 @@ def model_check(backend: str, dtype_name: str, transformers, device: str = "cuda
         ours = ak.AlbertModel.from_hf(base_m.albert, backend=backend).to(device, dtype).eval()
         cand = ours(batch[0], batch[1]).last_hidden_state[real]
         rows.append(("forward last_hidden_state (real tokens)", "hidden",
+                     check_budget(cand, base, gold, dtype)))
+        # the same forward as CUDA graphs (model/cuda_graphs.py): captured, then replayed; on
+        # the CPU (the test of this comparison) the same bucketed inputs run eagerly
+        if torch.device(device).type == "cuda":
+            ours.enable_cuda_graphs(max_tokens=512)
+        else:
+            from albert_kernels.model.cuda_graphs import CudaGraphRunner
+            ours.cuda_graphs = CudaGraphRunner(max_tokens=512, capture=False)
+        for _ in range(2):
+            cand = ours(batch[0], batch[1]).last_hidden_state[real]
+        rows.append(("forward with CUDA graphs (real tokens)", "hidden",
                      check_budget(cand, base, gold, dtype)))
     gold_out = _train_outputs(gold_m.train(), batch)
     base_out = _train_outputs(base_m.train(), batch)
@@ -208,13 +231,151 @@ def run_bench(jsonl, deadline: float, groups, device: str = "cuda", min_time_s: 
     return 0
 
 
+# ---------------------------------------------------------------------------------- latency
+LATENCY_LENGTHS = (8, 32, 128)
+LATENCY_DTYPES = ("float16", "float32")
+LATENCY_BASELINE = "transformers sdpa"
+COMPILE_RESERVE_S = 75   # torch.compile starts only with this much time left before the deadline
+ALL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _interleaved(calls: dict, device, min_time_s: float, min_rounds: int = 5,
+                 max_rounds: int = 200) -> dict:
+    """Wall-clock seconds of each call, one call of each per round, synchronised around each."""
+    times = {name: [] for name in calls}
+    stop = time.perf_counter() + min_time_s * max(len(calls), 1)
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() < stop and rounds < max_rounds):
+        for name, fn in calls.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return times
+
+
+def _latency_models(cfg, dtype, device):
+    """(gold: transformers fp64, transformers sdpa in dtype, ours eager, ours with CUDA graphs or
+    the reason it cannot run), all with the same random weights."""
+    import transformers
+    import albert_kernels as ak
+    hf_cfg = transformers.AlbertConfig(**{k: v for k, v in cfg.to_dict().items()
+                                          if k not in ("extra", "model_type")},
+                                       attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = transformers.AlbertModel(hf_cfg).eval().to(device)
+    gold = copy.deepcopy(hf).double()
+    hf = hf.to(dtype)
+    ours = ak.AlbertModel.from_hf(hf).to(device, dtype).eval()
+    graphs = ak.AlbertModel.from_hf(hf).to(device, dtype).eval()
+    try:
+        graphs.enable_cuda_graphs(max_tokens=max(LATENCY_LENGTHS))
+    except RuntimeError as e:  # e.g. on the CPU (the test of this code path)
+        graphs = f"{type(e).__name__}: {e}"[:200]
+    return gold, hf, ours, graphs
+
+
+def run_latency(jsonl, deadline: float, device: str = "cuda", dtypes=LATENCY_DTYPES,
+                lengths=LATENCY_LENGTHS, cfg=None, compile_pass: bool = False,
+                min_time_s: float = 0.2) -> list:
+    """One JSON line per contender per (dtype, L), appended as each (dtype, L) is timed; the
+    compile pass (``compile_pass``) times torch.compile(transformers) beside transformers sdpa.
+    Stops (a line says so) when the deadline is near. Returns [] (run_bench's group protocol)."""
+    import albert_kernels as ak
+    cfg = cfg or ak.AlbertConfig.preset("base")
+    for dtype_name in dtypes:
+        dtype = ALL_DTYPES[dtype_name]
+        if time.time() > deadline - (COMPILE_RESERVE_S if compile_pass else 15):
+            _append(jsonl, {"latency_skipped_from": dtype_name, "compile_pass": compile_pass,
+                            "reason": "deadline"})
+            return []
+        gold_m, hf, ours, graphs = _latency_models(cfg, dtype, device)
+        contenders = {LATENCY_BASELINE: lambda ids: hf(input_ids=ids).last_hidden_state}
+        if compile_pass:
+            compiled = torch.compile(hf, mode="reduce-overhead", dynamic=True)
+
+            def run_compiled(ids):  # outputs of CUDA-graph trees are overwritten by the next run
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(input_ids=ids).last_hidden_state.clone()
+            contenders["torch.compile(transformers, reduce-overhead)"] = run_compiled
+        else:
+            contenders[f"ours eager ({ours.kernels.name})"] = \
+                lambda ids: ours(ids).last_hidden_state
+            contenders[f"ours + CUDA graphs ({ours.kernels.name})"] = graphs if isinstance(
+                graphs, str) else (lambda ids: graphs(ids).last_hidden_state)
+        gen = torch.Generator().manual_seed(0)
+        for seqlen in lengths:
+            if time.time() > deadline - 5:
+                _append(jsonl, {"latency_skipped_from": f"{dtype_name} L={seqlen}",
+                                "compile_pass": compile_pass, "reason": "deadline"})
+                return []
+            group = f"latency {dtype_name} B=1 L={seqlen}" + (" (compile)" if compile_pass else "")
+            ids = torch.randint(5, cfg.vocab_size, (1, seqlen), generator=gen).to(device)
+            calls, rows = {}, []
+            with torch.inference_mode():
+                gold = gold_m(input_ids=ids).last_hidden_state
+                base = hf(input_ids=ids).last_hidden_state.clone()
+                for name, fn in contenders.items():
+                    row = {"group": group, "name": name, "unit": "req/s", "batch": 1,
+                           "seqlen": seqlen, "dtype": dtype_name,
+                           "baseline": name == LATENCY_BASELINE}
+                    rows.append(row)
+                    if isinstance(fn, str):
+                        row["error"] = fn
+                        continue
+                    try:
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        out = fn(ids)
+                        _sync(device)
+                        row["first_call_s"] = time.perf_counter() - t0
+                        b = check_budget(out, base, gold, dtype)
+                        row.update(check="ok" if b.ok else "FAILED", max_error=b.error,
+                                   error_budget=b.budget)
+                        calls[name] = lambda fn=fn: fn(ids)
+                    except Exception as e:  # reported as a row, then the next contender
+                        row["error"] = f"{type(e).__name__}: {e}"[:200]
+                times = _interleaved(calls, device, min_time_s) if calls else {}
+            for row in rows:
+                ts = sorted(times.get(row["name"], []))
+                if ts:
+                    med = ts[len(ts) // 2]
+                    row.update(median_ms=1e3 * med, min_ms=1e3 * ts[0], max_ms=1e3 * ts[-1],
+                               repeats=len(ts), throughput=1.0 / med)
+                _append(jsonl, row)
+                print(json.dumps(row), flush=True)
+        del gold_m, hf, ours, graphs, contenders
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return []
+
+
 def main(args) -> int:
     if not torch.cuda.is_available():
         print("no GPU", flush=True)
         return 3
     if args.cmd == "model":
         return run_model(args)
-    return run_bench(args.jsonl, args.deadline, _groups(torch.bfloat16))
+    ops_and_model = _groups(torch.bfloat16)       # ops (4), model forward, training step
+
+    def latency(compile_pass: bool):
+        def group():
+            try:
+                return run_latency(args.jsonl, args.deadline, compile_pass=compile_pass)
+            except Exception as e:  # a row says so; the groups after it still run
+                _append(args.jsonl, {"group": "latency", "name": "latency pass", "error":
+                                     f"{type(e).__name__}: {e}"[:300], "compile_pass": compile_pass})
+                return []
+        return group
+    groups = ops_and_model[:5] + [latency(False)] + ops_and_model[5:] + [latency(True)]
+    return run_bench(args.jsonl, args.deadline, groups)
 
 
 __all__ = ["main", "model_check", "Budget"]

@@ -82,8 +82,9 @@ def _bench_lines(rows: list[dict]) -> list[str]:
                 continue
             vs = f" {base['median_ms'] / r['median_ms']:.2f}x" if base else ""
             of = f" {100 * r['throughput'] / ceil['throughput']:.0f}% of ceiling" if ceil else ""
+            check = f" (check {r['check']})" if r.get("check", "ok") != "ok" else ""
             out.append(f"  - {r['name']}: {r['median_ms']:.3f} ms, {r['throughput']:.1f} "
-                       f"{r['unit']}{vs}{of}")
+                       f"{r['unit']}{vs}{of}{check}")
     return out
 
 

@@ -115,11 +115,13 @@ def test_prebuilt_extension_is_refused_when_it_does_not_match(tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_model_comparison_passes_on_a_cpu_backend(dtype):
     """The GPU check's model-vs-transformers rows, run here on the reference backend: the
-    comparison itself (parameter matching, budgets) must not fail a correct model."""
+    comparison itself (parameter matching, budgets) must not fail a correct model (the CUDA-graph
+    row runs its bucketed inputs eagerly here)."""
     transformers = pytest.importorskip("transformers")
     import gpu_check_runs
     rows = gpu_check_runs.model_check("reference", dtype, transformers, device="cpu")
     assert [r["case"] for r in rows] == ["forward last_hidden_state (real tokens)",
+                                         "forward with CUDA graphs (real tokens)",
                                          "training loss + every grad (patch_hf)"]
     for row in rows:
         assert row["pass"], row
@@ -147,6 +149,40 @@ def test_bench_rows_on_the_cpu(tmp_path):
     assert any("median_ms" in r for r in rows if r["name"] == "SDPA with mask")
     late = tmp_path / "late.jsonl"
     gpu_check_runs.run_bench(late, time.time(), groups, "cpu")
+    assert json.loads(late.read_text())["reason"] == "deadline"
+
+
+@pytest.mark.slow
+def test_latency_rows_on_the_cpu(tmp_path):
+    """The GPU check's latency rows (issue 16), run here on a tiny model on the CPU: one row per
+    contender and length, each checked against transformers before it is timed, transformers
+    sdpa the baseline, the CUDA-graph contender an error row on the CPU (it needs a GPU), the
+    deadline honoured (the compile pass needs COMPILE_RESERVE_S and is skipped without it)."""
+    pytest.importorskip("transformers")
+    import gpu_check_runs
+    import albert_kernels as ak
+    cfg = ak.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=64,
+                          num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
+    out = tmp_path / "bench.jsonl"
+    assert gpu_check_runs.run_latency(out, time.time() + 600, "cpu", ("float32",), (8, 20),
+                                      cfg, min_time_s=0.0) == []
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["seqlen"], r["name"].split(" (")[0]) for r in rows] == [
+        (n, name) for n in (8, 20)
+        for name in ("transformers sdpa", "ours eager", "ours + CUDA graphs")]
+    for r in rows:
+        if r["name"].startswith("ours + CUDA graphs"):
+            assert "CUDA device" in r["error"] and "median_ms" not in r
+        else:
+            assert r["check"] == "ok" and r["max_error"] <= r["error_budget"], r
+            assert r["median_ms"] > 0 and r["repeats"] >= 5 and r["first_call_s"] > 0
+        assert r["baseline"] == (r["name"] == "transformers sdpa")
+    import gpu_check_summary
+    text = "\n".join(gpu_check_summary._bench_lines(rows))
+    assert "latency float32 B=1 L=8" in text and "req/s" in text
+    late = tmp_path / "late.jsonl"
+    gpu_check_runs.run_latency(late, time.time() + gpu_check_runs.COMPILE_RESERVE_S - 1, "cpu",
+                               ("float32",), (8,), cfg, compile_pass=True)
     assert json.loads(late.read_text())["reason"] == "deadline"
 
 

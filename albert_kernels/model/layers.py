@@ -19,6 +19,7 @@ from ..errors import BackendUnavailable
 from .config import AlbertConfig
 from .layout import MaskLayout, mask_layout, packed_sequences
 from .outputs import Recorder, attention_probs
+from .packed import PackCache, packed_encoder
 
 
 @dataclass
@@ -288,6 +289,7 @@ class AlbertTransformer(nn.Module):
         self.embedding_hidden_mapping_in = nn.Linear(config.embedding_size, config.hidden_size)
         self.albert_layer_groups = nn.ModuleList(
             AlbertLayerGroup(config) for _ in range(config.num_hidden_groups))
+        self._pack_cache = PackCache()  # the small-M inference path's packed weights (packed.py)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan,
                 recorder: Optional[Recorder] = None) -> torch.Tensor:
@@ -295,14 +297,24 @@ class AlbertTransformer(nn.Module):
         for) receives the first layer's input and every layer's output, as transformers' hooks
         on its AlbertLayer record them; the computation continues from what it returns, so the
         recorded hidden states are on the path to the output (their gradients are the output's)."""
-        h = self.embedding_hidden_mapping_in(x)
+        packed = packed_encoder(self, x)  # None unless CPU fp32 inference on few tokens
+        if packed is not None:
+            h, run = packed.mapping_in(x), packed.layer
+        else:
+            h, run = self.embedding_hidden_mapping_in(x), None
         if recorder is None:
             for i in range(self.config.num_hidden_layers):
-                h = self.albert_layer_groups[self.config.group_of_layer(i)](h, plan)
+                group = self.albert_layer_groups[self.config.group_of_layer(i)]
+                if run is None:
+                    h = group(h, plan)
+                else:
+                    for layer in group.albert_layers:
+                        h = run(layer, h, plan)
             return h
         h = recorder.hidden(h)
         for i in range(self.config.num_hidden_layers):
             layers = self.albert_layer_groups[self.config.group_of_layer(i)].albert_layers
             for j, layer in enumerate(layers):
-                h = recorder.hidden(layer(h, plan), group_end=j == len(layers) - 1)
+                h = layer(h, plan) if run is None else run(layer, h, plan)
+                h = recorder.hidden(h, group_end=j == len(layers) - 1)
         return h

@@ -81,6 +81,31 @@ class AlbertPreTrainedModel(WeightsMixin, ResolvesKernels, nn.Module):
                 module._use_backend(backend)
         return self
 
+    def enable_cuda_graphs(self, max_tokens: int = 2048) -> "AlbertPreTrainedModel":
+        """Run the encoder of every AlbertModel in this model as CUDA graphs, one per bucket of
+        token count (up to `max_tokens` real + dummy tokens), captured at a bucket's first use
+        and replayed after (albert_kernels/model/cuda_graphs.py; docs/api.md, "CUDA graphs").
+        Inference only: the model must be in eval mode, on a CUDA device, on the 'cuda' or
+        'triton' backend, and called without autograd (torch.inference_mode() or no_grad()).
+        RuntimeError otherwise (here, and at a forward that breaks one of these); ValueError for
+        a max_tokens that is not a positive int. Returns the model."""
+        from .cuda_graphs import CudaGraphRunner
+        checker = CudaGraphRunner(max_tokens)  # ValueError for a bad max_tokens
+        for module in self._albert_models():
+            checker.check_model(module)
+        for module in self._albert_models():
+            module.cuda_graphs = CudaGraphRunner(max_tokens)
+        return self
+
+    def disable_cuda_graphs(self) -> "AlbertPreTrainedModel":
+        """Back to eager forwards; the captured graphs and their memory are freed."""
+        for module in self._albert_models():
+            module.cuda_graphs = None
+        return self
+
+    def _albert_models(self) -> list:
+        return [m for m in self.modules() if isinstance(m, AlbertModel)]
+
     def _init_weights(self, module: nn.Module) -> None:
         """transformers' initialisation: N(0, initializer_range) weights, zero biases."""
         std = self.config.initializer_range
@@ -113,6 +138,7 @@ class AlbertModel(AlbertPreTrainedModel):
     """
 
     check_ids: bool = False
+    cuda_graphs = None  # a cuda_graphs.CudaGraphRunner once enable_cuda_graphs() is called
 
     def __init__(self, config: AlbertConfig, backend: Optional[str] = None,
                  add_pooling_layer: bool = True, unpad: bool = True):
@@ -165,8 +191,13 @@ class AlbertModel(AlbertPreTrainedModel):
                                            recorder.attentions if recorder else None)  # [T, 3]
         if recorder is not None:
             recorder.unpack = unpack
-        x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [T, E]
-        hidden = unpack(self.encoder(x, plan, recorder))                          # [B, L, hidden]
+        encoded = None
+        if self.cuda_graphs is not None and recorder is None:  # cuda_graphs.py; None: eager
+            encoded = self.cuda_graphs.encode(self, tokens, plan)
+        if encoded is None:
+            x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])         # [T, E]
+            encoded = self.encoder(x, plan, recorder)
+        hidden = unpack(encoded)                                                  # [B, L, hidden]
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         as_tuple = lambda v: None if v is None else tuple(v)
         return AlbertOutput(hidden, pooled, as_tuple(recorder and recorder.hidden_states),

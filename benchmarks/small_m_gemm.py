@@ -1,0 +1,123 @@
+"""Small-M fp32 matrix products on the CPU: which library path serves one short request best
+(issue 16, point 1; the measurement behind albert_kernels/model/packed.py).
+
+    python benchmarks/small_m_gemm.py [--min-time 0.5] [--tokens 1 8 32 128] [--loop-only]
+                                      [--threads N]
+
+For M tokens and ALBERT-base's shapes (y = x @ W^T + b, W [N, K]: 768x768 attention output,
+2304x768 fused Q/K/V, 3072x768 FFN in, 768x3072 FFN out) it times, interleaved round-robin (one
+call of each path per round; medians), in GFLOP/s:
+
+  F.linear        torch.nn.functional.linear on the nn.Linear weight (MKL sgemm as torch calls
+                  it: the weight is re-read and repacked on every call)
+  mkl packed      torch.ops.mkl._mkl_reorder_linear_weight(W, M) once, then
+                  torch.ops.mkl._mkl_linear (MKL cblas_sgemm_compute on the packed weight; the
+                  packing is for one batch size: another M falls back to the unpacked product)
+  mkl packed@64   the same packed for M = 64, called with M rows (the fallback's cost)
+  onednn packed   torch.ops.mkldnn._reorder_linear_weight(W, M) once, then
+                  torch.ops.mkldnn._linear_pointwise(x, Wp, b, "none") (what torch.compile's CPU
+                  freezing uses for low-precision weights)
+  onednn packed@64  packed for M = 64 (the blocked layout does not depend on M), called with M
+  fbgemm fp16     torch.fbgemm_linear_fp16_weight_fp32_activation (fbgemm's only packed path
+                  with fp32 activations: the WEIGHT is rounded to fp16, so it is listed for its
+                  speed only; it is outside the fp32 error budget)
+
+then the whole shared-weight encoder loop (12 applications of one layer's four products: fused
+QKV, attention output, FFN in, FFN out; 28 MB of weights that stay in L3) per path, in GFLOP/s
+and ms, against the large-M rate (torch.mm at M = 512).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+H, I, LAYERS = 768, 3072, 12
+SHAPES = {"attn out 768x768": (H, H), "fused qkv 2304x768": (3 * H, H),
+          "ffn in 3072x768": (I, H), "ffn out 768x3072": (H, I)}
+
+
+def paths(w: torch.Tensor, b: torch.Tensor, m: int) -> dict:
+    """name -> fn(x) for one weight [N, K] and bias [N] at M = m rows."""
+    mkl = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
+    mkl64 = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
+    dnn = torch.ops.mkldnn._reorder_linear_weight(w, m)
+    dnn64 = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+    fp16 = torch.fbgemm_pack_gemm_matrix_fp16(w)
+    return {
+        "F.linear": lambda x: F.linear(x, w, b),
+        "mkl packed": lambda x: torch.ops.mkl._mkl_linear(x, mkl, w, b, m),
+        "mkl packed@64": lambda x: torch.ops.mkl._mkl_linear(x, mkl64, w, b, 64),
+        "onednn packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, dnn, b, "none", [], ""),
+        "onednn packed@64": lambda x: torch.ops.mkldnn._linear_pointwise(x, dnn64, b, "none", [],
+                                                                         ""),
+        "fbgemm fp16": lambda x: torch.fbgemm_linear_fp16_weight_fp32_activation(x, fp16, b),
+    }
+
+
+def interleaved(fns: dict, min_time: float) -> dict:
+    """name -> median seconds, one call of each per round until each has min_time of calls."""
+    for f in fns.values():
+        f(), f()
+    times = {k: [] for k in fns}
+    while min(sum(t) for t in times.values()) < min_time or min(map(len, times.values())) < 5:
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--min-time", type=float, default=0.5)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--loop-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
+                    "torch's; 1 keeps a loaded machine's descheduled threads out of the figures)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    weights = {name: (torch.randn(n, k) * 0.02, torch.randn(n) * 0.02)
+               for name, (n, k) in SHAPES.items()}
+    with torch.inference_mode():
+        a, bm = torch.randn(512, H), torch.randn(H, I)
+        big = interleaved({"mm": lambda: torch.mm(a, bm)}, args.min_time)["mm"]
+        print(f"large-M rate (torch.mm 512x768 @ 768x3072): {2 * 512 * H * I / big / 1e9:.1f} "
+              f"GFLOP/s; torch threads {torch.get_num_threads()}")
+        for m in args.tokens:
+            per = {name: paths(w, b, m) for name, (w, b) in weights.items()}
+            names = list(next(iter(per.values())))
+            if not args.loop_only:
+                for shape, (n, k) in SHAPES.items():
+                    x = torch.randn(m, k)
+                    med = interleaved({p: (lambda f=f: f(x)) for p, f in per[shape].items()},
+                                      args.min_time)
+                    print(f"M={m:4d} {shape:20s} " + "  ".join(
+                        f"{p} {2 * m * n * k / s / 1e9:6.1f}" for p, s in med.items()))
+            x_h = torch.randn(m, H)
+
+            def loop(p):
+                qkv, o = per["fused qkv 2304x768"][p], per["attn out 768x768"][p]
+                f1, f2 = per["ffn in 3072x768"][p], per["ffn out 768x3072"][p]
+
+                def run():
+                    h = x_h
+                    for _ in range(LAYERS):
+                        qkv(h)
+                        h = o(h)
+                        h = f2(f1(h))
+                    return h
+                return run
+            med = interleaved({p: loop(p) for p in names}, args.min_time)
+            flops = 2 * m * LAYERS * (4 * H * H + 2 * H * I)
+            print(f"M={m:4d} 12-layer loop      " + "  ".join(
+                f"{p} {flops / s / 1e9:6.1f} GFLOP/s {1e3 * s:6.2f} ms" for p, s in med.items()))
+
+
+if __name__ == "__main__":
+    main()
