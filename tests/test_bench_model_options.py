@@ -7,15 +7,24 @@ import pytest
 import torch
 
 from albert_kernels.cli import main
+from albert_kernels.model.config import PRESETS
 from albert_kernels.tools.model_workloads import GEMM_FLOOR, model_workloads
 
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    """A "tiny" size beside ALBERT v2's presets (vocabulary and embedding size as base), so that
+    each contender's step takes milliseconds: these tests check where the options go, not speed."""
+    monkeypatch.setitem(PRESETS, "tiny", dict(hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=128))
+
+
 def _contenders(cpu_backend, mode, **options):
-    """transformers sdpa and ours on one small batch (ALBERT-base, B2 L32 as --quick: 7 of its
-    49 real tokens carry MLM labels)."""
-    return model_workloads("base", 2, 32, "realistic", mode, torch.float32, "cpu",
+    """transformers sdpa and ours on one small batch (the tiny preset, B2 L32 as --quick: 7 of
+    its 49 real tokens carry MLM labels)."""
+    return model_workloads("tiny", 2, 32, "realistic", mode, torch.float32, "cpu",
                            compile_baseline=False,
                            only=["transformers sdpa", f"ours ({cpu_backend})"], **options)
 
@@ -52,7 +61,7 @@ def test_autocast_is_active_for_every_contender(autocast, mode, cpu_backend):
         got = out.pooler_output if mode == "forward" else out.prediction_logits
         assert got.dtype == expected, w.name
         assert torch.isfinite(got.float()).all(), w.name
-    floor, = model_workloads("base", 2, 32, "realistic", mode, torch.float32, "cpu",
+    floor, = model_workloads("tiny", 2, 32, "realistic", mode, torch.float32, "cpu",
                              compile_baseline=False, only=[GEMM_FLOOR], autocast=autocast)
     seen = []
     with _LinearDtypes(seen):
@@ -86,10 +95,10 @@ def test_model_workloads_rejects_bad_autocast():
 
 
 def test_bench_records_dropout_and_autocast(tmp_path):
-    """The command line end to end (forward mode: the train step under bf16 autocast takes
-    minutes on 2 cores; the tests above hold both modes to the flags)."""
+    """The command line end to end (forward mode; the tests above hold both modes to the
+    flags)."""
     path = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "--dropout", "0.1", "--autocast", "bfloat16",
+    rc = main(["bench", "--model", "--preset", "tiny", "--dropout", "0.1", "--autocast", "bfloat16",
                "--quick", "--quiet", "--no-memory", "--device", "cpu", "--json", str(path)])
     assert rc == 0
     doc = json.loads(path.read_text())
