@@ -263,9 +263,11 @@ inline void mask_padded_scores(acc* s, int64_t n_keys, int64_t ld) {
 // 3e4 is 2e-3), so exp(S - lse) alone sums to 1 + that: sum_j dS_ij = 0 then fails by as much
 // times Di, and dQ = dS K (nearly parallel keys: K ~ its mean) loses it all; dV gets the same
 // relative error. The panel holds the whole row, so the sum costs one reduction.
-// Without dropout: Di = rowsum(P dP), dS = P (dP - Di), S keeps P for dV += P^T dO.
+// Without dropout: Di = rowsum(P dP), dS = P (dP - Di); S keeps the unnormalised exp(S - lse)
+// and the returned 1 / rowsum scales the row's dO instead (D multiplies, not ld) for
+// dV += P^T dO.
 template <typename acc>
-void backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
+acc backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& a, const V& b) { return a + b; };
@@ -281,10 +283,9 @@ void backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
   const acc inv = acc(1) / at::vec::vec_reduce_all<acc>(sum, vsum);  // >= 1 term of ~1
   const V vinv(inv), vd(at::vec::vec_reduce_all<acc>(sum, vdi) * inv);
   for (int64_t j = 0; j < ld; j += W) {
-    const V pv = V::loadu(s + j) * vinv;
-    pv.store(s + j);
-    (pv * (V::loadu(dp + j) - vd)).store(dp + j);  // dS / scale
+    (V::loadu(s + j) * vinv * (V::loadu(dp + j) - vd)).store(dp + j);  // dS / scale
   }
+  return inv;
 }
 
 // The same with dropout, z = the row's keep flags (0 beyond n_keys), Z = z / (1 - p): P as
@@ -351,7 +352,9 @@ void backward_slice(const HeadSlice& hs, const scalar_t* grad_out, const scalar_
         dp.keep_row(dp.row_base(hs.index, q0 + r), hs.keys, hs.n_keys, z);
         backward_row_dropout<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld, z, keep_scale);
       } else {
-        backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
+        const acc inv = backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
+        acc* do_row = do_buf.data() + r * Dp;  // dO's last use: dV += P^T dO below
+        for (int64_t d = 0; d < D; ++d) do_row[d] *= inv;
       }
     }
     // dV += P^T dO, dK += (dS / scale)^T (Q scale) (A transposed via strides),
