@@ -35,7 +35,9 @@
 //   Parallel over (sequence, head): a task owns dK, dV of its head slice (fp32 accumulators
 //   [Np, Dp]) and dQ of its rows, so no two tasks write the same memory (deterministic). Per
 //   query block of kBlockM rows it recomputes the [kBlockM, Np] panel P = exp(S - lse)
-//   against all real keys (linear in L, never L x L), then
+//   against all real keys (linear in L, never L x L), normalises each row of it to sum 1
+//   (lse rounds at the scores' magnitude) and masks the zero-padded columns to -inf before the
+//   exp (exp(0 - lse) overflows when every score is below ln(FLT_MIN)), then
 //     dP = dO V^T,  Di = rowsum(P dP),  dS = P (dP - Di) scale,
 //     dV += P^T dO,  dK += dS^T Q,  dQ = dS K.
 //   S = (Q scale) K^T in forward and backward alike: Q is scaled as it is loaded.
@@ -244,49 +246,72 @@ void forward_block(const HeadSlice& hs, int64_t q0, int64_t q1, const scalar_t* 
   }
 }
 
-// One query row of the backward: S (scores) -> P = exp(S - lse), dp (dO V^T) -> dS / scale.
-// Without dropout: Di = rowsum(P dP), dS = P (dP - Di), S keeps P for dV += P^T dO.
+// The zero-padded key columns n_keys .. ld of a backward score row: -inf, so that
+// P = exp(S - lse) is exactly 0 there *before* it meets dP. Their score is 0 (zero K^T columns),
+// and when every real score is far below 0 (lse <= -89, e.g. q.k ~ -3e4) exp(0 - lse) overflows
+// (exp_u20 clamps its input and returns ~FLT_MAX or inf): multiplying that by dP = 0 made
+// Di = rowsum(P dP) NaN, and with it the whole dQ row and dK. The forward does the same in
+// softmax_block.
 template <typename acc>
-void backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
+inline void mask_padded_scores(acc* s, int64_t n_keys, int64_t ld) {
+  std::fill(s + n_keys, s + ld, -std::numeric_limits<acc>::infinity());
+}
+
+// One query row of the backward: S (scores) -> P, dp (dO V^T) -> dS / scale.
+// P = exp(S - lse) / rowsum(exp(S - lse)): lse only keeps exp in range, the row is normalised
+// again here. lse is fp32 at the scores' magnitude (|lse| = 141 is 1.5e-5 from the true value,
+// 3e4 is 2e-3), so exp(S - lse) alone sums to 1 + that: sum_j dS_ij = 0 then fails by as much
+// times Di, and dQ = dS K (nearly parallel keys: K ~ its mean) loses it all; dV gets the same
+// relative error. The panel holds the whole row, so the sum costs one reduction.
+// Without dropout: Di = rowsum(P dP), dS = P (dP - Di); S keeps the unnormalised exp(S - lse)
+// and the returned 1 / rowsum scales the row's dO instead (D multiplies, not ld) for
+// dV += P^T dO.
+template <typename acc>
+acc backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
+  const auto sum = [](const V& a, const V& b) { return a + b; };
+  mask_padded_scores(s, n_keys, ld);
   const V vl(lse);
-  V vdi(acc(0));
+  V vsum(acc(0)), vdi(acc(0));
   for (int64_t j = 0; j < ld; j += W) {
     const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
     pv.store(s + j);
+    vsum = vsum + pv;
     vdi = at::vec::fmadd(pv, V::loadu(dp + j), vdi);
   }
-  const acc di = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vdi);
-  // padded keys: dP = 0 there (zero V^T columns), so they added nothing to di; P := 0
-  for (int64_t j = n_keys; j < ld; ++j) s[j] = 0;
-  const V vd(di);
+  const acc inv = acc(1) / at::vec::vec_reduce_all<acc>(sum, vsum);  // >= 1 term of ~1
+  const V vinv(inv), vd(at::vec::vec_reduce_all<acc>(sum, vdi) * inv);
   for (int64_t j = 0; j < ld; j += W) {
-    (V::loadu(s + j) * (V::loadu(dp + j) - vd)).store(dp + j);  // dS / scale
+    (V::loadu(s + j) * vinv * (V::loadu(dp + j) - vd)).store(dp + j);  // dS / scale
   }
+  return inv;
 }
 
-// The same with dropout, z = the row's keep flags (0 beyond n_keys), Z = z / (1 - p):
-// dP = (dO V^T) Z, Di = rowsum(P dP), dS = P (dP - Di), and S keeps P Z for dV += (P Z)^T dO.
+// The same with dropout, z = the row's keep flags (0 beyond n_keys), Z = z / (1 - p): P as
+// above (normalised over every key, dropped or not), dP = (dO V^T) Z, Di = rowsum(P dP),
+// dS = P (dP - Di), and S keeps P Z for dV += (P Z)^T dO.
 template <typename acc>
 void backward_row_dropout(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld, const acc* z,
                           acc keep_scale) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
+  const auto sum = [](const V& a, const V& b) { return a + b; };
+  mask_padded_scores(s, n_keys, ld);
   const V vl(lse), vk(keep_scale);
-  V vdi(acc(0));
+  V vsum(acc(0)), vdi(acc(0));
   for (int64_t j = 0; j < ld; j += W) {
     const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
     const V dpz = V::loadu(dp + j) * (V::loadu(z + j) * vk);
     pv.store(s + j);
     dpz.store(dp + j);
+    vsum = vsum + pv;
     vdi = at::vec::fmadd(pv, dpz, vdi);
   }
-  const acc di = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; }, vdi);
-  for (int64_t j = n_keys; j < ld; ++j) s[j] = 0;
-  const V vd(di);
+  const acc inv = acc(1) / at::vec::vec_reduce_all<acc>(sum, vsum);
+  const V vinv(inv), vd(at::vec::vec_reduce_all<acc>(sum, vdi) * inv);
   for (int64_t j = 0; j < ld; j += W) {
-    const V pv = V::loadu(s + j);
+    const V pv = V::loadu(s + j) * vinv;
     (pv * (V::loadu(dp + j) - vd)).store(dp + j);     // dS / scale
     (pv * (V::loadu(z + j) * vk)).store(s + j);       // P Z, for dV
   }
@@ -294,8 +319,9 @@ void backward_row_dropout(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld, 
 
 // Backward of one whole head slice (all its query rows). A query block meets all the slice's
 // keys at once: its scores S and dP are [kBlockM, Np] panels (linear in L), so that
-// Di = rowsum(P * dP) is computed from the very P used in dS (sum_j dS_ij = 0 holds to rounding;
-// the usual rowsum(dO * O) shortcut is measurably less accurate in fp32).
+// P is normalised over the whole row and Di = rowsum(P * dP) is computed from the very P used in
+// dS (sum_j dS_ij = 0 holds to rounding; the usual rowsum(dO * O) shortcut is measurably less
+// accurate in fp32).
 template <typename scalar_t, typename acc>
 void backward_slice(const HeadSlice& hs, const scalar_t* grad_out, const scalar_t* q,
                     const acc* lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
@@ -326,7 +352,9 @@ void backward_slice(const HeadSlice& hs, const scalar_t* grad_out, const scalar_
         dp.keep_row(dp.row_base(hs.index, q0 + r), hs.keys, hs.n_keys, z);
         backward_row_dropout<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld, z, keep_scale);
       } else {
-        backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
+        const acc inv = backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
+        acc* do_row = do_buf.data() + r * Dp;  // dO's last use: dV += P^T dO below
+        for (int64_t d = 0; d < D; ++d) do_row[d] *= inv;
       }
     }
     // dV += P^T dO, dK += (dS / scale)^T (Q scale) (A transposed via strides),

@@ -55,7 +55,7 @@ Gelu parse_approximate(std::string_view approximate) {
 // its argument is in [1, 2], so it never meets inf or a denormal).
 // erf form: gelu(x) = 0.5 x erfc(-x / sqrt(2)): erfc keeps the left tail's relative accuracy,
 // where 1 + erf(x / sqrt(2)) cancels to 0; the derivative adds x * pdf(x), and pdf(x) = 0 (not
-// NaN) when x^2 overflows.
+// NaN) where x^2 would overflow (see cdf: one erfc and two exps, the pdf sharing one of them).
 template <typename acc>
 struct GeluMath {
   using V = Vec<acc>;
@@ -87,12 +87,41 @@ struct GeluMath {
     return V::blendv(V(acc(1)) - er, er, t > V(acc(0)));
   }
   static V clamp(const V& x) { return at::vec::clamp(x, V(-kClamp), V(kClamp)); }
-  static V cdf(const V& x) {  // Phi(x) = 0.5 erfc(-x / sqrt(2))
-    return V(acc(0.5)) * (x * V(-kInvSqrt2)).erfc();
+  // Phi(x) = 0.5 erfc(-x / sqrt(2)) and (pdf != nullptr) pdf(x) = exp(-x^2 / 2) / sqrt(2 pi).
+  // float: one erfc of a = |x| / sqrt(2) >= 0 for both signs, Phi = h where x < 0 and 1 - h
+  // where x >= 0 (h = 0.5 erfc(a) <= 1/2: no cancellation either way), in Numerical Recipes'
+  // erfcc form (Press et al., section 6.2; relative error < 1.2e-7 on a >= 0, the triton kernel's
+  // backends/triton/gelu_ffn.py _erfc_nonneg): erfc(a) = t exp(-a^2 - 1.26551223 + t P(t)),
+  // t = 1 / (1 + a / 2). exp(-a^2) and exp(t P(t) + C - err) are separate factors, a^2 = x^2 / 2
+  // taken from x^2 with its rounding err (fma), so no rounding of a large exponent sum is
+  // magnified; the first factor is the pdf's too (exp(-x^2 / 2) = exp(-a2) (1 - err)), which
+  // the derivative gets for free. |x| is clamped to 17 (a = 12: exp(-a^2) = 0 in float) so x^2
+  // never overflows. double (float64 inputs, gradcheck): Sleef's erfc and exp.
+  static V cdf(const V& x, V* pdf) {
+    if constexpr (std::is_same_v<acc, float>) {
+      const V xc = at::vec::clamp(x, V(-17.f), V(17.f));
+      const V t = reciprocal(at::vec::fmadd(xc.abs(), V(0.5f * kInvSqrt2), V(1.f)));
+      V p(0.17087277f);
+      for (const float c : {-0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f,
+                            0.09678418f, 0.37409196f, 1.00002368f}) {
+        p = at::vec::fmadd(p, t, V(c));
+      }
+      const V x2 = xc * xc;
+      const V a2 = V(0.5f) * x2;                                 // exact
+      const V a2_err = V(0.5f) * at::vec::fmsub(xc, xc, x2);     // x^2 / 2 = a2 + a2_err
+      const V e1 = fast_exp<acc>(a2.neg());
+      const V e2 = fast_exp<acc>(at::vec::fmadd(p, t, V(-1.26551223f)) - a2_err);
+      const V h = V(0.5f) * t * e1 * e2;                         // Phi(-|x|)
+      if (pdf) *pdf = V(kInvSqrt2Pi) * at::vec::fmadd(e1, a2_err.neg(), e1);
+      return V::blendv(V(1.f) - h, h, x < V(0.f));
+    } else {
+      if (pdf) *pdf = V(kInvSqrt2Pi) * (V(acc(-0.5)) * x * x).exp();
+      return V(acc(0.5)) * (x * V(-kInvSqrt2)).erfc();
+    }
   }
   static V forward(Gelu kind, const V& x) {
     if (kind == Gelu::Tanh) return x * sigmoid_2u(clamp(x), nullptr);
-    return x * cdf(x);
+    return x * cdf(x, nullptr);
   }
   // Returns gelu'(x); writes gelu(x) to *y when y is not null (the same value forward gives).
   static V grad(Gelu kind, const V& x, V* y) {
@@ -106,9 +135,9 @@ struct GeluMath {
       const V du2 = V(2 * kSqrt2OverPi) * at::vec::fmadd(V(3 * kCubic), xc * xc, V(acc(1)));
       return at::vec::fmadd(xc * er2, du2, s);
     }
-    const V c = cdf(x);
+    V pdf;
+    const V c = cdf(x, &pdf);
     if (y) *y = x * c;
-    const V pdf = V(kInvSqrt2Pi) * (V(acc(-0.5)) * x * x).exp();
     return at::vec::fmadd(x, pdf, c);
   }
 };
