@@ -266,11 +266,8 @@ def _latency_models(cfg, dtype, device):
     the reason it cannot run), all with the same random weights."""
     import transformers
     import albert_kernels as ak
-    hf_cfg = transformers.AlbertConfig(**{k: v for k, v in cfg.to_dict().items()
-                                          if k not in ("extra", "model_type")},
-                                       attn_implementation="sdpa")
     torch.manual_seed(0)
-    hf = transformers.AlbertModel(hf_cfg).eval().to(device)
+    hf = transformers.AlbertModel(cfg.to_hf(attn_implementation="sdpa")).eval().to(device)
     gold = copy.deepcopy(hf).double()
     hf = hf.to(dtype)
     ours = ak.AlbertModel.from_hf(hf).to(device, dtype).eval()

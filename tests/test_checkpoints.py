@@ -237,3 +237,18 @@ def test_errors_name_the_key_or_field(tmp_path):
         ak.AlbertModel.from_hf(state)
     with pytest.raises(ValueError, match="problem_type"):
         ak.AlbertConfig(problem_type="ranking")
+
+
+def test_config_to_hf_round_trips():
+    """AlbertConfig.to_hf gives transformers' config with every field (and keyword arguments on
+    top); from_hf reads every field back unchanged (transformers' own keys land in `extra`)."""
+    cfg = ak.AlbertConfig(vocab_size=321, embedding_size=24, hidden_size=48, num_attention_heads=4,
+                          intermediate_size=96, num_hidden_layers=3, hidden_act="gelu",
+                          num_labels=5, hidden_dropout_prob=0.2)
+    hf = cfg.to_hf(attn_implementation="eager")
+    assert type(hf).__name__ == "AlbertConfig" and hf._attn_implementation == "eager"
+    assert (hf.vocab_size, hf.embedding_size, hf.hidden_act, hf.num_labels,
+            hf.hidden_dropout_prob) == (321, 24, "gelu", 5, 0.2)
+    back = ak.AlbertConfig.from_hf(hf)
+    assert {k: v for k, v in vars(back).items() if k != "extra"} == \
+        {k: v for k, v in vars(cfg).items() if k != "extra"}

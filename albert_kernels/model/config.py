@@ -129,6 +129,14 @@ class AlbertConfig:
             extra = {k: v for k, v in extra.items() if k not in ("id2label", "label2id")}
         return {**extra, **d, "model_type": "albert"}
 
+    def to_hf(self, **kwargs):
+        """This config as a transformers ``AlbertConfig`` (the reverse of :meth:`from_hf`);
+        `kwargs` (e.g. ``attn_implementation="sdpa"``) are passed on to it. ImportError without
+        transformers."""
+        import transformers
+        d = {k: v for k, v in self.to_dict().items() if k != "model_type"}
+        return transformers.AlbertConfig(**{**d, **kwargs})
+
     @classmethod
     def from_json_file(cls, path: str) -> "AlbertConfig":
         with open(path, encoding="utf-8") as f:

@@ -70,9 +70,7 @@ class Contender:
 
 def _hf_model(cfg: AlbertConfig):
     import transformers
-    hf_cfg = transformers.AlbertConfig(**{k: v for k, v in cfg.to_dict().items()
-                                          if k not in ("extra", "model_type")},
-                                       attn_implementation="sdpa")
+    hf_cfg = cfg.to_hf(attn_implementation="sdpa")
     torch.manual_seed(0)
     return transformers.AlbertModel(hf_cfg).eval()
 

@@ -44,11 +44,9 @@ def _hf_model(transformers, cfg: AlbertConfig, impl: str, mode: str, dtype, devi
     """A transformers model with our config. Seed 0: every attention implementation gets the same
     weights (transformers initialises them in the same order whatever `impl`)."""
     cls = transformers.AlbertForPreTraining if mode == "train" else transformers.AlbertModel
-    hf_cfg = transformers.AlbertConfig(**{k: v for k, v in cfg.to_dict().items()
-                                          if k not in ("extra", "model_type")},
-                                       attn_implementation=impl)
     torch.manual_seed(0)
-    return cls(hf_cfg).to(device=device, dtype=dtype).train(mode == "train")
+    model = cls(cfg.to_hf(attn_implementation=impl))
+    return model.to(device=device, dtype=dtype).train(mode == "train")
 
 
 def _ours_model(cfg: AlbertConfig, mode: str, backend: str, hf_sdpa, dtype, device):
