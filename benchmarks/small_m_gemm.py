@@ -21,6 +21,9 @@ call of each path per round; medians), in GFLOP/s:
   fbgemm fp16     torch.fbgemm_linear_fp16_weight_fp32_activation (fbgemm's only packed path
                   with fp32 activations: the WEIGHT is rounded to fp16, so it is listed for its
                   speed only; it is outside the fp32 error budget)
+  ours small-M    the cpp backend's kernel (csrc/cpu/small_m.cpp): pack_linear_weight once, then
+                  packed_linear (what albert_kernels/model/packed.py runs); skipped when the cpp
+                  extension does not load
 
 then the whole shared-weight encoder loop (12 applications of one layer's four products: fused
 QKV, attention output, FFN in, FFN out; 28 MB of weights that stay in L3) per path, in GFLOP/s
@@ -40,6 +43,15 @@ SHAPES = {"attn out 768x768": (H, H), "fused qkv 2304x768": (3 * H, H),
           "ffn in 3072x768": (I, H), "ffn out 768x3072": (H, I)}
 
 
+def _small_m_ops():
+    """torch.ops.albert_kernels when the cpp extension loads, else None."""
+    from albert_kernels.backends import unavailable_reason
+    if unavailable_reason("cpp", "cpu") is not None:
+        return None
+    from albert_kernels.backends.extension import ops
+    return ops._ops
+
+
 def paths(w: torch.Tensor, b: torch.Tensor, m: int) -> dict:
     """name -> fn(x) for one weight [N, K] and bias [N] at M = m rows."""
     mkl = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
@@ -47,7 +59,11 @@ def paths(w: torch.Tensor, b: torch.Tensor, m: int) -> dict:
     dnn = torch.ops.mkldnn._reorder_linear_weight(w, m)
     dnn64 = torch.ops.mkldnn._reorder_linear_weight(w, 64)
     fp16 = torch.fbgemm_pack_gemm_matrix_fp16(w)
-    return {
+    ours = {}
+    if _small_m_ops() is not None:
+        ops, packed, n = _small_m_ops(), _small_m_ops().pack_linear_weight(w), w.shape[0]
+        ours["ours small-M"] = lambda x: ops.packed_linear(x, packed, n, b)
+    return ours | {
         "F.linear": lambda x: F.linear(x, w, b),
         "mkl packed": lambda x: torch.ops.mkl._mkl_linear(x, mkl, w, b, m),
         "mkl packed@64": lambda x: torch.ops.mkl._mkl_linear(x, mkl64, w, b, 64),

@@ -15,6 +15,13 @@
 //   varlen_attention: q, out [Tq, H, D], k, v [Tk, H, D] contiguous; cu_seqlens_q,
 //     cu_seqlens_k int32 [B+1] (sequence b: queries cu_q[b]:cu_q[b+1] attend to keys
 //     cu_k[b]:cu_k[b+1], as FlashAttention's flash_attn_varlen_func); lse float32 [H, Tq].
+//   pack_linear_weight / packed_linear / packed_albert_layer: the small-M inference path, CPU
+//     float32 only, no autograd (csrc/cpu/small_m.cpp has the packed layout): weight [S*N, K]
+//     -> packed [S * ceil(N / 24), K, 24]; packed_linear(x [M, K]) -> [M, N] ([S, M, N] for
+//     S > 1 segments), bias and GELU (gelu_approximate "tanh" / "none"; None: no activation)
+//     in the epilogue;
+//     packed_albert_layer(hidden_states [M, H], cu_seqlens int32 [B+1], ...) -> [M, H], one whole
+//     ALBERT layer in eval mode (qkv_weight: Q, K, V packed as 3 segments).
 //   Attention dropout (both layouts): dropout_p in [0, 1) on the softmax probabilities, kept
 //     entries scaled by 1 / (1 - p); (seed, offset) key the Philox4x32-10 stream of
 //     albert_kernels/backends/dropout.py (element offsets use L, L or max_seqlen_q,
@@ -49,4 +56,13 @@ TORCH_LIBRARY(albert_kernels, m) {
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, float dropout_p, int seed, int offset)"
         " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("pack_linear_weight(Tensor weight, int segments=1) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed_weight, int out_features, Tensor? bias=None,"
+        " str? gelu_approximate=None, int segments=1) -> Tensor");
+  m.def("packed_albert_layer(Tensor hidden_states, Tensor cu_seqlens, int max_seqlen,"
+        " Tensor qkv_weight, Tensor qkv_bias, Tensor dense_weight, Tensor dense_bias,"
+        " Tensor attention_ln_weight, Tensor attention_ln_bias, float attention_ln_eps,"
+        " Tensor ffn_weight, Tensor ffn_bias, Tensor ffn_output_weight, Tensor ffn_output_bias,"
+        " Tensor full_ln_weight, Tensor full_ln_bias, float full_ln_eps, int num_heads,"
+        " float scale, str gelu_approximate) -> Tensor");
 }

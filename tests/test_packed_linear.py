@@ -1,5 +1,5 @@
-"""The small-M inference path (albert_kernels/model/packed.py): oneDNN-packed weights for CPU fp32
-inference on few tokens. Values against today's path (held to the fp32 budget against an fp64
+"""The small-M inference path (albert_kernels/model/packed.py): weights packed once for the cpp
+backend's small-M kernel (csrc/cpu/small_m.cpp), CPU fp32 inference on few tokens. Values against today's path (held to the fp32 budget against an fp64
 gold), invalidation when the parameters change, no packed memory when the path is unused."""
 import copy
 import pickle
@@ -10,8 +10,6 @@ import torch
 import albert_kernels as ak
 from albert_kernels.model import packed
 from albert_kernels.tools.budget import check_budget
-
-pytestmark = pytest.mark.skipif(not packed.available(), reason="torch without oneDNN (mkldnn)")
 
 VOCAB = 100
 CONFIGS = {

@@ -297,7 +297,7 @@ class AlbertTransformer(nn.Module):
         for) receives the first layer's input and every layer's output, as transformers' hooks
         on its AlbertLayer record them; the computation continues from what it returns, so the
         recorded hidden states are on the path to the output (their gradients are the output's)."""
-        packed = packed_encoder(self, x)  # None unless CPU fp32 inference on few tokens
+        packed = packed_encoder(self, x, plan.kernels)  # None unless cpp fp32 inference, few tokens
         if packed is not None:
             h, run = packed.mapping_in(x), packed.layer
         else:

@@ -23,6 +23,7 @@
 //   (-> grad_bias), all fp32; the partials are then added in chunk order, so the weight and bias
 //   gradients are bitwise reproducible for any thread count.
 #include "common.h"
+#include "ops.h"
 
 #include <cmath>
 
@@ -200,6 +201,9 @@ void add_ln_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& x,
   sums.finish(grad_bias.data_ptr<scalar_t>(), 1);
 }
 
+}  // namespace
+
+// Declared in ops.h: the small-M layer (small_m.cpp) calls it directly.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& bias, double eps) {
@@ -216,6 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
   });
   return {out, mean, rstd};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual,

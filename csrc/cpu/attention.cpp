@@ -47,6 +47,7 @@
 //   Masked keys get zero gradients; rows with no real key give zero dQ. Keys outside a
 //   sequence's range (padded slots, other sequences) are never read, whatever they hold.
 #include "common.h"
+#include "ops.h"
 #include "philox.h"
 
 #include <cmath>
@@ -540,6 +541,9 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return longest_k;
 }
 
+}  // namespace
+
+// Declared in ops.h: the small-M layer (small_m.cpp) calls it directly.
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
@@ -562,6 +566,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   });
   return {out, lse};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -100,6 +100,27 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+# the small-M inference ops (csrc/cpu/small_m.cpp; no autograd: inference only)
+PANEL = 24  # output features per packed panel (kNR in small_m.cpp)
+
+
+@torch.library.register_fake("albert_kernels::pack_linear_weight")
+def _(weight, segments=1):
+    n = weight.shape[0] // segments
+    return weight.new_empty((segments * -(-n // PANEL), weight.shape[1], PANEL))
+
+
+@torch.library.register_fake("albert_kernels::packed_linear")
+def _(x, packed_weight, out_features, bias=None, gelu_approximate=None, segments=1):
+    shape = (x.shape[0], out_features) if segments == 1 else (segments, x.shape[0], out_features)
+    return x.new_empty(shape)
+
+
+@torch.library.register_fake("albert_kernels::packed_albert_layer")
+def _(hidden_states, *args):
+    return torch.empty_like(hidden_states)
+
+
 # ---------------------------------------------------------------- autograd
 def _setup_add_ln(ctx, inputs, output):
     x, residual, weight, _bias, _eps = inputs
