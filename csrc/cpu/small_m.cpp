@@ -1,5 +1,5 @@
 // The small-M path: fp32 inference on a handful of tokens (one short request; issue 16,
-// docs/performance.md "One short request").
+// docs/performance.md "One short request: the small-M path").
 //
 // With M = 2..128 token rows a linear layer reads its whole weight for a few rows of work.
 // ALBERT shares one layer's weights across all depths, so the weights are packed ONCE into the
