@@ -182,20 +182,21 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout]):
+def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout], for_backward: bool):
     """(out, out_lo, stats): stats fp32 [2, *lse_shape] = (row max of the scaled scores, log2 of
-    the row's sum of exp(s - max)); out_lo (fp16/bf16; None for fp32) = the fp32 output minus
-    out, in out's dtype and strides (for delta, see _attn_bwd_preprocess_kernel)."""
+    the row's sum of exp(s - max)); out_lo (fp16/bf16 when `for_backward`, else None) = the fp32
+    output minus out, in out's dtype and strides (for delta, see _attn_bwd_preprocess_kernel)."""
     head_dim = q.shape[-1]
     out = torch.empty_like(q)
-    out_lo = torch.empty_like(out) if out.dtype != torch.float32 else None
+    out_lo = torch.empty_like(out) if for_backward and out.dtype != torch.float32 else None
     assert out_lo is None or out_lo.stride() == out.stride()  # the kernel reads it with O's
     stats = torch.empty((2, *layout.lse_shape), dtype=torch.float32, device=q.device)
     cfg = fwd_config(head_dim, q.dtype, drop is not None)
     rng = drop.rng if drop is not None else layout.seq_info  # any pointer: not read
+    lo = out if out_lo is None else out_lo  # any pointer when not written
     _attn_fwd_kernel[layout.grid(cfg["BLOCK_M"])](
-        q, k, v, out, out if out_lo is None else out_lo, stats[0], stats[1], layout.seq_info, layout.key_mask, rng, scale,
-        drop.scale if drop is not None else 1.0,
+        q, k, v, out, lo, stats[0], stats[1], layout.seq_info, layout.key_mask, rng, scale,
+        drop.scale if drop is not None else 1.0, int(out_lo is not None),
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         layout.stride_maskb, *layout.lse_strides, HEAD_DIM=head_dim, DROPOUT=drop is not None,
         **cfg)
@@ -208,8 +209,9 @@ def _backward(do, q, k, v, out, out_lo, stats, layout: _Layout, scale: float,
     delta = torch.empty_like(stats[0])
     block_m = preprocess_block_m(q.dtype)
     _attn_bwd_preprocess_kernel[layout.grid(block_m)](
-        out, out if out_lo is None else out_lo, do, delta, layout.seq_info, *layout.strides(out), *layout.strides(do),
-        *layout.lse_strides, HEAD_DIM=head_dim, BLOCK_M=block_m, num_warps=4)
+        out, out if out_lo is None else out_lo, do, delta, layout.seq_info, int(out_lo is not None),
+        *layout.strides(out), *layout.strides(do), *layout.lse_strides, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, num_warps=4)
     # varlen: key rows that belong to no sequence (past cu_seqlens_k[-1]) get zero gradients
     new = torch.zeros_like if layout.varlen else torch.empty_like
     dq, dk, dv = torch.empty_like(q), new(k), new(v)
@@ -220,8 +222,8 @@ def _backward(do, q, k, v, out, out_lo, stats, layout: _Layout, scale: float,
     flags = dict(HEAD_DIM=head_dim, DROPOUT=drop is not None)
     cfg = dkdv_config(head_dim, q.dtype)
     _attn_bwd_dkdv_kernel[layout.grid(cfg["BLOCK_N"], over_keys=True)](
-        q, k, v, do, dk, dv, stats[0], stats[1], delta, *common, *qkv_do_strides, *layout.strides(dk),
-        *layout.strides(dv), layout.stride_maskb, *layout.lse_strides, **flags, **cfg)
+        q, k, v, do, dk, dv, stats[0], stats[1], delta, *common, *qkv_do_strides,
+        *layout.strides(dk), *layout.strides(dv), layout.stride_maskb, *layout.lse_strides, **flags, **cfg)
     cfg = dq_config(head_dim, q.dtype)
     _attn_bwd_dq_kernel[layout.grid(cfg["BLOCK_M"])](
         q, k, v, do, dq, stats[0], stats[1], delta, *common, *qkv_do_strides, *layout.strides(dq),
@@ -238,7 +240,8 @@ class _AttentionFunction(torch.autograd.Function):
         if q.numel() == 0 or k.numel() == 0 or layout.empty:
             out, out_lo, stats = torch.zeros_like(q), None, None
         else:
-            out, out_lo, stats = _forward(q, k, v, layout, scale, drop)
+            out, out_lo, stats = _forward(q, k, v, layout, scale, drop,
+                                          for_backward=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(q, k, v, out, out_lo, stats)
         ctx.layout, ctx.scale, ctx.drop = layout, scale, drop
         return out

@@ -66,9 +66,10 @@ def _keep(seed, base, threshold, row_len, rows, cols):
     return tl.randint(seed, base + rows.to(tl.int64) * row_len + cols) >= threshold
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["store_lo"])
 def _attn_fwd_kernel(
         Q, K, V, O, O_LO, ROW_MAX, ROW_LOG2SUM, SEQ_INFO, KEY_MASK, RNG, sm_scale, drop_scale,
+        store_lo,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
         stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om,
         stride_maskb, stride_lseb, stride_lseh,
@@ -88,9 +89,10 @@ def _attn_fwd_kernel(
     units and only then multiplies by log2(e) for exp2: s * log2(e) would be rounded at the
     scores' magnitude (ulp(185) = 1.5e-5 at |s| = 128) before the max cancels it. The backward
     recomputes P from the two statistics, kept apart for the same reason (max + log(sum) would
-    round at the max's magnitude). O_LO (fp16/bf16 only; O's dtype and strides): the part of
-    the fp32 output that O's rounding lost, O_fp32 - O, rounded to O's dtype (read by
-    _attn_bwd_preprocess_kernel; not written for fp32).
+    round at the max's magnitude). O_LO (O's dtype and strides), written only when store_lo is
+    nonzero (fp16/bf16 outputs whose backward will run; a runtime flag, not a variant): the
+    part of the fp32 output that O's rounding lost, O_fp32 - O, rounded to O's dtype (read by
+    _attn_bwd_preprocess_kernel).
     DROPOUT (constexpr; False compiles the plain kernel): a probability is kept iff its Philox
     draw passes (_keep, RNG as in _dropout_rng); the kept sum is scaled by drop_scale = 1/(1-p).
     The program keeps q [BLOCK_M, HEAD_DIM] and the fp32 accumulator in registers and streams
@@ -147,16 +149,16 @@ def _attn_fwd_kernel(
         o = o * drop_scale
     o_hi = o.to(O.dtype.element_ty)
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], o_hi, mask=row_ok[:, None])
-    if O.dtype.element_ty != tl.float32:
+    if store_lo != 0:
         tl.store(O_LO + offs_m[:, None] * stride_om + offs_d[None, :],
                  (o - o_hi.to(tl.float32)).to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(ROW_MAX + offs_m, tl.where(has_key, m_i, float("inf")), mask=row_ok)
     tl.store(ROW_LOG2SUM + offs_m, tl.math.log2(l_safe), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_lo"])
 def _attn_bwd_preprocess_kernel(
-        O, O_LO, DO, DELTA, SEQ_INFO, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+        O, O_LO, DO, DELTA, SEQ_INFO, has_lo, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
         stride_dom, stride_lseb, stride_lseh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """DELTA_i = dO_i . O_i in fp32 for BLOCK_M query rows of one head; same layout as ROW_MAX.
@@ -194,7 +196,7 @@ def _attn_bwd_preprocess_kernel(
                  + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok, other=0.0)
     prods = mma(do, tl.trans(o), tl.zeros([BLOCK_M, BLOCK_M], tl.float32))  # dO O^T
     delta = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], prods, 0.0), 1)  # its diagonal
-    if O.dtype.element_ty != tl.float32:
+    if has_lo != 0:  # fp16/bf16: O_LO as the forward kernel wrote it
         o_lo = tl.load(O_LO + pid_b * stride_ob + pid_h * stride_oh + q_row0 * stride_om
                        + offs_m[:, None] * stride_om + offs_d[None, :], mask=row_ok, other=0.0)
         delta += tl.sum(o_lo.to(tl.float32) * do.to(tl.float32), 1)
