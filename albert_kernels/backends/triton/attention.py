@@ -30,8 +30,9 @@ FlashAttention does, rounds s * log2(e) at the scores' magnitude before the max 
 was ~5e-6 off at scores ~ -128). Matrix products go through ``common.mma`` (tensor cores for
 fp16/bf16, IEEE fp32 for fp32). Saved for backward: q, k, v, o, for fp16/bf16 o_lo (what
 rounding the fp32 output to o lost, in o's dtype: one more output-sized tensor) and the row
-statistics, fp32 [2, lse layout]: the row max (natural units) and log2 of the row's sum of
-exp(s - max), apart (their sum, the log-sum-exp, would round at the max's magnitude). Backward
+statistics, fp32 [lse layout, 3]: the row max (natural units) and log2 of the row's sum of
+exp(s - max), apart (their sum, the log-sum-exp, would round at the max's magnitude), and a
+column for the backward's delta. Backward
 is deterministic (no atomics): delta_i = dO_i . O_i in a preprocess kernel, as the diagonal of
 the dot dO O^T so that it rounds as dP = dO V^T does (a one-hot softmax row then gets
 dS = P (dP - delta) = 0 exactly), plus dO_i . o_lo_i (delta as exact as from an fp32 output),
@@ -134,6 +135,11 @@ class _Layout:
             self.stride_maskb = self.key_mask.stride(0)
 
     @property
+    def stats_strides(self) -> tuple:
+        """(between sequences, between heads) of the row statistics [*lse_shape, 3], in floats."""
+        return tuple(3 * x for x in self.lse_strides)
+
+    @property
     def empty(self) -> bool:
         """Nothing for a kernel to do: no query, or no key anywhere (every output row is 0)."""
         return self.batch == 0 or self.heads == 0 or self.max_q == 0 or self.max_k == 0
@@ -183,22 +189,22 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout], for_backward: bool):
-    """(out, out_lo, stats): stats fp32 [2, *lse_shape] = (row max of the scaled scores, log2 of
-    the row's sum of exp(s - max)); out_lo (fp16/bf16 when `for_backward`, else None) = the fp32
+    """(out, out_lo, stats): stats fp32 [*lse_shape, 3] = (row max of the scaled scores, log2 of
+    the row's sum of exp(s - max), delta: written by the backward); out_lo (fp16/bf16 when `for_backward`, else None) = the fp32
     output minus out, in out's dtype and strides (for delta, see _attn_bwd_preprocess_kernel)."""
     head_dim = q.shape[-1]
     out = torch.empty_like(q)
     out_lo = torch.empty_like(out) if for_backward and out.dtype != torch.float32 else None
     assert out_lo is None or out_lo.stride() == out.stride()  # the kernel reads it with O's
-    stats = torch.empty((2, *layout.lse_shape), dtype=torch.float32, device=q.device)
+    stats = torch.empty((*layout.lse_shape, 3), dtype=torch.float32, device=q.device)
     cfg = fwd_config(head_dim, q.dtype, drop is not None)
     rng = drop.rng if drop is not None else layout.seq_info  # any pointer: not read
     lo = out if out_lo is None else out_lo  # any pointer when not written
     _attn_fwd_kernel[layout.grid(cfg["BLOCK_M"])](
-        q, k, v, out, lo, stats[0], stats[1], layout.seq_info, layout.key_mask, rng, scale,
+        q, k, v, out, lo, stats, layout.seq_info, layout.key_mask, rng, scale,
         drop.scale if drop is not None else 1.0, int(out_lo is not None),
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
-        layout.stride_maskb, *layout.lse_strides, HEAD_DIM=head_dim, DROPOUT=drop is not None,
+        layout.stride_maskb, *layout.stats_strides, HEAD_DIM=head_dim, DROPOUT=drop is not None,
         **cfg)
     return out, out_lo, stats
 
@@ -206,11 +212,10 @@ def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout], f
 def _backward(do, q, k, v, out, out_lo, stats, layout: _Layout, scale: float,
               drop: Optional[_Dropout]):
     head_dim = q.shape[-1]
-    delta = torch.empty_like(stats[0])
     block_m = preprocess_block_m(q.dtype)
     _attn_bwd_preprocess_kernel[layout.grid(block_m)](
-        out, out if out_lo is None else out_lo, do, delta, layout.seq_info, int(out_lo is not None),
-        *layout.strides(out), *layout.strides(do), *layout.lse_strides, HEAD_DIM=head_dim,
+        out, out if out_lo is None else out_lo, do, stats, layout.seq_info, int(out_lo is not None),
+        *layout.strides(out), *layout.strides(do), *layout.stats_strides, HEAD_DIM=head_dim,
         BLOCK_M=block_m, num_warps=4)
     # varlen: key rows that belong to no sequence (past cu_seqlens_k[-1]) get zero gradients
     new = torch.zeros_like if layout.varlen else torch.empty_like
@@ -222,12 +227,12 @@ def _backward(do, q, k, v, out, out_lo, stats, layout: _Layout, scale: float,
     flags = dict(HEAD_DIM=head_dim, DROPOUT=drop is not None)
     cfg = dkdv_config(head_dim, q.dtype)
     _attn_bwd_dkdv_kernel[layout.grid(cfg["BLOCK_N"], over_keys=True)](
-        q, k, v, do, dk, dv, stats[0], stats[1], delta, *common, *qkv_do_strides,
-        *layout.strides(dk), *layout.strides(dv), layout.stride_maskb, *layout.lse_strides, **flags, **cfg)
+        q, k, v, do, dk, dv, stats, *common, *qkv_do_strides, *layout.strides(dk),
+        *layout.strides(dv), layout.stride_maskb, *layout.stats_strides, **flags, **cfg)
     cfg = dq_config(head_dim, q.dtype)
     _attn_bwd_dq_kernel[layout.grid(cfg["BLOCK_M"])](
-        q, k, v, do, dq, stats[0], stats[1], delta, *common, *qkv_do_strides, *layout.strides(dq),
-        layout.stride_maskb, *layout.lse_strides, **flags, **cfg)
+        q, k, v, do, dq, stats, *common, *qkv_do_strides, *layout.strides(dq),
+        layout.stride_maskb, *layout.stats_strides, **flags, **cfg)
     return dq, dk, dv
 
 

@@ -7,8 +7,12 @@ import triton.language as tl
 
 from .common import mma
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 SEQ_INFO_COLS = tl.constexpr(7)  # q first row, q length, k first row, k length, kv_lo, kv_hi, real keys
+# ROW_STATS: fp32 [rows, 3] per (sequence, head) = (row max of the scaled scores, log2 of the
+# row's sum of exp(s - max), delta): one pointer for the three, as there was one each for lse
+# and delta before the statistics were split.
+ROW_STATS_COLS = tl.constexpr(3)
 
 
 @triton.jit
@@ -68,7 +72,7 @@ def _keep(seed, base, threshold, row_len, rows, cols):
 
 @triton.jit(do_not_specialize=["store_lo"])
 def _attn_fwd_kernel(
-        Q, K, V, O, O_LO, ROW_MAX, ROW_LOG2SUM, SEQ_INFO, KEY_MASK, RNG, sm_scale, drop_scale,
+        Q, K, V, O, O_LO, ROW_STATS, SEQ_INFO, KEY_MASK, RNG, sm_scale, drop_scale,
         store_lo,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
         stride_vb, stride_vh, stride_vm, stride_ob, stride_oh, stride_om,
@@ -83,9 +87,9 @@ def _attn_fwd_kernel(
     0 in the varlen layout, where the first rows are cu_seqlens_q[b] / cu_seqlens_k[b]).
     KEY_MASK: uint8, key n of sequence b at b*stride_maskb + n, nonzero = real key (a row of ones
     with stride_maskb = 0 when there is no mask). The softmax statistics of the scaled scores
-    s = q.k * sm_scale (before dropout), fp32, at b*stride_lseb + h*stride_lseh + q_row0 + r:
-    ROW_MAX = max_j s_j (natural units; +inf for a row with no real key, whose output is 0) and
-    ROW_LOG2SUM = log2(sum_j exp(s_j - max)) (0 there). The softmax subtracts the max in natural
+    s = q.k * sm_scale (before dropout), fp32, in ROW_STATS at b*stride_lseb + h*stride_lseh +
+    (q_row0 + r) * 3: max_j s_j (natural units; +inf for a row with no real key, whose output is
+    0), then log2(sum_j exp(s_j - max)) (0 there); the third column is the backward's delta. The softmax subtracts the max in natural
     units and only then multiplies by log2(e) for exp2: s * log2(e) would be rounded at the
     scores' magnitude (ulp(185) = 1.5e-5 at |s| = 128) before the max cancels it. The backward
     recomputes P from the two statistics, kept apart for the same reason (max + log(sum) would
@@ -109,9 +113,7 @@ def _attn_fwd_kernel(
     V += pid_b * stride_vb + pid_h * stride_vh + k_row0 * stride_vm
     O += pid_b * stride_ob + pid_h * stride_oh + q_row0 * stride_om
     O_LO += pid_b * stride_ob + pid_h * stride_oh + q_row0 * stride_om
-    stats = pid_b * stride_lseb + pid_h * stride_lseh + q_row0
-    ROW_MAX += stats
-    ROW_LOG2SUM += stats
+    ROW_STATS += pid_b * stride_lseb + pid_h * stride_lseh + q_row0 * ROW_STATS_COLS
     KEY_MASK += pid_b * stride_maskb
     if DROPOUT:
         seed, rng_base, threshold, rng_row = _dropout_rng(RNG, pid_b, pid_h)
@@ -152,16 +154,18 @@ def _attn_fwd_kernel(
     if store_lo != 0:
         tl.store(O_LO + offs_m[:, None] * stride_om + offs_d[None, :],
                  (o - o_hi.to(tl.float32)).to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(ROW_MAX + offs_m, tl.where(has_key, m_i, float("inf")), mask=row_ok)
-    tl.store(ROW_LOG2SUM + offs_m, tl.math.log2(l_safe), mask=row_ok)
+    stats = ROW_STATS + offs_m * ROW_STATS_COLS
+    tl.store(stats, tl.where(has_key, m_i, float("inf")), mask=row_ok)
+    tl.store(stats + 1, tl.math.log2(l_safe), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["has_lo"])
 def _attn_bwd_preprocess_kernel(
-        O, O_LO, DO, DELTA, SEQ_INFO, has_lo, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+        O, O_LO, DO, ROW_STATS, SEQ_INFO, has_lo, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
         stride_dom, stride_lseb, stride_lseh,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """DELTA_i = dO_i . O_i in fp32 for BLOCK_M query rows of one head; same layout as ROW_MAX.
+    """delta_i = dO_i . O_i in fp32 for BLOCK_M query rows of one head, into column 2 of
+    ROW_STATS (see _attn_fwd_kernel).
 
     Grid (cdiv(max_q, BLOCK_M), H, B); O and dO addressed as Q in the forward kernel. With
     dropout this is still sum_j P_ij dP_ij (O holds the dropped, rescaled sum).
@@ -200,13 +204,14 @@ def _attn_bwd_preprocess_kernel(
         o_lo = tl.load(O_LO + pid_b * stride_ob + pid_h * stride_oh + q_row0 * stride_om
                        + offs_m[:, None] * stride_om + offs_d[None, :], mask=row_ok, other=0.0)
         delta += tl.sum(o_lo.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_b * stride_lseb + pid_h * stride_lseh + q_row0 + offs_m, delta,
+    tl.store(ROW_STATS + pid_b * stride_lseb + pid_h * stride_lseh
+             + (q_row0 + offs_m) * ROW_STATS_COLS + 2, delta,
              mask=offs_m < q_len)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, ROW_MAX, ROW_LOG2SUM, DELTA, SEQ_INFO, KEY_MASK, RNG, sm_scale,
+        Q, K, V, DO, DK, DV, ROW_STATS, SEQ_INFO, KEY_MASK, RNG, sm_scale,
         drop_scale,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
         stride_vb, stride_vh, stride_vm, stride_dob, stride_doh, stride_dom,
@@ -237,10 +242,7 @@ def _attn_bwd_dkdv_kernel(
     DO += pid_b * stride_dob + pid_h * stride_doh + q_row0 * stride_dom
     DK += pid_b * stride_dkb + pid_h * stride_dkh + k_row0 * stride_dkm
     DV += pid_b * stride_dvb + pid_h * stride_dvh + k_row0 * stride_dvm
-    stats = pid_b * stride_lseb + pid_h * stride_lseh + q_row0
-    ROW_MAX += stats
-    ROW_LOG2SUM += stats
-    DELTA += stats
+    ROW_STATS += pid_b * stride_lseb + pid_h * stride_lseh + q_row0 * ROW_STATS_COLS
     KEY_MASK += pid_b * stride_maskb
     if DROPOUT:
         seed, rng_base, threshold, rng_row = _dropout_rng(RNG, pid_b, pid_h)
@@ -260,9 +262,10 @@ def _attn_bwd_dkdv_kernel(
         qt = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
-        row_max = tl.load(ROW_MAX + offs_m, mask=row_ok, other=float("inf"))
-        row_log2sum = tl.load(ROW_LOG2SUM + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        stats = ROW_STATS + offs_m * ROW_STATS_COLS
+        row_max = tl.load(stats, mask=row_ok, other=float("inf"))
+        row_log2sum = tl.load(stats + 1, mask=row_ok, other=0.0)
+        delta = tl.load(stats + 2, mask=row_ok, other=0.0)
         s_t = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32)) * sm_scale
         p_t = tl.math.exp2((s_t - row_max[None, :]) * LOG2E - row_log2sum[None, :])
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
@@ -285,7 +288,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, ROW_MAX, ROW_LOG2SUM, DELTA, SEQ_INFO, KEY_MASK, RNG, sm_scale,
+        Q, K, V, DO, DQ, ROW_STATS, SEQ_INFO, KEY_MASK, RNG, sm_scale,
         drop_scale,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km,
         stride_vb, stride_vh, stride_vm, stride_dob, stride_doh, stride_dom,
@@ -310,10 +313,7 @@ def _attn_bwd_dq_kernel(
     V += pid_b * stride_vb + pid_h * stride_vh + k_row0 * stride_vm
     DO += pid_b * stride_dob + pid_h * stride_doh + q_row0 * stride_dom
     DQ += pid_b * stride_dqb + pid_h * stride_dqh + q_row0 * stride_dqm
-    stats = pid_b * stride_lseb + pid_h * stride_lseh + q_row0
-    ROW_MAX += stats
-    ROW_LOG2SUM += stats
-    DELTA += stats
+    ROW_STATS += pid_b * stride_lseb + pid_h * stride_lseh + q_row0 * ROW_STATS_COLS
     KEY_MASK += pid_b * stride_maskb
     if DROPOUT:
         seed, rng_base, threshold, rng_row = _dropout_rng(RNG, pid_b, pid_h)
@@ -323,9 +323,8 @@ def _attn_bwd_dq_kernel(
     row_ok = offs_m < q_len
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    row_max = tl.load(ROW_MAX + offs_m, mask=row_ok, other=float("inf"))
-    row_log2sum = tl.load(ROW_LOG2SUM + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    stats = ROW_STATS + offs_m * ROW_STATS_COLS
+    delta = tl.load(stats + 2, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -333,6 +332,10 @@ def _attn_bwd_dq_kernel(
         kt = tl.load(K + offs_n[None, :] * stride_km + offs_d[:, None], mask=key_ok[None, :], other=0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vm + offs_d[:, None], mask=key_ok[None, :], other=0.0)
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * sm_scale
+        # read per key block (L1 hits), not held across the loop: held, ptxas spilled 16 B
+        # instead of 8 at head dim 64 in fp16/bf16 on sm_80
+        row_max = tl.load(stats, mask=row_ok, other=float("inf"))
+        row_log2sum = tl.load(stats + 1, mask=row_ok, other=0.0)
         p = tl.math.exp2((s - row_max[:, None]) * LOG2E - row_log2sum[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
