@@ -41,10 +41,6 @@ def _assert_ok(results, what: str) -> None:
 # Named edge cases
 # ---------------------------------------------------------------------------------------------
 
-# The drawn attention tests leave huge scores out on these backends (the named cases above keep
-# the failure visible).
-HUGE_SCORES_BROKEN = {"triton"}
-
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", EDGE_CASES, ids=[f"{c.op}:{c.name}" for c in EDGE_CASES])
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
@@ -117,7 +113,6 @@ def test_gelu_drawn(backend, device, dtype, op, approximate, values, transposed,
 def test_attention_drawn(backend, device, dtype, seqlen, batch, fill, huge, transposed, head_dim,
                          data):
     _skip_unless_runs(backend, device)
-    huge = huge and backend not in HUGE_SCORES_BROKEN
     lengths = data.draw(st.lists(st.integers(0, seqlen), min_size=batch, max_size=batch))
     seed = data.draw(st.integers(0, 2 ** 16))
     dt = DTYPES[dtype]
@@ -135,7 +130,6 @@ def test_attention_drawn(backend, device, dtype, seqlen, batch, fill, huge, tran
        fill=st.sampled_from(["nan", "inf", "-inf"]), huge=st.booleans(), data=st.data())
 def test_varlen_attention_drawn(backend, device, dtype, lengths, fill, huge, data):
     _skip_unless_runs(backend, device)
-    huge = huge and backend not in HUGE_SCORES_BROKEN
     poisoned = data.draw(st.one_of(st.none(), st.integers(0, len(lengths) - 1)))
     seed = data.draw(st.integers(0, 2 ** 16))
     dt = DTYPES[dtype]
@@ -232,24 +226,15 @@ def test_padded_slots_never_reach_real_rows(backend, device, fill):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-# triton's softmax runs on s * scale * log2(e), rounded at the scores' magnitude (ulp(185) =
-# 1.5e-5) before the max is subtracted: P is off by ~5e-6 relative even where every score is
-# exact (out 7.9e-6 against a budget of 1.2e-6, dv 2.6e-5 against 3.1e-6). The fix: subtract the
-# max in natural units, then multiply by log2(e), and save the max and log(l) apart (lse itself
-# rounds at the same magnitude).
-TRITON_LOG2_SCORES = ("triton: scores rounded in the log2 domain at |s| log2(e) ~ 185 before the "
-                      "max is subtracted: P ~5e-6 off (out 7.9e-6 vs budget 1.2e-6)")
-
-
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
-def test_attention_backward_when_every_score_is_very_negative(backend, device, varlen, request):
+def test_attention_backward_when_every_score_is_very_negative(backend, device, varlen):
     """Every real score of a row ~ -128 (lse < -89) and fewer keys than the kernel's key tile:
     cpp's backward gave NaN dq, dk there (exp(0 - lse) of a zero-padded key column overflowed and
-    was multiplied by dP = 0). fp32, against float64, under the budget."""
+    was multiplied by dP = 0); triton's softmax rounded s * scale * log2(e) at |s| log2(e) ~ 185
+    before the max was subtracted (P ~5e-6 off: out 7.9e-6, dv 2.6e-5 against budgets of 1.2e-6
+    and 3.1e-6). fp32, against float64, under the budget."""
     _skip_unless_runs(backend, device)
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_LOG2_SCORES))
     gen = torch.Generator().manual_seed(1)
     lengths = [3, 5]
     if varlen:

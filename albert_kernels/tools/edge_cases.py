@@ -282,19 +282,11 @@ EDGE_CASES: list[EdgeCase] = _layer_norm_cases() + _gelu_cases() + _attention_ca
 # Attention kernels that are not right on an edge case yet: (backend, op, case name) -> (dtypes,
 # what goes wrong). tests/test_edge_cases.py makes each a strict xfail (it fails once the kernel is
 # fixed, to drop the entry); `albert-kernels verify` reports each as "known" and does not fail on it.
-_ALL = ("float32", "float16", "bfloat16")
-_TRITON_HUGE = ("triton attention backward with one-hot softmax rows (scaled scores ~3e4): dq, dk "
-                "~4e-5 where float64 gives ~1e-59 (budget ~0). dS = P (dP - delta) with P = 1 "
-                "must cancel exactly, but delta = rowsum(dO * O) (a tree sum) and dP = dO V^T "
-                "(the dot) sum the same products in different orders: rounding noise of dP's "
-                "size (|dP| eps). Needs delta from the same arithmetic as dP (cpp: rowsum(P dP)). "
-                "(dv, 5e-3 off before, is right since the interpreter's dot no longer depends on "
-                "the operand layout: triton/common.py)")
-KNOWN_BROKEN = {
-    ("triton", "attention", "huge q.k scores"): (("float32", "bfloat16"), _TRITON_HUGE),
-    ("triton", "attention", "huge q.k scores, NaN padding"): (_ALL, _TRITON_HUGE),
-    ("triton", "varlen_attention", "huge q.k scores"): (("float32", "bfloat16"), _TRITON_HUGE),
-}
+# Empty now: triton's one-hot rows (dq, dk ~4e-5 where float64 gives ~0: delta = rowsum(dO * O)
+# summed dP's products in another order; fp16 also 2x PyTorch's error from O's rounding) were
+# fixed on 2026-12-01 (delta from dP's own dot plus the output's rounding residual; see
+# docs/correctness.md).
+KNOWN_BROKEN: dict = {}
 
 
 def known_broken(backend: str, case: "EdgeCase", dtype: str) -> Optional[str]:

@@ -210,16 +210,26 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
 template <int D> constexpr int pitch() { return D + 8; }
 
 // Rows [row0, row0 + ROWS) of a view (token stride `stride`) -> smem [ROWS][D + 8] by cp.async;
-// rows at or past len are zero-filled.
+// rows at or past len are zero-filled. K / V tiles pass their key block's additive bias
+// (shared memory, [ROWS], 0 = real key, -inf = padding or past the sequence, as next_key_block
+// writes it): then every row whose bias is not 0 is zero-filled instead, so that NaN or inf in a
+// padded key / value slot never enters a product (S = Q K^T, P V, dP = dO V^T, dS K), where
+// the -inf bias alone would leave 0 * NaN. The zero-fill is cp.async's own (src-size 0): no
+// load, and no register beyond the bias read.
+// Without a bias but with a key mask (`mask`, [len] bool or null: the dK/dV kernel's own key
+// tile, loaded once per CTA), rows whose key is padding are zero-filled the same way.
 template <typename T, int D, int ROWS>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t stride, int row0, int len) {
+__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t stride, int row0, int len,
+                                                const float* bias = nullptr, const bool* mask = nullptr) {
   constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
   static_assert(ROWS * CHUNKS % kThreads == 0, "tile must split evenly over the CTA");
 #pragma unroll
   for (int i = 0; i < ROWS * CHUNKS / kThreads; ++i) {
     const int c = threadIdx.x + i * kThreads;
     const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-    const bool valid = row0 + r < len;
+    // the bias is -inf past the sequence too (key_valid), so it replaces the length test
+    const bool valid = bias != nullptr ? bias[r] == 0.f
+                                       : row0 + r < len && (mask == nullptr || mask[row0 + r]);
     const T* src = valid ? g + static_cast<int64_t>(row0 + r) * stride + col : g;
     cp_async_16(smem + r * pitch<D>() + col, src, valid);
   }
@@ -332,9 +342,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
 
   load_tile_async<T, D, BM>(Qs, q, s.stride, m0, s.q_len);
   int nb = next_key_block<BN>(s, 0, n_blocks, bias_s);
-  if (nb < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.k_len);
+  if (nb < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.k_len, bias_s);
   cp_async_commit();  // group: Q + K(nb)
-  if (nb < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.k_len);
+  if (nb < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.k_len, bias_s);
   cp_async_commit();  // group: V(nb)
 
   float o[NT_O][4];
@@ -352,7 +362,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
     mma_abt<T, D, NT_S>(sc, Qs, warp * 16, Ks, lane);
     __syncthreads();  // every warp is done with Ks
     const int nb_next = next_key_block<BN>(s, nb + 1, n_blocks, bias_s + (buf ^ 1) * BN);
-    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Ks, k, s.stride, nb_next * BN, s.k_len);
+    if (nb_next < n_blocks)
+      load_tile_async<T, D, BN>(Ks, k, s.stride, nb_next * BN, s.k_len, bias_s + (buf ^ 1) * BN);
     cp_async_commit();
 
     // Online softmax over this block (rows g and g + 8 of the warp's 16; a quad shares a row).
@@ -400,7 +411,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
     __syncthreads();
     mma_pv<T, D, BN>(o, sc, Vs, lane);
     __syncthreads();  // every warp is done with Vs
-    if (nb_next < n_blocks) load_tile_async<T, D, BN>(Vs, v, s.stride, nb_next * BN, s.k_len);
+    if (nb_next < n_blocks)
+      load_tile_async<T, D, BN>(Vs, v, s.stride, nb_next * BN, s.k_len, bias_s + (buf ^ 1) * BN);
     cp_async_commit();
     nb = nb_next;
     buf ^= 1;
@@ -490,8 +502,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
   const bool valid_a = key_valid(s, key_row0 + g), valid_b = key_valid(s, key_row0 + g + 8);
   const T* q = static_cast<const T*>(p.q) + s.q_base;
   const T* dout = static_cast<const T*>(p.dout) + s.q_base;
-  load_tile_async<T, D, BN>(Ks, static_cast<const T*>(p.k) + s.k_base, s.stride, n0, s.k_len);
-  load_tile_async<T, D, BN>(Vs, static_cast<const T*>(p.v) + s.k_base, s.stride, n0, s.k_len);
+  // padded keys arrive as zero rows: their P^T is selected to 0 below, and dP^T = V dO^T then
+  // is 0 too instead of NaN (0 * NaN in dS^T = P^T (dP^T - delta), dK's rows)
+  load_tile_async<T, D, BN>(Ks, static_cast<const T*>(p.k) + s.k_base, s.stride, n0, s.k_len, nullptr, s.mask);
+  load_tile_async<T, D, BN>(Vs, static_cast<const T*>(p.v) + s.k_base, s.stride, n0, s.k_len, nullptr, s.mask);
   cp_async_commit();
 
   for (int mb = 0; mb * BM < s.q_len; ++mb) {
@@ -589,8 +603,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
   const int n_blocks = (s.k_len + BN - 1) / BN;
   for (int nb = next_key_block<BN>(s, 0, n_blocks, bias_s); nb < n_blocks;
        nb = next_key_block<BN>(s, nb + 1, n_blocks, bias_s)) {
-    load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.k_len);
-    load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.k_len);
+    load_tile_async<T, D, BN>(Ks, k, s.stride, nb * BN, s.k_len, bias_s);
+    load_tile_async<T, D, BN>(Vs, v, s.stride, nb * BN, s.k_len, bias_s);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -626,12 +640,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
 constexpr int kSimtTile = 32;
 constexpr int kSimtRowsPerWarp = kSimtTile / 4;
 
-// Rows [row0, row0 + 32) of a view -> smem [32][P] (zero past len).
+// Rows [row0, row0 + 32) of a view -> smem [32][P] (zero past len). With a key block's bias
+// (shared memory [32], 0 = real key, -inf = padding or past the sequence): zero wherever the bias
+// is not 0, as load_tile_async (padded K / V slots never enter a product).
 template <int D, int P>
-__device__ __forceinline__ void load_tile_f32(float* smem, const float* g, int64_t stride, int row0, int len) {
+__device__ __forceinline__ void load_tile_f32(float* smem, const float* g, int64_t stride, int row0, int len,
+                                              const float* bias = nullptr) {
   for (int i = threadIdx.x; i < kSimtTile * D; i += kThreads) {
     const int r = i / D, d = i % D;
-    smem[r * P + d] = row0 + r < len ? g[static_cast<int64_t>(row0 + r) * stride + d] : 0.f;
+    const bool valid = bias != nullptr ? bias[r] == 0.f : row0 + r < len;
+    smem[r * P + d] = valid ? g[static_cast<int64_t>(row0 + r) * stride + d] : 0.f;
   }
 }
 
@@ -680,8 +698,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
       bias_s[threadIdx.x] = valid ? 0.f : -INFINITY;
     }
     if (!__syncthreads_or(valid)) continue;  // all padding: skip the block
-    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.k_len);
-    load_tile_f32<D, D>(Vs, v, s.stride, n0, s.k_len);
+    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.k_len, bias_s);
+    load_tile_f32<D, D>(Vs, v, s.stride, n0, s.k_len, bias_s);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
@@ -839,8 +857,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
       bias_s[threadIdx.x] = valid ? 0.f : -INFINITY;
     }
     if (!__syncthreads_or(valid)) continue;
-    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.k_len);
-    load_tile_f32<D, D + 1>(Vs, v, s.stride, n0, s.k_len);
+    load_tile_f32<D, D + 1>(Ks, k, s.stride, n0, s.k_len, bias_s);
+    load_tile_f32<D, D + 1>(Vs, v, s.stride, n0, s.k_len, bias_s);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {

@@ -23,12 +23,20 @@ tl.randint(seed, philox_offset + ((s * H + h) * max_q + i) * max_k + j) >= thres
 backend shares, docs/correctness.md); kept ones are scaled by 1 / (1 - p). The softmax statistics
 are those of the undropped scores; backward regenerates the mask from (seed, offset).
 
-Numerics: scores, the running max and sum of the online softmax, the saved log-sum-exp, delta and
-all accumulators are fp32; the softmax runs in base 2 with log2(e) folded into the scale
-(``qk_scale = scale * log2(e)``). Matrix products go through ``common.mma`` (tensor cores for
-fp16/bf16, IEEE fp32 for fp32). Saved for backward: q, k, v, o and lse (fp32, base 2).
-Backward is deterministic (no atomics): delta = rowsum(dO * O) in a preprocess kernel, dK/dV in
-a kernel per key block, dQ in a kernel per query block.
+Numerics: scores, the running max and sum of the online softmax, the saved statistics, delta
+and all accumulators are fp32. The softmax subtracts the row max from the scaled scores in
+natural units and only then multiplies by log2(e) for exp2 (folding log2(e) into the scale, as
+FlashAttention does, rounds s * log2(e) at the scores' magnitude before the max cancels it: P
+was ~5e-6 off at scores ~ -128). Matrix products go through ``common.mma`` (tensor cores for
+fp16/bf16, IEEE fp32 for fp32). Saved for backward: q, k, v, o, for fp16/bf16 o_lo (what
+rounding the fp32 output to o lost, in o's dtype: one more output-sized tensor) and the row
+statistics, fp32 [lse layout, 3]: the row max (natural units) and log2 of the row's sum of
+exp(s - max), apart (their sum, the log-sum-exp, would round at the max's magnitude), and a
+column for the backward's delta. Backward
+is deterministic (no atomics): delta_i = dO_i . O_i in a preprocess kernel, as the diagonal of
+the dot dO O^T so that it rounds as dP = dO V^T does (a one-hot softmax row then gets
+dS = P (dP - delta) = 0 exactly), plus dO_i . o_lo_i (delta as exact as from an fp32 output),
+dK/dV in a kernel per key block, dQ in a kernel per query block.
 
 Offsets: the per-program base offset (sequence, head, first row) is 64-bit; offsets inside a
 block are 32-bit (a sequence's rows times a row stride stays far below 2^31).
@@ -40,7 +48,7 @@ from typing import Optional
 import torch
 
 # aot.py finds the kernels among this module's names
-from .attention_kernels import (LOG2E, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
+from .attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                 _attn_bwd_preprocess_kernel, _attn_fwd_kernel)
 from .common import ceil_div
 
@@ -74,7 +82,10 @@ def dq_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-PREPROCESS_BLOCK_M = 64
+def preprocess_block_m(dtype: torch.dtype) -> int:
+    """Query rows per program of the delta kernel (a BLOCK_M x BLOCK_M dot: fp32's FMA operand
+    layouts hold both [BLOCK_M, head_dim] tiles in registers, so fewer rows there)."""
+    return 32 if dtype == torch.float32 else 64
 
 
 class _Layout:
@@ -122,6 +133,11 @@ class _Layout:
         else:
             self.key_mask = key_padding_mask.contiguous().view(torch.uint8)
             self.stride_maskb = self.key_mask.stride(0)
+
+    @property
+    def stats_strides(self) -> tuple:
+        """(between sequences, between heads) of the row statistics [*lse_shape, 3], in floats."""
+        return tuple(3 * x for x in self.lse_strides)
 
     @property
     def empty(self) -> bool:
@@ -172,43 +188,51 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout]):
+def _forward(q, k, v, layout: _Layout, scale: float, drop: Optional[_Dropout], for_backward: bool):
+    """(out, out_lo, stats): stats fp32 [*lse_shape, 3] = (row max of the scaled scores, log2 of
+    the row's sum of exp(s - max), delta: written by the backward); out_lo (fp16/bf16 when `for_backward`, else None) = the fp32
+    output minus out, in out's dtype and strides (for delta, see _attn_bwd_preprocess_kernel)."""
     head_dim = q.shape[-1]
     out = torch.empty_like(q)
-    lse = torch.empty(layout.lse_shape, dtype=torch.float32, device=q.device)
+    out_lo = torch.empty_like(out) if for_backward and out.dtype != torch.float32 else None
+    assert out_lo is None or out_lo.stride() == out.stride()  # the kernel reads it with O's
+    stats = torch.empty((*layout.lse_shape, 3), dtype=torch.float32, device=q.device)
     cfg = fwd_config(head_dim, q.dtype, drop is not None)
     rng = drop.rng if drop is not None else layout.seq_info  # any pointer: not read
+    lo = out if out_lo is None else out_lo  # any pointer when not written
     _attn_fwd_kernel[layout.grid(cfg["BLOCK_M"])](
-        q, k, v, out, lse, layout.seq_info, layout.key_mask, rng, scale * LOG2E,
-        drop.scale if drop is not None else 1.0,
+        q, k, v, out, lo, stats, layout.seq_info, layout.key_mask, rng, scale,
+        drop.scale if drop is not None else 1.0, int(out_lo is not None),
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
-        layout.stride_maskb, *layout.lse_strides, HEAD_DIM=head_dim, DROPOUT=drop is not None,
+        layout.stride_maskb, *layout.stats_strides, HEAD_DIM=head_dim, DROPOUT=drop is not None,
         **cfg)
-    return out, lse
+    return out, out_lo, stats
 
 
-def _backward(do, q, k, v, out, lse, layout: _Layout, scale: float, drop: Optional[_Dropout]):
+def _backward(do, q, k, v, out, out_lo, stats, layout: _Layout, scale: float,
+              drop: Optional[_Dropout]):
     head_dim = q.shape[-1]
-    delta = torch.empty_like(lse)
-    _attn_bwd_preprocess_kernel[layout.grid(PREPROCESS_BLOCK_M)](
-        out, do, delta, layout.seq_info, *layout.strides(out), *layout.strides(do),
-        *layout.lse_strides, HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4)
+    block_m = preprocess_block_m(q.dtype)
+    _attn_bwd_preprocess_kernel[layout.grid(block_m)](
+        out, out if out_lo is None else out_lo, do, stats, layout.seq_info, int(out_lo is not None),
+        *layout.strides(out), *layout.strides(do), *layout.stats_strides, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, num_warps=4)
     # varlen: key rows that belong to no sequence (past cu_seqlens_k[-1]) get zero gradients
     new = torch.zeros_like if layout.varlen else torch.empty_like
     dq, dk, dv = torch.empty_like(q), new(k), new(v)
     qkv_do_strides = (*layout.strides(q), *layout.strides(k), *layout.strides(v),
                       *layout.strides(do))
     common = (layout.seq_info, layout.key_mask, drop.rng if drop is not None else layout.seq_info,
-              scale, scale * LOG2E, drop.scale if drop is not None else 1.0)
+              scale, drop.scale if drop is not None else 1.0)
     flags = dict(HEAD_DIM=head_dim, DROPOUT=drop is not None)
     cfg = dkdv_config(head_dim, q.dtype)
     _attn_bwd_dkdv_kernel[layout.grid(cfg["BLOCK_N"], over_keys=True)](
-        q, k, v, do, dk, dv, lse, delta, *common, *qkv_do_strides, *layout.strides(dk),
-        *layout.strides(dv), layout.stride_maskb, *layout.lse_strides, **flags, **cfg)
+        q, k, v, do, dk, dv, stats, *common, *qkv_do_strides, *layout.strides(dk),
+        *layout.strides(dv), layout.stride_maskb, *layout.stats_strides, **flags, **cfg)
     cfg = dq_config(head_dim, q.dtype)
     _attn_bwd_dq_kernel[layout.grid(cfg["BLOCK_M"])](
-        q, k, v, do, dq, lse, delta, *common, *qkv_do_strides, *layout.strides(dq),
-        layout.stride_maskb, *layout.lse_strides, **flags, **cfg)
+        q, k, v, do, dq, stats, *common, *qkv_do_strides, *layout.strides(dq),
+        layout.stride_maskb, *layout.stats_strides, **flags, **cfg)
     return dq, dk, dv
 
 
@@ -219,20 +243,22 @@ class _AttentionFunction(torch.autograd.Function):
         layout = _Layout(q, k, key_padding_mask, cu_q, cu_k, max_q, max_k)
         drop = _Dropout(dropout_p, layout, q.device) if dropout_p > 0 else None
         if q.numel() == 0 or k.numel() == 0 or layout.empty:
-            out, lse = torch.zeros_like(q), None
+            out, out_lo, stats = torch.zeros_like(q), None, None
         else:
-            out, lse = _forward(q, k, v, layout, scale, drop)
-        ctx.save_for_backward(q, k, v, out, lse)
+            out, out_lo, stats = _forward(q, k, v, layout, scale, drop,
+                                          for_backward=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(q, k, v, out, out_lo, stats)
         ctx.layout, ctx.scale, ctx.drop = layout, scale, drop
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        if lse is None:
+        q, k, v, out, out_lo, stats = ctx.saved_tensors
+        if stats is None:
             grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         else:
-            grads = _backward(_unit_last(do), q, k, v, out, lse, ctx.layout, ctx.scale, ctx.drop)
+            grads = _backward(_unit_last(do), q, k, v, out, out_lo, stats, ctx.layout, ctx.scale,
+                              ctx.drop)
         return (*grads, None, None, None, None, None, None, None)
 
 
