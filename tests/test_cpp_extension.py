@@ -156,6 +156,14 @@ def _op_samples():
         ("varlen_attention_bwd", (f(10, 3, 32), *d(qv, kv, vv), vout, vlse, cu, cu, 7, 7, 0.2,
                                   *drop)),
         ("bias_gelu", (f(6, 24), f(24), "tanh")),  # inference only: no grad inputs
+        # the small-M inference ops (no autograd): hidden 48 (4 heads), FFN 40 (a partial panel)
+        ("pack_linear_weight", (f(3 * 48, 48), 3)),
+        ("packed_linear", (f(5, 48), ao.pack_linear_weight(f(40, 48)), 40, f(40), "none")),
+        ("packed_albert_layer", (
+            f(10, 48), cu, 7, ao.pack_linear_weight(f(3 * 48, 48), 3), f(3 * 48),
+            ao.pack_linear_weight(f(48, 48)), f(48), f(48), f(48), 1e-12,
+            ao.pack_linear_weight(f(40, 48)), f(40), ao.pack_linear_weight(f(48, 40)), f(48),
+            f(48), f(48), 1e-12, 4, 0.25, "tanh")),
     ]
 
 
