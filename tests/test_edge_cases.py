@@ -233,7 +233,8 @@ def test_attention_backward_when_every_score_is_very_negative(backend, device, v
     cpp's backward gave NaN dq, dk there (exp(0 - lse) of a zero-padded key column overflowed and
     was multiplied by dP = 0); triton's softmax rounded s * scale * log2(e) at |s| log2(e) ~ 185
     before the max was subtracted (P ~5e-6 off: out 7.9e-6, dv 2.6e-5 against budgets of 1.2e-6
-    and 3.1e-6). fp32, against float64, under the budget."""
+    and 3.1e-6), and cuda's did the same (by reading; its SIMT kernels run this on a GPU). fp32,
+    against float64, under the budget."""
     _skip_unless_runs(backend, device)
     gen = torch.Generator().manual_seed(1)
     lengths = [3, 5]

@@ -2,29 +2,36 @@
 //
 // Layouts (contiguous; the op wrappers make them so):
 //   padded:  q, k, v, out, grad_* [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or
-//            none; lse float32 [B, H, L].
+//            none; lse float32 [2, B, H, L] (the softmax statistics, see Numerics).
 //   varlen:  q, out, grad_q [Tq, H, D], k, v, grad_k, grad_v [Tk, H, D]; cu_seqlens_q,
 //            cu_seqlens_k int32 [B+1]: sequence b's queries cu_q[b]:cu_q[b+1] attend to its keys
-//            cu_k[b]:cu_k[b+1] only (FlashAttention's varlen API); lse float32 [H, Tq].
+//            cu_k[b]:cu_k[b+1] only (FlashAttention's varlen API); lse float32 [2, H, Tq].
 // Both are read through a per-(sequence, head) view (Seq): query i of the view is at
-// q_base + i * stride, key j at k_base + j * stride (stride D padded, H * D varlen), query i's lse
-// at lse_base + i. A sequence with queries and no key gives zero rows and zero gradients.
+// q_base + i * stride, key j at k_base + j * stride (stride D padded, H * D varlen), query i's
+// statistics at lse_base + i of each plane of lse. A sequence with queries and no key gives zero rows and zero gradients.
 //
 // Dropout (template flag DROPOUT; false compiles the kernels without it): probability (i, j) of
 // (sequence s, head h) is kept iff its Philox4x32-10 draw at
 // offset + ((s * H + h) * max_q + i) * max_k + j passes the threshold (philox.cuh, the same draws
 // as Triton's tl.randint and backends/dropout.py); kept ones are scaled by 1 / (1 - p). The
-// softmax statistics (m, l, lse) are those of the undropped scores; O = (P * Z) V with
+// softmax statistics (m, l) are those of the undropped scores; O = (P * Z) V with
 // Z = keep / (1 - p); backward regenerates Z: dV = (P * Z)^T dO, dP = (dO V^T) * Z,
-// dS = P * (dP - delta), delta = rowsum(dO * O) as without dropout.
+// dS = P * (dP - delta), delta = dO . O as without dropout.
 // Head dims: 32, 64 and 128 (templates); others are rejected. All offsets are 64-bit.
 //
-// Numerics: scores, the online softmax statistics (running max m and sum l), the output
-// accumulator and every gradient accumulator are fp32; scores are kept in the log2 domain
-// (s * scale * log2(e)) so that exp2 is used. Saved for backward: out and
-// lse = m * ln(2) + ln(l) (natural log-sum-exp of the scaled scores). A query row with no real key
-// (all keys masked, or an empty sequence) has l = 0: it outputs 0 and lse = -inf; backward treats
-// its lse as +inf, so its probabilities, and so all of its gradients, are exactly 0.
+// Numerics (as the Triton kernels, backends/triton/attention.py): scores, the online softmax
+// statistics (running max m and sum l), the output accumulator and every gradient accumulator are
+// fp32. The scaled scores s * scale stay in natural units; the row max is subtracted there and
+// only the difference is multiplied by log2(e) for exp2 (s * scale * log2(e) would round at the
+// scores' magnitude before the max cancels it: P was ~5e-6 off at scores ~ -128). Saved for
+// backward: out and the statistics as the op's `lse`, fp32 [2, rows]: plane 0 the row max m,
+// plane 1 log2(l), apart (m + log(l) would round at m's magnitude); backward recomputes
+// P = exp2((s * scale - m) * log2(e) - log2(l)) (recompute_p), with s * scale rounded as in
+// forward (scaled). delta_i = dO_i . O_i is computed with dP's own arithmetic
+// (attn_bwd_delta_kernel), so that a one-hot row's dS = P (dP - delta) is exactly 0. A query
+// row with no real key (all keys masked, or an empty sequence) has l = 0: it outputs 0 and its
+// statistics are (+inf, 0), so its recomputed probabilities, and so all of its gradients, are
+// exactly 0.
 // Key blocks whose keys are all padding are skipped (forward and dq); a dk/dv CTA whose keys are
 // all padding writes zeros and exits.
 //
@@ -35,9 +42,10 @@
 //                         O += P V with P taken straight from the S accumulators. The next key
 //                         block's K is fetched while the softmax and P V run, its V while the
 //                         next S runs.
-//   attn_bwd_delta_kernel delta_i = sum_d dO_id * O_id (fp32, lse's layout), one warp per row.
+//   attn_bwd_delta_kernel delta_i = dO_i . O_i (fp32, a plane of lse's layout): the diagonal of
+//                         the tensor-core product dO O^T (fp16/bf16), a sequential dot (fp32).
 //   attn_bwd_dkdv_tc_kernel CTA = 64 keys (16 per warp) of one (sequence, head), loops over all
-//                         query blocks (BWD_BM rows): recomputes P^T = exp2(S^T - lse) from lse,
+//                         query blocks (BWD_BM rows): recomputes P^T from the statistics,
 //                         dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
 //   attn_bwd_dq_tc_kernel CTA = 64 query rows (16 per warp), loops over key blocks: recomputes
 //                         P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
@@ -60,7 +68,6 @@ namespace cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kThreads = 128;  // every attention kernel: 4 warps
 
 struct AttnParams {
@@ -69,15 +76,16 @@ struct AttnParams {
   const void* dout;   // backward: grad of out
   void* o;            // forward: output
   void* dq; void* dk; void* dv;
-  float* lse;         // forward: written; backward: read
-  float* delta;       // backward scratch, lse's layout
+  float* row_max;     // forward: written; backward: read (plane 0 of the op's lse tensor)
+  float* row_log2sum; // same layout (plane 1 of lse)
+  float* delta;       // backward scratch, row_max's layout
   const bool* mask;   // padded: [B, L] or null
   const int* cu_seqlens_q;  // varlen: [B + 1] or null
   const int* cu_seqlens_k;  // varlen: [B + 1] or null
   int H;
   int L;              // padded length (unused for varlen)
-  int64_t Tq;         // varlen: total query tokens (lse is [H, Tq])
-  float scale, scale_log2;
+  int64_t Tq;         // varlen: total query tokens (each plane of lse is [H, Tq])
+  float scale;
   philox::Dropout drop;  // read by the DROPOUT instantiations only
 };
 
@@ -123,12 +131,25 @@ __device__ __forceinline__ bool kept(const AttnParams& p, const Seq& s, int i, i
   return philox::keep(p.drop, s.rng, i, j);
 }
 
-// lse in the log2 domain for backward; +inf for rows without a real key (or outside the sequence)
-// so that exp2(s - lse2) == 0 for them.
-__device__ __forceinline__ float lse2_of(const AttnParams& p, const Seq& s, int row) {
-  if (row >= s.q_len) return INFINITY;
-  const float l = p.lse[s.lse_base + row];
-  return l == -INFINITY ? INFINITY : l * kLog2e;
+// The forward's softmax statistics of a query row for backward: (row max, log2 of the row sum);
+// (+inf, 0) outside the sequence, as the forward writes them for a row without a real key, so
+// that the recomputed probabilities (prob below) are exactly 0 there.
+__device__ __forceinline__ float2 row_stats(const AttnParams& p, const Seq& s, int row) {
+  if (row >= s.q_len) return make_float2(INFINITY, 0.f);
+  return make_float2(p.row_max[s.lse_base + row], p.row_log2sum[s.lse_base + row]);
+}
+
+// The scaled score s * scale, never fused into a following add (nvcc contracts a * b + c into one
+// FMA where it can): forward and the two backward kernels must round it alike, or the recomputed
+// probability of a one-hot row's key (s * scale - max = 0) is not exactly 1.
+__device__ __forceinline__ float scaled(float s, float scale) { return __fmul_rn(s, scale); }
+
+// The probability recomputed in backward from the score scaled (natural units, padding bias
+// added) and the row's statistics: exp2((x - max) * log2(e) - log2(sum)), the max subtracted
+// before the log2(e) rounds (as in the forward), never from max + log(sum) (which rounds at
+// the max's magnitude: ulp(128) = 1.5e-5).
+__device__ __forceinline__ float recompute_p(float x, float row_max, float row_log2sum) {
+  return exp2f((x - row_max) * kLog2e - row_log2sum);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,6 +314,15 @@ __device__ __forceinline__ void store_rows(T* g_base, int64_t stride, int len, i
   }
 }
 
+// a . b over D floats, summed in order d = 0, 1, ... (fp32 dP and delta must sum alike)
+template <int D>
+__device__ __forceinline__ float dot_f32(const float* a, const float* b) {
+  float acc = 0.f;
+#pragma unroll 16
+  for (int d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
 // The first key block at or after nb with a real key; its additive key bias (0 or -inf per key)
 // goes to bias[0, BN). Contains barriers: every thread of the CTA must call it.
 template <int BN>
@@ -373,7 +403,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
     for (int j = 0; j < NT_S; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sc[j][e] = sc[j][e] * p.scale_log2 + bias[j * 8 + 2 * t + (e & 1)];
+        sc[j][e] = scaled(sc[j][e], p.scale) + bias[j * 8 + 2 * t + (e & 1)];  // natural units
         mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
       }
     float base[2], alpha[2], rowsum[2] = {0.f, 0.f};
@@ -382,14 +412,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       base[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // no real key yet: avoid (-inf) - (-inf)
-      alpha[r] = exp2f(m_run[r] - base[r]);
+      alpha[r] = exp2f((m_run[r] - base[r]) * kLog2e);
       m_run[r] = mx[r];
     }
 #pragma unroll
     for (int j = 0; j < NT_S; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sc[j][e] = exp2f(sc[j][e] - base[e >> 1]);
+        sc[j][e] = exp2f((sc[j][e] - base[e >> 1]) * kLog2e);  // max subtracted before log2(e)
         rowsum[e >> 1] += sc[j][e];
       }
 #pragma unroll
@@ -433,32 +463,65 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + (lane >> 2) + 8 * r;
-      if (row < s.q_len)
-        p.lse[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] * kLn2 + logf(l_run[r]) : -INFINITY;
+      if (row < s.q_len) {
+        p.row_max[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] : INFINITY;
+        p.row_log2sum[s.lse_base + row] = l_run[r] > 0.f ? log2f(l_run[r]) : 0.f;
+      }
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: delta = rowsum(dO * O)
+// Backward: delta_i = dO_i . O_i, in dP's own arithmetic
 // ---------------------------------------------------------------------------------------------
 constexpr int kDeltaRows = 64;  // rows per CTA (16 per warp)
 
 template <typename T, int D>
+constexpr size_t delta_smem() {
+  return std::is_same_v<T, float> ? 0 : 2 * kDeltaRows * pitch<D>() * sizeof(T);
+}
+
+// delta_i = dO_i . O_i (fp32, row_max's layout), computed as dP = dO V^T is: on a one-hot
+// softmax row (P_ij = 1, O_i = V_j exactly) delta_i is then bit for bit dP_ij and
+// dS = P (dP - delta) is exactly 0, as in float64 (a row sum in another order than dP's left
+// rounding noise of dP's size: dq, dk ~4e-5 at scaled scores ~3e4, where the gradient is 0).
+//   fp16 / bf16: the diagonal of the tensor-core product dO O^T (mma_abt over the same head dim
+//     in the same k-steps as dP's, each element rounded alike wherever it sits in the tile);
+//     each warp multiplies its 16 rows of dO by the same 16 rows of O.
+//   fp32: one thread per row, dot_f32 (the sequential sum of the SIMT kernels' dP).
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnParams p) {
   const Seq s = seq_of<D>(p, blockIdx.x);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int m0 = blockIdx.y * kDeltaRows;
+  if (m0 >= s.q_len) return;
   const T* o = static_cast<const T*>(p.out) + s.q_base;
   const T* dout = static_cast<const T*>(p.dout) + s.q_base;
-  for (int i = 0; i < kDeltaRows / 4; ++i) {
-    const int row = blockIdx.y * kDeltaRows + warp * (kDeltaRows / 4) + i;
-    if (row >= s.q_len) break;
-    float acc = 0.f;
-#pragma unroll
-    for (int d = lane; d < D; d += 32)
-      acc += to_float(o[row * s.stride + d]) * to_float(dout[row * s.stride + d]);
-    acc = warp_sum(acc);
-    if (lane == 0) p.delta[s.lse_base + row] = acc;
+  if constexpr (std::is_same_v<T, float>) {
+    const int row = m0 + threadIdx.x;
+    if (threadIdx.x < kDeltaRows && row < s.q_len)
+      p.delta[s.lse_base + row] = dot_f32<D>(dout + row * s.stride, o + row * s.stride);
+  } else {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* dOs = reinterpret_cast<T*>(smem_raw);
+    T* Os = dOs + kDeltaRows * pitch<D>();
+    load_tile_async<T, D, kDeltaRows>(dOs, dout, s.stride, m0, s.q_len);
+    load_tile_async<T, D, kDeltaRows>(Os, o, s.stride, m0, s.q_len);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float prods[2][4];  // dO O^T of the warp's 16 rows: columns 0-7, 8-15
+    zero(prods[0]);
+    zero(prods[1]);
+    mma_abt<T, D, 2>(prods, dOs, warp * 16, Os + warp * 16 * pitch<D>(), lane);
+    // diagonal: (g, g) is c[g & 1] of n-tile 0 in lane (g, t = g / 2); (g + 8, g + 8) is
+    // c[2 + (g & 1)] of n-tile 1 in the same lane (selects, not a dynamic index: no local memory)
+    if (t == g >> 1) {
+      const int row = m0 + warp * 16 + g;
+      const bool odd = g & 1;
+      if (row < s.q_len) p.delta[s.lse_base + row] = odd ? prods[0][1] : prods[0][0];
+      if (row + 8 < s.q_len) p.delta[s.lse_base + row + 8] = odd ? prods[1][3] : prods[1][2];
+    }
   }
 }
 
@@ -468,7 +531,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnPara
 template <typename T, int D, bool DROPOUT = false>
 constexpr size_t dkdv_tc_smem() {
   return (2 * kTcBlockN + 2 * bwd_block_m<D, DROPOUT>()) * pitch<D>() * sizeof(T) +
-         2 * bwd_block_m<D, DROPOUT>() * sizeof(float);
+         3 * bwd_block_m<D, DROPOUT>() * sizeof(float);
 }
 
 template <typename T, int D, bool DROPOUT>
@@ -479,8 +542,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
   T* Vs = Ks + BN * pitch<D>();
   T* Qs = Vs + BN * pitch<D>();
   T* dOs = Qs + BM * pitch<D>();
-  float* lse_s = reinterpret_cast<float*>(dOs + BM * pitch<D>());  // [BM], log2 domain
-  float* delta_s = lse_s + BM;                                     // [BM]
+  float* max_s = reinterpret_cast<float*>(dOs + BM * pitch<D>());  // [BM] row max
+  float* log2sum_s = max_s + BM;                                   // [BM] log2 of the row sum
+  float* delta_s = log2sum_s + BM;                                 // [BM]
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int n0 = blockIdx.y * BN;
@@ -514,13 +578,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
     cp_async_commit();
     if (threadIdx.x < BM) {
       const int row = mb * BM + threadIdx.x;
-      lse_s[threadIdx.x] = lse2_of(p, s, row);
+      const float2 st = row_stats(p, s, row);
+      max_s[threadIdx.x] = st.x;
+      log2sum_s[threadIdx.x] = st.y;
       delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
     }
     cp_async_wait<0>();
     __syncthreads();
 
-    // P^T = exp2(S^T * scale_log2 - lse2): [16 keys x BM queries] per warp
+    // P^T from S^T * scale and the row statistics (recompute_p): [16 keys x BM queries] per warp
     float pt[NT_S][4];
 #pragma unroll
     for (int j = 0; j < NT_S; ++j) zero(pt[j]);
@@ -530,8 +596,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool valid = e < 2 ? valid_a : valid_b;
-        const float l2 = lse_s[j * 8 + 2 * t + (e & 1)];
-        pt[j][e] = valid ? exp2f(pt[j][e] * p.scale_log2 - l2) : 0.f;
+        const int col = j * 8 + 2 * t + (e & 1);
+        pt[j][e] = valid ? recompute_p(scaled(pt[j][e], p.scale), max_s[col], log2sum_s[col]) : 0.f;
       }
     if constexpr (!DROPOUT) mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += P^T dO
 
@@ -555,7 +621,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
       }
     if constexpr (DROPOUT) mma_pv<T, D, BM>(acc_v, pt, dOs, lane);  // dV += (P * Z)^T dO
     mma_pv<T, D, BM>(acc_k, ds, Qs, lane);  // dK += dS^T Q (times scale at the end)
-    __syncthreads();  // every warp is done with Qs, dOs, lse_s, delta_s
+    __syncthreads();  // every warp is done with Qs, dOs and the row statistics
   }
   store_rows<T, D>(dk, s.stride, s.k_len, key_row0, acc_k, p.scale, p.scale, lane);
   store_rows<T, D>(dv, s.stride, s.k_len, key_row0, acc_v, 1.f, 1.f, lane);
@@ -589,11 +655,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
   load_tile_async<T, D, BM>(Qs, static_cast<const T*>(p.q) + s.q_base, s.stride, m0, s.q_len);
   load_tile_async<T, D, BM>(dOs, static_cast<const T*>(p.dout) + s.q_base, s.stride, m0, s.q_len);
   cp_async_commit();
-  float lse2[2], delta[2];
+  float2 stats[2];
+  float delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + g + 8 * r;
-    lse2[r] = lse2_of(p, s, row);
+    stats[r] = row_stats(p, s, row);
     delta[r] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
   }
   float acc[NT_O][4];
@@ -619,7 +686,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, col = j * 8 + 2 * t + (e & 1);
-        const float prob = exp2f(pr[j][e] * p.scale_log2 + bias_s[col] - lse2[r]);
+        const float prob = recompute_p(scaled(pr[j][e], p.scale) + bias_s[col], stats[r].x, stats[r].y);
         if constexpr (DROPOUT) {
           const bool keep = kept(p, s, row0 + g + 8 * r, nb * BN + col);
           ds[j][e] = prob * ((keep ? ds[j][e] * p.drop.scale : 0.f) - delta[r]);
@@ -651,14 +718,6 @@ __device__ __forceinline__ void load_tile_f32(float* smem, const float* g, int64
     const bool valid = bias != nullptr ? bias[r] == 0.f : row0 + r < len;
     smem[r * P + d] = valid ? g[static_cast<int64_t>(row0 + r) * stride + d] : 0.f;
   }
-}
-
-template <int D>
-__device__ __forceinline__ float dot_f32(const float* a, const float* b) {
-  float acc = 0.f;
-#pragma unroll 16
-  for (int d = 0; d < D; ++d) acc += a[d] * b[d];
-  return acc;
 }
 
 template <int D>
@@ -704,11 +763,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
       const float* qrow = Qs + (warp * RPW + r) * D;
-      const float sc = dot_f32<D>(qrow, Ks + lane * (D + 1)) * p.scale_log2 + bias_s[lane];
+      const float sc = scaled(dot_f32<D>(qrow, Ks + lane * (D + 1)), p.scale) + bias_s[lane];
       const float mx = fmaxf(m_run[r], warp_max(sc));
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m_run[r] - base);
-      float pj = exp2f(sc - base);
+      const float alpha = exp2f((m_run[r] - base) * kLog2e);
+      float pj = exp2f((sc - base) * kLog2e);  // the max subtracted before log2(e) rounds
       l_run[r] = l_run[r] * alpha + warp_sum(pj);  // every probability, dropped or not
       m_run[r] = mx;
       if constexpr (DROPOUT) {
@@ -731,12 +790,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt_kernel(const AttnParam
     const float inv = (l_run[r] > 0.f ? 1.f / l_run[r] : 0.f) * (DROPOUT ? p.drop.scale : 1.f);
 #pragma unroll
     for (int c = 0; c < DL; ++c) out[row * s.stride + lane + 32 * c] = o[r][c] * inv;
-    if (lane == 0) p.lse[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] * kLn2 + logf(l_run[r]) : -INFINITY;
+    if (lane == 0) {
+      p.row_max[s.lse_base + row] = l_run[r] > 0.f ? m_run[r] : INFINITY;
+      p.row_log2sum[s.lse_base + row] = l_run[r] > 0.f ? log2f(l_run[r]) : 0.f;
+    }
   }
 }
 
 template <int D>
-constexpr size_t dkdv_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + 2 * kSimtTile) * sizeof(float); }
+constexpr size_t dkdv_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + 3 * kSimtTile) * sizeof(float); }
 
 // CTA: 32 keys (warp w owns keys 8w..8w+7); lane i scores query i of each 32-query tile; lane l
 // owns gradient dims l, l + 32, ...
@@ -748,8 +810,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
   float* Vs = Ks + BT * D;                         // [BT][D]
   float* Qs = Vs + BT * D;                         // [BT][D + 1]
   float* dOs = Qs + BT * (D + 1);                  // [BT][D + 1]
-  float* lse_s = dOs + BT * (D + 1);               // [BT]
-  float* delta_s = lse_s + BT;                     // [BT]
+  float* max_s = dOs + BT * (D + 1);               // [BT] row max
+  float* log2sum_s = max_s + BT;                   // [BT] log2 of the row sum
+  float* delta_s = log2sum_s + BT;                 // [BT]
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int n0 = blockIdx.y * BT;
@@ -773,7 +836,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
       load_tile_f32<D, D + 1>(dOs, dout, s.stride, mb, s.q_len);
       if (threadIdx.x < BT) {
         const int row = mb + threadIdx.x;
-        lse_s[threadIdx.x] = lse2_of(p, s, row);
+        const float2 st = row_stats(p, s, row);
+        max_s[threadIdx.x] = st.x;
+        log2sum_s[threadIdx.x] = st.y;
         delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
       }
       __syncthreads();
@@ -783,7 +848,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
         if (!key_valid(s, n0 + key)) continue;  // warp-uniform
         const float sc = dot_f32<D>(Qs + lane * (D + 1), Ks + key * D);
         const float dp = dot_f32<D>(dOs + lane * (D + 1), Vs + key * D);
-        float pi = exp2f(sc * p.scale_log2 - lse_s[lane]);
+        float pi = recompute_p(scaled(sc, p.scale), max_s[lane], log2sum_s[lane]);
         float dsi;
         if constexpr (DROPOUT) {  // pi becomes (P * Z)^T once dS^T has used P^T
           const bool keep = kept(p, s, mb + lane, n0 + key);
@@ -819,7 +884,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
 }
 
 template <int D>
-constexpr size_t dq_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + kSimtTile) * sizeof(float); }
+constexpr size_t dq_simt_smem() { return (2 * kSimtTile * D + 2 * kSimtTile * (D + 1) + 4 * kSimtTile) * sizeof(float); }
 
 // CTA: 32 queries (warp w owns rows 8w..8w+7); lane j scores key j of each 32-key tile.
 template <int D, bool DROPOUT>
@@ -831,21 +896,29 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
   float* Ks = dOs + BT * D;                        // [BT][D + 1]
   float* Vs = Ks + BT * (D + 1);                   // [BT][D + 1]
   float* bias_s = Vs + BT * (D + 1);               // [BT]
+  // the row statistics and delta in shared memory (read as broadcasts), not in registers
+  float* max_s = bias_s + BT;                      // [BT] row max
+  float* log2sum_s = max_s + BT;                   // [BT] log2 of the row sum
+  float* delta_s = log2sum_s + BT;                 // [BT]
 
   const Seq s = seq_of<D>(p, blockIdx.x);
   const int m0 = blockIdx.y * BT;
   if (m0 >= s.q_len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x < BT) {  // read after the key loop's first barrier
+    const int row = m0 + threadIdx.x;
+    const float2 st = row_stats(p, s, row);
+    max_s[threadIdx.x] = st.x;
+    log2sum_s[threadIdx.x] = st.y;
+    delta_s[threadIdx.x] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
+  }
   load_tile_f32<D, D>(Qs, static_cast<const float*>(p.q) + s.q_base, s.stride, m0, s.q_len);
   load_tile_f32<D, D>(dOs, static_cast<const float*>(p.dout) + s.q_base, s.stride, m0, s.q_len);
   const float* k = static_cast<const float*>(p.k) + s.k_base;
   const float* v = static_cast<const float*>(p.v) + s.k_base;
-  float acc[RPW][DL], lse2[RPW], delta[RPW];
+  float acc[RPW][DL];
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
-    const int row = m0 + warp * RPW + r;
-    lse2[r] = lse2_of(p, s, row);
-    delta[r] = row < s.q_len ? p.delta[s.lse_base + row] : 0.f;
 #pragma unroll
     for (int c = 0; c < DL; ++c) acc[r][c] = 0.f;
   }
@@ -865,12 +938,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
       const int local = warp * RPW + r;
       const float sc = dot_f32<D>(Qs + local * D, Ks + lane * (D + 1));
       const float dp = dot_f32<D>(dOs + local * D, Vs + lane * (D + 1));
-      const float pj = exp2f(sc * p.scale_log2 + bias_s[lane] - lse2[r]);
+      const float pj = recompute_p(scaled(sc, p.scale) + bias_s[lane], max_s[local], log2sum_s[local]);
       float dsj;
       if constexpr (DROPOUT) {
-        dsj = pj * ((kept(p, s, m0 + local, n0 + lane) ? dp * p.drop.scale : 0.f) - delta[r]);
+        dsj = pj * ((kept(p, s, m0 + local, n0 + lane) ? dp * p.drop.scale : 0.f) - delta_s[local]);
       } else {
-        dsj = pj * (dp - delta[r]);
+        dsj = pj * (dp - delta_s[local]);
       }
       for (int j = 0; j < BT; ++j) {
         const float db = __shfl_sync(0xffffffffu, dsj, j);
@@ -925,7 +998,7 @@ void run_fwd(const AttnParams& p, int64_t bh, int64_t max_q, cudaStream_t stream
 
 template <typename T, int D, bool DROPOUT>
 void run_bwd(const AttnParams& p, int64_t bh, int64_t max_q, int64_t max_k, cudaStream_t stream) {
-  launch(attn_bwd_delta_kernel<T, D>, bh, ceil_div(max_q, kDeltaRows), 0, p, stream);
+  launch(attn_bwd_delta_kernel<T, D>, bh, ceil_div(max_q, kDeltaRows), delta_smem<T, D>(), p, stream);
   if constexpr (std::is_same_v<T, float>) {
     launch(attn_bwd_dkdv_simt_kernel<D, DROPOUT>, bh, ceil_div(max_k, kSimtTile), dkdv_simt_smem<D>(), p,
            stream);
@@ -993,11 +1066,24 @@ philox::Dropout make_dropout(const char* op, double p, int64_t seed, int64_t off
   return d;
 }
 
+// The softmax statistics tensor (the ops' `lse`): fp32 [2, *rows] = (row max of the scaled scores,
+// log2 of the row's sum of exp(s - max)); `rows` = [B, H, L] padded, [H, Tq] varlen.
+void set_stats(AttnParams& p, const at::Tensor& stats) {
+  p.row_max = const_cast<float*>(stats.data_ptr<float>());
+  p.row_log2sum = p.row_max + stats.numel() / 2;
+}
+
+// Rows of no sequence or without a key: max +inf, log2-sum 0 (their probabilities are 0).
+at::Tensor empty_stats(at::Tensor stats) {
+  stats.select(0, 0).fill_(INFINITY);
+  stats.select(0, 1).zero_();
+  return stats;
+}
+
 AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   AttnParams p{};
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
   p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   return p;
 }
 
@@ -1045,7 +1131,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   TORCH_CHECK(L <= INT32_MAX && H <= INT32_MAX, "attention_fwd: sizes too large");
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   auto out = at::empty_like(q);
-  auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({2, B, H, L}, q.options().dtype(at::kFloat));
   AttnParams p = base_params(q, k, v, scale);
   at::Tensor mask;
   p.mask = padded_mask("attention_fwd", mask_in, mask, q);
@@ -1053,8 +1139,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   p.H = static_cast<int>(H);
   p.L = static_cast<int>(L);
   p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  if (q.numel() == 0) return {out, lse.fill_(-INFINITY)};
+  set_stats(p, lse);
+  if (q.numel() == 0) return {out, empty_stats(lse)};
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_fwd("attention_fwd", q, D, dropout_p, p, B * H, L, stream);
   return {out, lse};
@@ -1072,7 +1158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
   const auto lse = lse_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse.numel() == B * H * L, "attention_bwd: lse must be float32 [B, H, L]");
+  TORCH_CHECK(lse.numel() == 2 * B * H * L,
+              "attention_bwd: lse must be attention_fwd's float32 [2, B, H, L] (row max, log2 row sum)");
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk, dv};
   auto delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
@@ -1084,7 +1171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.L = static_cast<int>(L);
   p.out = out.data_ptr(); p.dout = dout.data_ptr();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  set_stats(p, lse);
   p.delta = delta.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_bwd("attention_bwd", q, D, dropout_p, p, B * H, L, L, stream);
@@ -1122,14 +1209,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   const auto cu_q = cu_q_in.contiguous(), cu_k = cu_k_in.contiguous();
   auto out = at::empty_like(q);
-  auto lse = at::empty({H, T}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({2, H, T}, q.options().dtype(at::kFloat));
   AttnParams p = varlen_params(op, q, k, v, cu_q, cu_k, scale);
   p.drop = make_dropout(op, dropout_p, seed, offset, max_q, max_k);
   p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  set_stats(p, lse);
   const int64_t batch = cu_q.numel() - 1;
-  if (q.numel() == 0 || batch == 0) return {out.zero_(), lse.fill_(-INFINITY)};
-  // every row is written: a sequence without keys (or all of them, k empty) gives 0 and lse -inf
+  if (q.numel() == 0 || batch == 0) return {out.zero_(), empty_stats(lse)};
+  // every row is written: a sequence without keys (or all of them, k empty) gives 0, max +inf
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_fwd(op, q, D, dropout_p, p, batch * H, max_q, stream);
   return {out, lse};
@@ -1149,7 +1236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   const auto cu_q = cu_q_in.contiguous(), cu_k = cu_k_in.contiguous();
   const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
   const auto lse = lse_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse.numel() == H * T, op, ": lse must be float32 [H, Tq]");
+  TORCH_CHECK(lse.numel() == 2 * H * T, op,
+              ": lse must be varlen_attention_fwd's float32 [2, H, Tq] (row max, log2 row sum)");
   // key rows that belong to no sequence (past cu_seqlens_k[-1]) get zero gradients
   auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const int64_t batch = cu_q.numel() - 1;
@@ -1161,7 +1249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   p.drop = make_dropout(op, dropout_p, seed, offset, max_q, max_k);
   p.out = out.data_ptr(); p.dout = dout.data_ptr();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  set_stats(p, lse);
   p.delta = delta.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_bwd(op, q, D, dropout_p, p, batch * H, max_q, max_k, stream);

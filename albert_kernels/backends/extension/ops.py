@@ -78,9 +78,15 @@ def _(grad_out, x, w1, w2, pre, approximate):
             torch.empty_like(w2), w2.new_empty(w2.shape[0]))
 
 
+def _lse_shape(q: torch.Tensor, rows: tuple) -> tuple:
+    """The attention ops' saved statistics `lse`: the log-sum-exp per query row on CPU; on CUDA
+    fp32 [2, *rows], the row max and log2 of the row sum apart (csrc/cuda/attention.cu)."""
+    return (2, *rows) if q.device.type == "cuda" else tuple(rows)
+
+
 @torch.library.register_fake("albert_kernels::attention_fwd")
 def _(q, k, v, key_padding_mask, scale, dropout_p, seed, offset):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_stat_dtype(q))
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, q.shape[:3]), dtype=_stat_dtype(q))
 
 
 @torch.library.register_fake("albert_kernels::attention_bwd")
@@ -91,7 +97,8 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, scale, dropout_p, seed, off
 @torch.library.register_fake("albert_kernels::varlen_attention_fwd")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed,
       offset):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q))
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, (q.shape[1], q.shape[0])),
+                                            dtype=_stat_dtype(q))
 
 
 @torch.library.register_fake("albert_kernels::varlen_attention_bwd")
