@@ -11,10 +11,13 @@
 //   bias_gelu: gelu(x + bias), x [M, N]: linear_gelu's epilogue on its own (inference, CPU
 //     only, not differentiable): benchmarks measure its bandwidth against a copy.
 //   attention: q, k, v, out [B, H, L, D] contiguous; key_padding_mask bool [B, L] or None;
-//     lse float32 [B, H, L] (natural log-sum-exp of the scaled scores; -inf for a row with no key).
+//     lse float32 [B, H, L] (natural log-sum-exp of the scaled scores; -inf for a row with no key);
+//     on CUDA [2, B, H, L]: the row max of the scaled scores and log2 of the row sum kept apart
+//     (their sum rounds at the max's magnitude: csrc/cuda/attention.cu). Only the backward reads it.
 //   varlen_attention: q, out [Tq, H, D], k, v [Tk, H, D] contiguous; cu_seqlens_q,
 //     cu_seqlens_k int32 [B+1] (sequence b: queries cu_q[b]:cu_q[b+1] attend to keys
-//     cu_k[b]:cu_k[b+1], as FlashAttention's flash_attn_varlen_func); lse float32 [H, Tq].
+//     cu_k[b]:cu_k[b+1], as FlashAttention's flash_attn_varlen_func); lse float32 [H, Tq]
+//     (CUDA: [2, H, Tq], as above).
 //   pack_linear_weight / packed_linear / packed_albert_layer: the small-M inference path, CPU
 //     float32 only, no autograd (csrc/cpu/small_m.cpp has the packed layout): weight [S*N, K]
 //     -> packed [S * ceil(N / 24), K, 24]; packed_linear(x [M, K]) -> [M, N] ([S, M, N] for
