@@ -59,9 +59,9 @@ def paths(w: torch.Tensor, b: torch.Tensor, m: int) -> dict:
     dnn = torch.ops.mkldnn._reorder_linear_weight(w, m)
     dnn64 = torch.ops.mkldnn._reorder_linear_weight(w, 64)
     fp16 = torch.fbgemm_pack_gemm_matrix_fp16(w)
-    ours = {}
-    if _small_m_ops() is not None:
-        ops, packed, n = _small_m_ops(), _small_m_ops().pack_linear_weight(w), w.shape[0]
+    ours, ops = {}, _small_m_ops()
+    if ops is not None:
+        packed, n = ops.pack_linear_weight(w), w.shape[0]
         ours["ours small-M"] = lambda x: ops.packed_linear(x, packed, n, b)
     return ours | {
         "F.linear": lambda x: F.linear(x, w, b),

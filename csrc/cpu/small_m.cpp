@@ -138,12 +138,12 @@ void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float*
         const float* ahead = blk + kPrefetchRows * kNR;
         const float* next = blk + kk * kNR;
         const int64_t full = M / kMR, rest = M % kMR, tiles = full + (rest > 0);
-        for (int64_t t = 0; t < full; ++t) {
-          const float* a = A + t * kMR * lda + k0;
-          float* ct = c + t * kMR * ldc;
-          if (t == tiles - 1 && t > 0) {
+        for (int64_t i = 0; i < full; ++i) {  // row tile i (t is the panel)
+          const float* a = A + i * kMR * lda + k0;
+          float* ct = c + i * kMR * ldc;
+          if (i == tiles - 1 && i > 0) {
             tile<kMR, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, next);
-          } else if (t == 0) {
+          } else if (i == 0) {
             tile<kMR, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, ahead);
           } else {
             tile<kMR, false>(kk, a, lda, blk, ct, ldc, ncols, first, bb);
