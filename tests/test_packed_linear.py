@@ -172,14 +172,18 @@ def test_no_packed_memory_when_unused(cpu_backend):
     model.eval()
     model(ids, mask)  # grad enabled, parameters require grad: an autograd graph is wanted
     assert _entry(model) is None
-    long_ids = torch.randint(1, VOCAB, (1, packed.MAX_TOKENS + 1))
-    with torch.no_grad():
-        model(long_ids)
-    assert _entry(model) is None, "more tokens than MAX_TOKENS: unpacked"
-    _packed(model, ids, mask)
-    with torch.no_grad():
-        model(long_ids)
-    assert _entry(model) is None, "a call off the path drops the copy"
+    limit, packed.MAX_TOKENS = packed.MAX_TOKENS, 18  # _batch(): 13 real tokens, 18 padded
+    try:
+        long_ids = torch.randint(1, VOCAB, (1, packed.MAX_TOKENS + 1))
+        with torch.no_grad():
+            model(long_ids)
+        assert _entry(model) is None, "more tokens than MAX_TOKENS: unpacked"
+        _packed(model, ids, mask)
+        with torch.no_grad():
+            model(long_ids)
+        assert _entry(model) is None, "a call off the path drops the copy"
+    finally:
+        packed.MAX_TOKENS = limit
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         model(ids, mask)
     assert _entry(model) is None, "autocast runs unpacked"

@@ -1,8 +1,8 @@
 """The cpp backend's small-M ops (csrc/cpu/small_m.cpp): pack_linear_weight, packed_linear and
 packed_albert_layer, each held to the fp32 error budget set by plain PyTorch against float64, on
 shapes that exercise every edge of the kernel (rows not a multiple of the 4-row tile, outputs not
-a multiple of the 24-wide panel, inputs not a multiple of the 256-long block), and the errors for
-bad arguments. The model-level path that uses them is tested in test_packed_linear.py."""
+a multiple of the 24-wide panel, inputs not a multiple of the 256-long block, more rows than one
+256-row pass), and the errors for bad arguments. The model-level path that uses them is tested in test_packed_linear.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ def _linear(x, w, b, approximate):
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 24, 16), (2, 768, 768), (5, 50, 300), (7, 3072, 768),
-                                     (8, 768, 3072), (13, 25, 513), (128, 96, 64)])
+                                     (8, 768, 3072), (13, 25, 513), (128, 96, 64),
+                                     (257, 24, 16), (603, 50, 300)])
 @pytest.mark.parametrize("approximate", [None, "tanh", "none"])
 def test_packed_linear_within_budget(ops, m, n, k, approximate):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -111,7 +112,7 @@ def _layer_call(ops, h, cu, p, approximate, eps=1e-12, **override):
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-@pytest.mark.parametrize("lengths", [[8], [3, 1, 5], [2, 0, 7]])
+@pytest.mark.parametrize("lengths", [[8], [3, 1, 5], [2, 0, 7], [200, 0, 90]])
 def test_packed_albert_layer_within_budget(ops, approximate, lengths):
     p = _layer_inputs()
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)

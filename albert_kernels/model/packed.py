@@ -40,10 +40,11 @@ from typing import Optional
 
 import torch
 
-# Token count (rows of every product) up to which the packed path runs: B=8, L=128 padded
-# batches (~500 real tokens) stay on MKL's F.linear, which the padded throughput figures were
-# measured with (benchmarks/small_m_gemm.py: the small-M kernel is level with MKL at M = 128).
-MAX_TOKENS = 128
+# Token count (rows of every product) up to which the packed path runs. The kernel runs long
+# inputs as passes of 256 rows and measured 1.1-1.4x MKL's F.linear rate on ALBERT-base's
+# products from M = 64 to 4096 (2 threads, AVX2; docs/performance.md), so padded batches
+# (B=8, L=128: ~750 real tokens) take it too; 4096 is the largest M measured.
+MAX_TOKENS = 4096
 # ... and from which: with one token the kernel's one-row tile is level with MKL's matrix-vector
 # product (benchmarks/small_m_gemm.py, M = 1), and the layer still makes one call instead of ten.
 MIN_TOKENS = 1

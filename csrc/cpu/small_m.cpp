@@ -1,9 +1,10 @@
-// The small-M path: fp32 inference on a handful of tokens (one short request; issue 16,
-// docs/performance.md "One short request: the small-M path").
+// The small-M path: fp32 inference on packed weights, written for a handful of tokens (one short
+// request; issue 16, docs/performance.md "One short request: the small-M path") and used up to
+// 4096 tokens (model/packed.py MAX_TOKENS), where it also runs ahead of MKL's F.linear.
 //
-// With M = 2..128 token rows a linear layer reads its whole weight for a few rows of work.
-// ALBERT shares one layer's weights across all depths, so the weights are packed ONCE into the
-// layout the kernel streams and reused by every layer and every call.
+// With a few token rows a linear layer reads its whole weight for a few rows of work. ALBERT
+// shares one layer's weights across all depths, so the weights are packed ONCE into the layout
+// the kernel streams and reused by every layer and every call.
 //
 //   pack_linear_weight(weight [S*N, K] fp32, segments S) -> packed [S * P, K, kNR] fp32
 //     P = ceil(N / kNR) panels per segment; panel p of segment s holds W[s*N + p*kNR + j, k] at
@@ -17,7 +18,7 @@
 //     product -> add + LayerNorm -> FFN in + GELU -> FFN out -> add + LayerNorm, in one call, so
 //     the host pays one dispatch per layer instead of ~10.
 //
-// The product (gemm_packed): work is split over panels (kNR = 24 output features each) across
+// The product (gemm_packed): rows in passes of kMC; in each, work is split over panels (kNR = 24 output features each) across
 // threads; each panel streams once through the cache in blocks of kKC inputs (24 KiB: L1), and
 // every block is reused by all row tiles (kMR = 4 rows x 24 columns: 12 ymm accumulators, 3
 // weight vectors, 1 broadcast). Each block's partial sums start from zero in registers and are
@@ -38,17 +39,23 @@ namespace {
 constexpr int64_t kNR = 24;   // output features per panel (3 AVX2 vectors)
 constexpr int64_t kKC = 256;  // inputs per block: a 24 KiB panel block stays in L1
 constexpr int kMR = 4;        // rows per register tile
-// Prefetching (two cache lines per k step: a row of kNR floats is 1.5 lines): the first row tile
-// of a block prefetches kPrefetchRows rows ahead in its own stream; the last row tile (when
-// there are several) prefetches the whole next block while it computes on this one.
+// Rows per pass over the weights: a longer input runs as several passes of kMC rows, so a pass's
+// rows of x stay in L2 while a panel streams through (at M = 1024, K = 3072 one pass ran at 0.9x
+// MKL's rate; passes of 256 rows keep the rate measured at M = 256).
+constexpr int64_t kMC = 256;
+// Prefetching (two cache lines per k step: a row of kNR floats is 1.5 lines): with one row tile,
+// it prefetches kPrefetchRows rows ahead in its own stream; with several, each prefetches its
+// share of the next block while it computes on this one, so the next block is in L1 when it
+// starts and the prefetches are spread over the whole block's time (one tile prefetching the
+// whole next block while it computes, as before, measured ~8% slower at M = 32 and 128).
 constexpr int64_t kPrefetchRows = 16;
 
 // acc[r][0..kNR) = sum over k < K of A[r * lda + k] * B[k * kNR + j], r < MR; then C is
 // (first ? acc : C + acc), + bias on the last block; ncols < kNR: only those columns of C.
-// Prefetch: prefetch from pf on (kNR floats per k step, two cache lines per step).
-template <int MR, bool Prefetch>
+// Prefetch: the first npf k steps each prefetch the next kNR floats from pf on (two lines).
+template <int MR>
 inline void tile(int64_t K, const float* A, int64_t lda, const float* B, float* C, int64_t ldc,
-                 int64_t ncols, bool first, const float* bias, const float* pf = nullptr) {
+                 int64_t ncols, bool first, const float* bias, const float* pf, int64_t npf) {
   alignas(32) float buf[MR][kNR];
 #ifdef ALBERT_KERNELS_AVX2
   __m256 c0[MR], c1[MR], c2[MR];
@@ -59,7 +66,7 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, float* 
     c2[r] = c0[r];
   }
   for (int64_t k = 0; k < K; ++k, B += kNR) {
-    if constexpr (Prefetch) {
+    if (k < npf) {
       _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + 16), _MM_HINT_T0);
       pf += kNR;
@@ -73,8 +80,28 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, float* 
       c2[r] = _mm256_fmadd_ps(a, b2, c2[r]);
     }
   }
+  if (ncols == kNR) {  // a whole panel: add the earlier blocks' sums and the bias in registers
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < MR; ++r) {
+      float* c = C + r * ldc;
+      if (!first) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(c));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(c + 8));
+        c2[r] = _mm256_add_ps(c2[r], _mm256_loadu_ps(c + 16));
+      }
+      if (bias) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(bias));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(bias + 8));
+        c2[r] = _mm256_add_ps(c2[r], _mm256_loadu_ps(bias + 16));
+      }
+      _mm256_storeu_ps(c, c0[r]);
+      _mm256_storeu_ps(c + 8, c1[r]);
+      _mm256_storeu_ps(c + 16, c2[r]);
+    }
+    return;
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) {  // the panel past N's last multiple of kNR: through a buffer
     _mm256_store_ps(buf[r], c0[r]);
     _mm256_store_ps(buf[r] + 8, c1[r]);
     _mm256_store_ps(buf[r] + 16, c2[r]);
@@ -117,9 +144,9 @@ void gelu_rows(float* C, int64_t ldc, int64_t rows, int64_t ncols) {
 
 // C_s[M, N] (s < segments; C_s = C + s * seg_stride, row stride ldc) = A [M, K] (row stride lda)
 // @ W_s^T + bias[s * N, (s + 1) * N), then GELU if gelu is set; packed as pack_linear_weight.
-void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
-                 int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
-                 int64_t seg_stride, std::optional<Gelu> gelu) {
+void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
+               int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
+               int64_t seg_stride, std::optional<Gelu> gelu) {
   const int64_t P = (N + kNR - 1) / kNR;
   at::parallel_for(0, segments * P, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -132,31 +159,25 @@ void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float*
         const bool first = k0 == 0, last = k0 + kk == K;
         const float* bb = last ? b : nullptr;
         const float* blk = panel + k0 * kNR;
-        // The first row tile prefetches its own stream ahead; with more than one tile, the last
-        // one prefetches the next block (contiguous: the next block of this panel or the next
-        // panel's first), so the next block's first tile finds it in cache.
-        const float* ahead = blk + kPrefetchRows * kNR;
-        const float* next = blk + kk * kNR;
+        // One row tile: it prefetches its own stream ahead. Several: tile i prefetches rows
+        // [i * share, (i + 1) * share) of the next block (contiguous after this one: the next
+        // block of this panel or the next panel's first).
         const int64_t full = M / kMR, rest = M % kMR, tiles = full + (rest > 0);
-        for (int64_t i = 0; i < full; ++i) {  // row tile i (t is the panel)
+        const float* pf = blk + kPrefetchRows * kNR;
+        int64_t share = kk;
+        if (tiles > 1) {
+          const int64_t next_kk = last ? std::min(kKC, K) : std::min(kKC, K - k0 - kk);
+          pf = blk + kk * kNR;
+          share = (next_kk + tiles - 1) / tiles;
+        }
+        for (int64_t i = 0; i < tiles; ++i, pf += share * kNR) {  // row tile i (t is the panel)
           const float* a = A + i * kMR * lda + k0;
           float* ct = c + i * kMR * ldc;
-          if (i == tiles - 1 && i > 0) {
-            tile<kMR, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, next);
-          } else if (i == 0) {
-            tile<kMR, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, ahead);
-          } else {
-            tile<kMR, false>(kk, a, lda, blk, ct, ldc, ncols, first, bb);
-          }
-        }
-        if (rest) {
-          const float* pf = full == 0 ? ahead : next;
-          const float* a = A + full * kMR * lda + k0;
-          float* ct = c + full * kMR * ldc;
-          switch (rest) {
-            case 3: tile<3, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf); break;
-            case 2: tile<2, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf); break;
-            default: tile<1, true>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf); break;
+          switch (i < full ? kMR : rest) {
+            case kMR: tile<kMR>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
+            case 3: tile<3>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
+            case 2: tile<2>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
+            default: tile<1>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
           }
         }
       }
@@ -164,6 +185,16 @@ void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float*
       if (gelu == Gelu::Erf) gelu_rows<Gelu::Erf>(c, ldc, M, ncols);
     }
   });
+}
+
+// gemm_rows on passes of at most kMC rows.
+void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
+                 int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
+                 int64_t seg_stride, std::optional<Gelu> gelu) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+    gemm_rows(std::min(kMC, M - m0), K, A + m0 * lda, lda, packed, segments, N, bias,
+              C + m0 * ldc, ldc, seg_stride, gelu);
+  }
 }
 
 void check_f32(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
