@@ -7,7 +7,9 @@ into the panel layout of the cpp backend's small-M kernel (``csrc/cpu/small_m.cp
 ``torch.ops.albert_kernels.pack_linear_weight``) and reused: ALBERT shares its layers, so one
 packed copy serves every depth (12 applications for base) and every call. Q, K and V are three
 segments of one packed weight (one pass over it writes three outputs); the FFN-in product applies
-bias + GELU in its epilogue.
+bias + GELU in its epilogue. Written for short requests, the kernel also runs ahead of MKL's
+``F.linear`` on long inputs (passes of 256 rows), so padded batches take this path too, up to
+:data:`MAX_TOKENS`.
 
 Each layer is ONE extension call (``packed_albert_layer``: QKV product, varlen attention, output
 product, add + LayerNorm, FFN in + GELU, FFN out, add + LayerNorm) when the tokens are packed
@@ -25,8 +27,8 @@ fbgemm rounds the weights to fp16 (outside the budget). The figures are in docs/
 When it runs (:func:`packed_encoder`): eager CPU fp32 inference on the ``cpp`` backend — the
 encoder is in eval mode, no autograd graph is needed (``torch.is_grad_enabled()`` is False, or
 neither the input nor any parameter requires grad), no autocast, not under torch.compile,
-:data:`MIN_TOKENS` to :data:`MAX_TOKENS` tokens. Anything else (training, fine-tuning, padded
-batches of many tokens, the reference backend) keeps the usual path, and then the packed copy is
+:data:`MIN_TOKENS` to :data:`MAX_TOKENS` tokens. Anything else (training, fine-tuning, more
+than 4096 tokens, the reference backend) keeps the usual path, and then the packed copy is
 dropped: it costs no memory when unused.
 
 The packed copy follows the parameters: it is keyed on every packed parameter's identity,
