@@ -14,6 +14,11 @@
 //     lse float32 [B, H, L] (natural log-sum-exp of the scaled scores; -inf for a row with no key);
 //     on CUDA [2, B, H, L]: the row max of the scaled scores and log2 of the row sum kept apart
 //     (their sum rounds at the max's magnitude: csrc/cuda/attention.cu). Only the backward reads it.
+//     save_residual (forward; set when a backward will run): on CUDA fp16/bf16 the forward also
+//     keeps what rounding the fp32 output to the input dtype lost, so that the backward's
+//     delta = rowsum(dO * O) is as exact as from an fp32 output: lse is then [2 + D / 2, B, H, L]
+//     fp32, planes 2.. holding that residual in the input dtype, laid out as out. Other devices
+//     and dtypes ignore it.
 //   varlen_attention: q, out [Tq, H, D], k, v [Tk, H, D] contiguous; cu_seqlens_q,
 //     cu_seqlens_k int32 [B+1] (sequence b: queries cu_q[b]:cu_q[b+1] attend to keys
 //     cu_k[b]:cu_k[b+1], as FlashAttention's flash_attn_varlen_func); lse float32 [H, Tq]
@@ -48,13 +53,14 @@ TORCH_LIBRARY(albert_kernels, m) {
         " Tensor grad_b2)");
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale,"
-        " float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)");
+        " float dropout_p, int seed, int offset, bool save_residual=False)"
+        " -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset)"
         " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
         " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p,"
-        " int seed, int offset) -> (Tensor out, Tensor lse)");
+        " int seed, int offset, bool save_residual=False) -> (Tensor out, Tensor lse)");
   m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, float dropout_p, int seed, int offset)"

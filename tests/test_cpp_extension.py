@@ -150,9 +150,11 @@ def _op_samples():
         ("gelu_ffn_bwd", (f(6, 16), *d(x, w1, w2), pre1, "tanh")),
         ("attention_fwd", (q, k, v, mask, 0.2, 0.0, 0, 0)),
         ("attention_fwd", (q, k, v, None, 0.2, *drop)),
+        ("attention_fwd", (q, k, v, mask, 0.2, 0.0, 0, 0, True)),  # save_residual (CUDA's)
         ("attention_bwd", (f(2, 3, 10, 32), *d(q, k, v), out, lse, mask, 0.2, *drop)),
         ("varlen_attention_fwd", (qv, kv, vv, cu, cu, 7, 7, 0.2, 0.0, 0, 0)),
         ("varlen_attention_fwd", (qv, kv2, vv2, cu, cu_k, 7, 12, 0.2, *drop)),
+        ("varlen_attention_fwd", (qv, kv, vv, cu, cu, 7, 7, 0.2, 0.0, 0, 0, True)),
         ("varlen_attention_bwd", (f(10, 3, 32), *d(qv, kv, vv), vout, vlse, cu, cu, 7, 7, 0.2,
                                   *drop)),
         ("bias_gelu", (f(6, 24), f(24), "tanh")),  # inference only: no grad inputs

@@ -2,9 +2,12 @@
 // variable-length ([T, H, D] + cu_seqlens) layouts. One implementation serves both: a
 // "head slice" (one sequence, one head) is a set of query rows and a list of real key rows.
 //
-// Forward  attention_fwd(q, k, v, key_padding_mask?, scale, dropout_p, seed, offset) -> (out, lse)
+// Forward  attention_fwd(q, k, v, key_padding_mask?, scale, dropout_p, seed, offset,
+//                        save_residual) -> (out, lse)
 //          varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-//                               scale, dropout_p, seed, offset) -> (out, lse)
+//                               scale, dropout_p, seed, offset, save_residual) -> (out, lse)
+//   save_residual is for CUDA's fp16/bf16 kernels (csrc/registration.cpp); here the backward
+//   takes delta = rowsum(P * dP) from the recomputed probabilities and needs no residual.
 //   q, k, v, out: [B, H, L, D] / q, out [Tq, H, D], k, v [Tk, H, D], contiguous, dtype T;
 //   key_padding_mask bool [B, L] (True = real key); cu_seqlens_q / cu_seqlens_k int32 [B+1]:
 //   sequence b's queries q[cu_q[b]:cu_q[b+1]] attend to keys k[cu_k[b]:cu_k[b+1]] only
@@ -476,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& mask,
                                                  double scale, double dropout_p, int64_t seed,
-                                                 int64_t offset) {
+                                                 int64_t offset, bool /*save_residual*/) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "attention_fwd: q, k, v must be [B, H, L, D] of one shape");
   check_contiguous({&q, &k, &v}, "attention_fwd");
@@ -547,7 +550,7 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, int64_t seed, int64_t offset, bool /*save_residual*/) {
   check_contiguous({&q, &k, &v, &cu_seqlens_q, &cu_seqlens_k}, "varlen_attention_fwd");
   check_dropout_p(dropout_p, "varlen_attention_fwd");
   TORCH_CHECK(v.sizes() == k.sizes(), "varlen_attention_fwd: v must have k's shape");

@@ -18,6 +18,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    double dropout_p, int64_t seed, int64_t offset);
+    double dropout_p, int64_t seed, int64_t offset, bool save_residual);
 
 }  // namespace albert_kernels::cpu

@@ -302,7 +302,7 @@ at::Tensor packed_albert_layer(
               qkv.data_ptr<float>(), H, M * H, std::nullopt);
   at::Tensor ctx = std::get<0>(varlen_attention_fwd(qkv[0], qkv[1], qkv[2], cu_seqlens,
                                                     cu_seqlens, max_seqlen, max_seqlen, scale,
-                                                    0.0, 0, 0));
+                                                    0.0, 0, 0, false));
   at::Tensor attn = at::empty({M, H}, f32);
   gemm_packed(M, H, ctx.data_ptr<float>(), H, dense_weight.data_ptr<float>(), 1, H,
               dense_bias.data_ptr<float>(), attn.data_ptr<float>(), H, 0, std::nullopt);

@@ -2,7 +2,8 @@
 //
 // Layouts (contiguous; the op wrappers make them so):
 //   padded:  q, k, v, out, grad_* [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or
-//            none; lse float32 [2, B, H, L] (the softmax statistics, see Numerics).
+//            none; lse float32 [2, B, H, L] (the softmax statistics, see Numerics; fp16/bf16
+//            with save_residual [2 + D / 2, B, H, L]).
 //   varlen:  q, out, grad_q [Tq, H, D], k, v, grad_k, grad_v [Tk, H, D]; cu_seqlens_q,
 //            cu_seqlens_k int32 [B+1]: sequence b's queries cu_q[b]:cu_q[b+1] attend to its keys
 //            cu_k[b]:cu_k[b+1] only (FlashAttention's varlen API); lse float32 [2, H, Tq].
@@ -28,7 +29,11 @@
 // plane 1 log2(l), apart (m + log(l) would round at m's magnitude); backward recomputes
 // P = exp2((s * scale - m) * log2(e) - log2(l)) (recompute_p), with s * scale rounded as in
 // forward (scaled). delta_i = dO_i . O_i is computed with dP's own arithmetic
-// (attn_bwd_delta_kernel), so that a one-hot row's dS = P (dP - delta) is exactly 0. A query
+// (attn_bwd_delta_kernel), so that a one-hot row's dS = P (dP - delta) is exactly 0. fp16/bf16
+// with save_residual (the op wrappers set it when autograd will run the backward): the forward
+// also stores what rounding the fp32 output to T lost (store_residual_rows; lse's planes 2..,
+// in T, out's layout) and delta adds dO_i . residual_i, so delta is as exact as from an fp32
+// output (as Triton's o_lo: nearly one-hot fp16 rows exceeded the dq budget without it). A query
 // row with no real key (all keys masked, or an empty sequence) has l = 0: it outputs 0 and its
 // statistics are (+inf, 0), so its recomputed probabilities, and so all of its gradients, are
 // exactly 0.
@@ -43,7 +48,8 @@
 //                         block's K is fetched while the softmax and P V run, its V while the
 //                         next S runs.
 //   attn_bwd_delta_kernel delta_i = dO_i . O_i (fp32, a plane of lse's layout): the diagonal of
-//                         the tensor-core product dO O^T (fp16/bf16), a sequential dot (fp32).
+//                         the tensor-core product dO O^T (fp16/bf16; plus dO_i . residual_i when
+//                         the forward kept it), a sequential dot (fp32).
 //   attn_bwd_dkdv_tc_kernel CTA = 64 keys (16 per warp) of one (sequence, head), loops over all
 //                         query blocks (BWD_BM rows): recomputes P^T from the statistics,
 //                         dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
@@ -79,7 +85,10 @@ struct AttnParams {
   float* row_max;     // forward: written; backward: read (plane 0 of the op's lse tensor)
   float* row_log2sum; // same layout (plane 1 of lse)
   float* delta;       // backward scratch, row_max's layout
+  void* o_lo;         // fp16/bf16 with save_residual: out's rounding residual, in T, out's layout
+                      // (planes 2.. of lse); forward: written if set; backward: added to delta
   const bool* mask;   // padded: [B, L] or null
+  const int* n_keys;  // backward, padded with a mask: real keys per sequence [B] (ds_scale)
   const int* cu_seqlens_q;  // varlen: [B + 1] or null
   const int* cu_seqlens_k;  // varlen: [B + 1] or null
   int H;
@@ -120,6 +129,18 @@ __device__ __forceinline__ Seq seq_of(const AttnParams& p, int64_t bh) {
   }
   s.rng = philox::head_offset(p.drop, b, h, p.H);
   return s;
+}
+
+// The factor from dS to dQ and dK: scale, or exactly 0 for a sequence with one real key. Softmax
+// over a single key is constant (P = 1), so its dS is 0; without dropout P (dP - delta) is exactly
+// 0 there already (delta is dP's own arithmetic), with dropout O = V / (1 - p) is rounded before
+// delta is taken and dP is scaled after its dot, so they differ by rounding (as Triton's
+// _ds_scale). Read at the end of a backward kernel (blockIdx.x is its (sequence, head)), so that
+// no register holds the count through the loops (keeping it in Seq made dk/dv spill on sm_90).
+__device__ __forceinline__ float ds_scale(const AttnParams& p, const Seq& s) {
+  int n_keys = s.k_len;  // varlen: the sequence's keys; padded: L, less padding when masked
+  if (p.cu_seqlens_q == nullptr && p.n_keys != nullptr) n_keys = p.n_keys[blockIdx.x / p.H];
+  return n_keys > 1 ? p.scale : 0.f;
 }
 
 __device__ __forceinline__ bool key_valid(const Seq& s, int j) {
@@ -314,6 +335,27 @@ __device__ __forceinline__ void store_rows(T* g_base, int64_t stride, int len, i
   }
 }
 
+// What store_rows' rounding to T lost, x - T(x) for each value x it stores, itself stored in T
+// with the same layout: the backward adds dO . residual to delta (docs/correctness.md).
+template <typename T, int D>
+__device__ __forceinline__ void store_residual_rows(T* g_base, int64_t stride, int len, int row0,
+                                                    const float (&acc)[D / 8][4], float mul0,
+                                                    float mul1, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int ra = row0 + g, rb = ra + 8;
+  const auto lost = [](float x) { return x - to_float(from_float<T>(x)); };
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + 2 * t;
+    if (ra < len)
+      *reinterpret_cast<uint32_t*>(g_base + ra * stride + col) =
+          pack2<T>(lost(__fmul_rn(acc[j][0], mul0)), lost(__fmul_rn(acc[j][1], mul0)));
+    if (rb < len)
+      *reinterpret_cast<uint32_t*>(g_base + rb * stride + col) =
+          pack2<T>(lost(__fmul_rn(acc[j][2], mul1)), lost(__fmul_rn(acc[j][3], mul1)));
+  }
+}
+
 // a . b over D floats, summed in order d = 0, 1, ... (fp32 dP and delta must sum alike)
 template <int D>
 __device__ __forceinline__ float dot_f32(const float* a, const float* b) {
@@ -459,6 +501,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
   }
   const int row0 = m0 + warp * 16;
   store_rows<T, D>(static_cast<T*>(p.o) + s.q_base, s.stride, s.q_len, row0, o, inv[0], inv[1], lane);
+  if (p.o_lo != nullptr)
+    store_residual_rows<T, D>(static_cast<T*>(p.o_lo) + s.q_base, s.stride, s.q_len, row0, o, inv[0],
+                              inv[1], lane);
   if (t == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -504,10 +549,23 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnPara
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* dOs = reinterpret_cast<T*>(smem_raw);
     T* Os = dOs + kDeltaRows * pitch<D>();
+    __shared__ float lo_s[kDeltaRows];  // dO_i . residual_i (0 without a residual)
     load_tile_async<T, D, kDeltaRows>(dOs, dout, s.stride, m0, s.q_len);
     load_tile_async<T, D, kDeltaRows>(Os, o, s.stride, m0, s.q_len);
     cp_async_commit();
     cp_async_wait<0>();
+    __syncthreads();
+    if (threadIdx.x < kDeltaRows) {
+      const int row = m0 + threadIdx.x;
+      float acc = 0.f;
+      if (p.o_lo != nullptr && row < s.q_len) {
+        const T* lo = static_cast<const T*>(p.o_lo) + s.q_base + row * s.stride;
+        const T* d_o = dOs + threadIdx.x * pitch<D>();
+#pragma unroll 8
+        for (int d = 0; d < D; ++d) acc += to_float(d_o[d]) * to_float(lo[d]);
+      }
+      lo_s[threadIdx.x] = acc;
+    }
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float prods[2][4];  // dO O^T of the warp's 16 rows: columns 0-7, 8-15
@@ -519,8 +577,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const AttnPara
     if (t == g >> 1) {
       const int row = m0 + warp * 16 + g;
       const bool odd = g & 1;
-      if (row < s.q_len) p.delta[s.lse_base + row] = odd ? prods[0][1] : prods[0][0];
-      if (row + 8 < s.q_len) p.delta[s.lse_base + row + 8] = odd ? prods[1][3] : prods[1][2];
+      const int r = warp * 16 + g;
+      if (row < s.q_len) p.delta[s.lse_base + row] = (odd ? prods[0][1] : prods[0][0]) + lo_s[r];
+      if (row + 8 < s.q_len)
+        p.delta[s.lse_base + row + 8] = (odd ? prods[1][3] : prods[1][2]) + lo_s[r + 8];
     }
   }
 }
@@ -623,7 +683,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(const AttnPa
     mma_pv<T, D, BM>(acc_k, ds, Qs, lane);  // dK += dS^T Q (times scale at the end)
     __syncthreads();  // every warp is done with Qs, dOs and the row statistics
   }
-  store_rows<T, D>(dk, s.stride, s.k_len, key_row0, acc_k, p.scale, p.scale, lane);
+  const float dk_scale = ds_scale(p, s);
+  store_rows<T, D>(dk, s.stride, s.k_len, key_row0, acc_k, dk_scale, dk_scale, lane);
   store_rows<T, D>(dv, s.stride, s.k_len, key_row0, acc_v, 1.f, 1.f, lane);
 }
 
@@ -698,7 +759,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(const AttnPara
     __syncthreads();  // every warp is done with Ks, Vs, bias_s
   }
   cp_async_wait<0>();
-  store_rows<T, D>(static_cast<T*>(p.dq) + s.q_base, s.stride, s.q_len, row0, acc, p.scale, p.scale, lane);
+  const float dq_scale = ds_scale(p, s);
+  store_rows<T, D>(static_cast<T*>(p.dq) + s.q_base, s.stride, s.q_len, row0, acc, dq_scale, dq_scale, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,7 +939,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
     if (row >= s.k_len) continue;
 #pragma unroll
     for (int c = 0; c < DL; ++c) {
-      dk[row * s.stride + lane + 32 * c] = acc_k[kk][c] * p.scale;
+      dk[row * s.stride + lane + 32 * c] = acc_k[kk][c] * ds_scale(p, s);
       dv[row * s.stride + lane + 32 * c] = acc_v[kk][c];
     }
   }
@@ -958,7 +1020,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
     const int row = m0 + warp * RPW + r;
     if (row >= s.q_len) continue;
 #pragma unroll
-    for (int c = 0; c < DL; ++c) dq[row * s.stride + lane + 32 * c] = acc[r][c] * p.scale;
+    for (int c = 0; c < DL; ++c) dq[row * s.stride + lane + 32 * c] = acc[r][c] * ds_scale(p, s);
   }
 }
 
@@ -1067,17 +1129,38 @@ philox::Dropout make_dropout(const char* op, double p, int64_t seed, int64_t off
 }
 
 // The softmax statistics tensor (the ops' `lse`): fp32 [2, *rows] = (row max of the scaled scores,
-// log2 of the row's sum of exp(s - max)); `rows` = [B, H, L] padded, [H, Tq] varlen.
-void set_stats(AttnParams& p, const at::Tensor& stats) {
-  p.row_max = const_cast<float*>(stats.data_ptr<float>());
-  p.row_log2sum = p.row_max + stats.numel() / 2;
+// log2 of the row's sum of exp(s - max)); `rows` = [B, H, L] padded, [H, Tq] varlen. With
+// save_residual (fp16/bf16) [2 + D / 2, *rows]: planes 2.. hold out's rounding residual in out's
+// dtype and layout (rows * D values of 2 bytes), which the backward adds to delta.
+int64_t stats_planes(const at::Tensor& q, int64_t head_dim, bool save_residual) {
+  return save_residual && q.scalar_type() != at::kFloat ? 2 + head_dim / 2 : 2;
 }
 
-// Rows of no sequence or without a key: max +inf, log2-sum 0 (their probabilities are 0).
+void set_stats(AttnParams& p, const at::Tensor& stats) {
+  const int64_t rows = stats.numel() / stats.size(0);
+  p.row_max = const_cast<float*>(stats.data_ptr<float>());
+  p.row_log2sum = p.row_max + rows;
+  p.o_lo = stats.size(0) > 2 ? static_cast<void*>(p.row_max + 2 * rows) : nullptr;
+}
+
+// Rows of no sequence or without a key: max +inf, log2-sum 0 (their probabilities are 0), no
+// residual.
 at::Tensor empty_stats(at::Tensor stats) {
   stats.select(0, 0).fill_(INFINITY);
-  stats.select(0, 1).zero_();
+  stats.narrow(0, 1, stats.size(0) - 1).zero_();
   return stats;
+}
+
+// The backward's check of the forward's statistics: [2, *rows], or [2 + D / 2, *rows] for
+// fp16/bf16 with the residual.
+void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& q, int64_t head_dim,
+                 int64_t rows, const char* shape) {
+  const bool plain = stats.dim() >= 1 && stats.size(0) == 2;
+  const bool residual = stats.dim() >= 1 && q.scalar_type() != at::kFloat &&
+                        stats.size(0) == 2 + head_dim / 2;
+  TORCH_CHECK((plain || residual) && stats.numel() == stats.size(0) * rows, op, ": lse must be the ",
+              "forward's float32 ", shape, " (row max, log2 row sum; fp16/bf16 with save_residual: ",
+              2 + head_dim / 2, " planes), got ", stats.sizes());
 }
 
 AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -1124,14 +1207,15 @@ const bool* padded_mask(const char* op, const std::optional<at::Tensor>& mask_in
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in,
                                                  const std::optional<at::Tensor>& mask_in, double scale,
-                                                 double dropout_p, int64_t seed, int64_t offset) {
+                                                 double dropout_p, int64_t seed, int64_t offset,
+                                                 bool save_residual) {
   check_qkv("attention_fwd", q_in, k_in, v_in, 4);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), L = q_in.size(2), D = q_in.size(3);
   TORCH_CHECK(L <= INT32_MAX && H <= INT32_MAX, "attention_fwd: sizes too large");
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   auto out = at::empty_like(q);
-  auto lse = at::empty({2, B, H, L}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({stats_planes(q, D, save_residual), B, H, L}, q.options().dtype(at::kFloat));
   AttnParams p = base_params(q, k, v, scale);
   at::Tensor mask;
   p.mask = padded_mask("attention_fwd", mask_in, mask, q);
@@ -1158,14 +1242,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
   const auto lse = lse_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse.numel() == 2 * B * H * L,
-              "attention_bwd: lse must be attention_fwd's float32 [2, B, H, L] (row max, log2 row sum)");
+  check_stats("attention_bwd", lse, q, D, B * H * L, "[2, B, H, L]");
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk, dv};
   auto delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   AttnParams p = base_params(q, k, v, scale);
   at::Tensor mask;
   p.mask = padded_mask("attention_bwd", mask_in, mask, q);
+  at::Tensor n_keys;  // real keys per sequence, for ds_scale
+  if (p.mask != nullptr) {
+    n_keys = mask.sum({1}, false, at::kInt);
+    p.n_keys = n_keys.data_ptr<int>();
+  }
   p.drop = make_dropout("attention_bwd", dropout_p, seed, offset, L, L);
   p.H = static_cast<int>(H);
   p.L = static_cast<int>(L);
@@ -1201,7 +1289,7 @@ AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_q_in,
     const at::Tensor& cu_k_in, int64_t max_q, int64_t max_k, double scale, double dropout_p, int64_t seed,
-    int64_t offset) {
+    int64_t offset, bool save_residual) {
   const char* op = "varlen_attention_fwd";
   check_qkv(op, q_in, k_in, v_in, 3);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -1209,7 +1297,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   const auto q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   const auto cu_q = cu_q_in.contiguous(), cu_k = cu_k_in.contiguous();
   auto out = at::empty_like(q);
-  auto lse = at::empty({2, H, T}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({stats_planes(q, D, save_residual), H, T}, q.options().dtype(at::kFloat));
   AttnParams p = varlen_params(op, q, k, v, cu_q, cu_k, scale);
   p.drop = make_dropout(op, dropout_p, seed, offset, max_q, max_k);
   p.o = out.data_ptr();
@@ -1236,8 +1324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   const auto cu_q = cu_q_in.contiguous(), cu_k = cu_k_in.contiguous();
   const auto out = prepare(out_in.to(q.scalar_type())), dout = prepare(grad_in.to(q.scalar_type()));
   const auto lse = lse_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse.numel() == 2 * H * T, op,
-              ": lse must be varlen_attention_fwd's float32 [2, H, Tq] (row max, log2 row sum)");
+  check_stats(op, lse, q, D, H * T, "[2, H, Tq]");
   // key rows that belong to no sequence (past cu_seqlens_k[-1]) get zero gradients
   auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const int64_t batch = cu_q.numel() - 1;

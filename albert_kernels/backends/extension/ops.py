@@ -78,15 +78,28 @@ def _(grad_out, x, w1, w2, pre, approximate):
             torch.empty_like(w2), w2.new_empty(w2.shape[0]))
 
 
-def _lse_shape(q: torch.Tensor, rows: tuple) -> tuple:
+def _lse_shape(q: torch.Tensor, rows: tuple, save_residual: bool) -> tuple:
     """The attention ops' saved statistics `lse`: the log-sum-exp per query row on CPU; on CUDA
-    fp32 [2, *rows], the row max and log2 of the row sum apart (csrc/cuda/attention.cu)."""
-    return (2, *rows) if q.device.type == "cuda" else tuple(rows)
+    fp32 [2, *rows], the row max and log2 of the row sum apart, and with save_residual for
+    fp16/bf16 [2 + D / 2, *rows]: planes 2.. hold the output's rounding residual in q's dtype
+    (csrc/cuda/attention.cu, csrc/registration.cpp)."""
+    if q.device.type != "cuda":
+        return tuple(rows)
+    planes = 2
+    if save_residual and q.dtype in (torch.float16, torch.bfloat16):
+        planes += q.shape[-1] // 2
+    return (planes, *rows)
+
+
+def _wants_residual(*tensors: torch.Tensor) -> bool:
+    """save_residual for the attention forward: True when autograd will call its backward."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @torch.library.register_fake("albert_kernels::attention_fwd")
-def _(q, k, v, key_padding_mask, scale, dropout_p, seed, offset):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, q.shape[:3]), dtype=_stat_dtype(q))
+def _(q, k, v, key_padding_mask, scale, dropout_p, seed, offset, save_residual=False):
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, q.shape[:3], save_residual),
+                                            dtype=_stat_dtype(q))
 
 
 @torch.library.register_fake("albert_kernels::attention_bwd")
@@ -96,9 +109,9 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, scale, dropout_p, seed, off
 
 @torch.library.register_fake("albert_kernels::varlen_attention_fwd")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed,
-      offset):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, (q.shape[1], q.shape[0])),
-                                            dtype=_stat_dtype(q))
+      offset, save_residual=False):
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, (q.shape[1], q.shape[0]),
+                                                       save_residual), dtype=_stat_dtype(q))
 
 
 @torch.library.register_fake("albert_kernels::varlen_attention_bwd")
@@ -166,7 +179,8 @@ def _bwd_gelu_ffn(ctx, grad_out, _grad_pre):
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, key_padding_mask, *ctx.args = inputs  # scale, dropout_p, seed, offset
+    q, k, v, key_padding_mask = inputs[:4]
+    ctx.args, ctx.n_inputs = inputs[4:8], len(inputs)  # scale, dropout_p, seed, offset
     ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
 
 
@@ -175,11 +189,12 @@ def _bwd_attention(ctx, grad_out, _grad_lse):
     # the same (seed, offset) as forward: the kernel regenerates the forward's dropout mask
     gq, gk, gv = _ops.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding_mask,
                                     *ctx.args)
-    return gq, gk, gv, None, None, None, None, None
+    return (gq, gk, gv) + (None,) * (ctx.n_inputs - 3)
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args = inputs  # max_q, max_k, scale, p, seed, off
+    q, k, v, cu_seqlens_q, cu_seqlens_k = inputs[:5]
+    ctx.args, ctx.n_inputs = inputs[5:11], len(inputs)  # max_q, max_k, scale, p, seed, offset
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens_q, cu_seqlens_k)
 
 
@@ -187,7 +202,7 @@ def _bwd_varlen(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     gq, gk, gv = _ops.varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q,
                                            cu_seqlens_k, *ctx.args)
-    return (gq, gk, gv) + (None,) * 8
+    return (gq, gk, gv) + (None,) * (ctx.n_inputs - 3)
 
 
 for _name, _setup, _bwd in [("add_layer_norm_fwd", _setup_add_ln, _bwd_add_ln),
@@ -247,7 +262,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, heads, seqlen = q.shape[:3]
     seed, offset = _seed_offset(q.device, dropout_p, batch * heads * seqlen * seqlen)
     out, _ = _ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask,
-                                scale, dropout_p, seed, offset)
+                                scale, dropout_p, seed, offset, _wants_residual(q, k, v))
     return out
 
 
@@ -260,7 +275,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seed, offset = _seed_offset(q.device, dropout_p, n_seqs * heads * max_seqlen_q * max_seqlen_k)
     out, _ = _ops.varlen_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(),
                                        cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                                       max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, offset)
+                                       max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, offset,
+                                       _wants_residual(q, k, v))
     return out
 
 
