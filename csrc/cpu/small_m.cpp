@@ -18,12 +18,12 @@
 //     product -> add + LayerNorm -> FFN in + GELU -> FFN out -> add + LayerNorm, in one call, so
 //     the host pays one dispatch per layer instead of ~10.
 //
-// The product (gemm_packed): rows in passes of kMC; in each, work is split over panels (kNR = 24 output features each) across
-// threads; each panel streams once through the cache in blocks of kKC inputs (24 KiB: L1), and
-// every block is reused by all row tiles (kMR = 4 rows x 24 columns: 12 ymm accumulators, 3
-// weight vectors, 1 broadcast). Each block's partial sums start from zero in registers and are
-// added to the output (two-level summation: rounding grows with kKC + K / kKC terms, not K);
-// the last block adds the bias and applies GELU while the tile is in L1.
+// The product (gemm_packed): rows in passes of kMC; in each, work is split over panels (kNR = 24
+// output features each) across threads; each panel streams once through the cache in blocks of kKC
+// inputs (24 KiB: L1), and every block is reused by all row tiles (kMR = 4 rows x 24 columns: 12
+// ymm accumulators, 3 weight vectors, 1 broadcast). Each block's partial sums start from zero in
+// registers and are added to the output (two-level summation: rounding grows with kKC + K / kKC
+// terms, not K); the last block adds the bias and applies GELU while the tile is in L1.
 // Why our own kernel (benchmarks/small_m_gemm.py): at M = 8 oneDNN's packed GEMM (the best
 // library path reachable from torch) ran the 12-layer loop at about 0.3x of its large-M rate.
 #include "common.h"

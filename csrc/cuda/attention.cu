@@ -31,7 +31,7 @@
 // forward (scaled). delta_i = dO_i . O_i is computed with dP's own arithmetic
 // (attn_bwd_delta_kernel), so that a one-hot row's dS = P (dP - delta) is exactly 0. fp16/bf16
 // with save_residual (the op wrappers set it when autograd will run the backward): the forward
-// also stores what rounding the fp32 output to T lost (store_residual_rows; lse's planes 2..,
+// also stores what rounding the fp32 output to T lost (store_rows<..., RESIDUAL>; lse's planes 2..,
 // in T, out's layout) and delta adds dO_i . residual_i, so delta is as exact as from an fp32
 // output (as Triton's o_lo: nearly one-hot fp16 rows exceeded the dq budget without it). A query
 // row with no real key (all keys masked, or an empty sequence) has l = 0: it outputs 0 and its
@@ -319,40 +319,29 @@ __device__ __forceinline__ void mma_pv(float (&acc)[D / 8][4], const float (&p)[
 }
 
 // Stores a warp's 16 x D accumulator tile (rows row0 + g and row0 + g + 8 of a view with `len`
-// rows, token stride `stride`) times `mul`.
-template <typename T, int D>
+// rows, token stride `stride`) times `mul`, rounded to T. RESIDUAL: stores instead what that
+// rounding loses, x - T(x) for each value x (itself in T, same layout): the backward adds
+// dO . residual to delta (docs/correctness.md).
+template <typename T, int D, bool RESIDUAL = false>
 __device__ __forceinline__ void store_rows(T* g_base, int64_t stride, int len, int row0,
                                            const float (&acc)[D / 8][4], float mul0, float mul1, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const int ra = row0 + g, rb = ra + 8;
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    const int col = j * 8 + 2 * t;
-    if (ra < len)
-      *reinterpret_cast<uint32_t*>(g_base + ra * stride + col) = pack2<T>(acc[j][0] * mul0, acc[j][1] * mul0);
-    if (rb < len)
-      *reinterpret_cast<uint32_t*>(g_base + rb * stride + col) = pack2<T>(acc[j][2] * mul1, acc[j][3] * mul1);
-  }
-}
-
-// What store_rows' rounding to T lost, x - T(x) for each value x it stores, itself stored in T
-// with the same layout: the backward adds dO . residual to delta (docs/correctness.md).
-template <typename T, int D>
-__device__ __forceinline__ void store_residual_rows(T* g_base, int64_t stride, int len, int row0,
-                                                    const float (&acc)[D / 8][4], float mul0,
-                                                    float mul1, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  const int ra = row0 + g, rb = ra + 8;
-  const auto lost = [](float x) { return x - to_float(from_float<T>(x)); };
+  // __fmul_rn: the product is rounded to fp32 before the residual's subtraction (no FMA)
+  const auto value = [](float a, float mul) {
+    const float x = __fmul_rn(a, mul);
+    if constexpr (RESIDUAL) return x - to_float(from_float<T>(x));
+    return x;
+  };
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
     const int col = j * 8 + 2 * t;
     if (ra < len)
       *reinterpret_cast<uint32_t*>(g_base + ra * stride + col) =
-          pack2<T>(lost(__fmul_rn(acc[j][0], mul0)), lost(__fmul_rn(acc[j][1], mul0)));
+          pack2<T>(value(acc[j][0], mul0), value(acc[j][1], mul0));
     if (rb < len)
       *reinterpret_cast<uint32_t*>(g_base + rb * stride + col) =
-          pack2<T>(lost(__fmul_rn(acc[j][2], mul1)), lost(__fmul_rn(acc[j][3], mul1)));
+          pack2<T>(value(acc[j][2], mul1), value(acc[j][3], mul1));
   }
 }
 
@@ -502,8 +491,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnParams 
   const int row0 = m0 + warp * 16;
   store_rows<T, D>(static_cast<T*>(p.o) + s.q_base, s.stride, s.q_len, row0, o, inv[0], inv[1], lane);
   if (p.o_lo != nullptr)
-    store_residual_rows<T, D>(static_cast<T*>(p.o_lo) + s.q_base, s.stride, s.q_len, row0, o, inv[0],
-                              inv[1], lane);
+    store_rows<T, D, true>(static_cast<T*>(p.o_lo) + s.q_base, s.stride, s.q_len, row0, o, inv[0],
+                           inv[1], lane);
   if (t == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -933,13 +922,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_simt_kernel(const Attn
   }
   float* dk = static_cast<float*>(p.dk) + s.k_base;
   float* dv = static_cast<float*>(p.dv) + s.k_base;
+  const float dk_scale = ds_scale(p, s);
 #pragma unroll
   for (int kk = 0; kk < KPW; ++kk) {
     const int row = n0 + warp * KPW + kk;
     if (row >= s.k_len) continue;
 #pragma unroll
     for (int c = 0; c < DL; ++c) {
-      dk[row * s.stride + lane + 32 * c] = acc_k[kk][c] * ds_scale(p, s);
+      dk[row * s.stride + lane + 32 * c] = acc_k[kk][c] * dk_scale;
       dv[row * s.stride + lane + 32 * c] = acc_v[kk][c];
     }
   }
@@ -1015,12 +1005,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
     }
   }
   float* dq = static_cast<float*>(p.dq) + s.q_base;
+  const float dq_scale = ds_scale(p, s);
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
     const int row = m0 + warp * RPW + r;
     if (row >= s.q_len) continue;
 #pragma unroll
-    for (int c = 0; c < DL; ++c) dq[row * s.stride + lane + 32 * c] = acc[r][c] * ds_scale(p, s);
+    for (int c = 0; c < DL; ++c) dq[row * s.stride + lane + 32 * c] = acc[r][c] * dq_scale;
   }
 }
 
