@@ -15,6 +15,7 @@ import torch
 
 from albert_kernels.backends import unavailable_reason
 from albert_kernels.backends.extension import ops as ext_ops
+from attention_helpers import check_fwd_bwd, dense_padded, dense_varlen
 
 cuda_only = pytest.mark.skipif(unavailable_reason("cuda", "cuda") is not None,
                                reason=f"cuda backend: {unavailable_reason('cuda', 'cuda')}")
@@ -84,9 +85,7 @@ def test_cuda_residual_planes_and_values(dtype):
     assert (residual != 0).float().mean() > 0.5
     back = (out.float() + residual).to(dtype)
     assert (back != out).float().mean() < 0.01  # only ties, after r itself was rounded to T
-    s = (q.double() @ k.double().transpose(-1, -2)) * 0.125
-    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    gold = torch.softmax(s, -1) @ v.double()
+    gold = dense_padded(q.double(), k.double(), v.double(), mask, 0.125)
     err_plain = (out.double() - gold).abs().mean()
     err_fixed = (out.double() + residual.double() - gold).abs().mean()
     assert err_fixed <= err_plain, (err_fixed, err_plain)
@@ -95,30 +94,16 @@ def test_cuda_residual_planes_and_values(dtype):
 @cuda_only
 def test_cuda_varlen_residual_through_autograd():
     """The wrapper passes the flag when q requires grad: the saved statistics carry the residual
-    and the backward accepts them (gradients against float64 within the fp16 budget)."""
-    from albert_kernels.tools.budget import check_budget
-    torch.manual_seed(1)
+    and the backward accepts them (output and gradients against float64 within the fp16
+    budget)."""
+    gen = torch.Generator().manual_seed(1)
     T, H, D = 40, 2, 32
     cu = torch.tensor([0, 15, 40], dtype=torch.int32, device="cuda")
-    qkv = [torch.randn(T, H, D, device="cuda", dtype=torch.float16, requires_grad=True)
-           for _ in range(3)]
-    out = ext_ops.varlen_attention(*qkv, cu, cu, 25, 25, D ** -0.5)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-
-    def plain(q, k, v):
-        outs = []
-        for a, b in ((0, 15), (15, 40)):
-            s = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * D ** -0.5
-            outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v[a:b]))
-        return torch.cat(outs)
-
-    ref = [t.detach().clone().requires_grad_() for t in qkv]
-    plain(*ref).backward(grad)
-    gold = [t.detach().double().requires_grad_() for t in qkv]
-    plain(*gold).backward(grad.double())
-    for got, base, g in zip(qkv, ref, gold):
-        assert check_budget(got.grad, base.grad, g.grad).ok
+    qkv = [torch.randn(T, H, D, generator=gen, dtype=torch.float64).cuda() for _ in range(3)]
+    grad_out = torch.randn(T, H, D, generator=gen, dtype=torch.float64).cuda()
+    check_fwd_bwd(lambda q, k, v: ext_ops.varlen_attention(q, k, v, cu, cu, 25, 25, D ** -0.5),
+                  lambda q, k, v: dense_varlen(q, k, v, cu, cu, D ** -0.5),
+                  qkv, torch.float16, grad_out, "cuda varlen fp16 with the residual")
 
 
 @cuda_only
