@@ -11,14 +11,15 @@ from .model import (AlbertConfig, AlbertForMaskedLM, AlbertForMultipleChoice, Al
                     AlbertForQuestionAnswering, AlbertForSequenceClassification,
                     AlbertForTokenClassification, AlbertModel)
 from .model.hf_patch import patch_hf
-from .ops import add_layer_norm, attention, gelu_ffn, linear_gelu, pad, unpad, varlen_attention
+from . import ops
+from .ops import *  # noqa: F401,F403  the op table's ops, unpad, pad (ops.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailable", "available_backends",
+    "BackendUnavailable",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM",
     "AlbertForSequenceClassification", "AlbertForTokenClassification", "AlbertForQuestionAnswering",
     "AlbertForMultipleChoice",
-    "attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad", "pad", "patch_hf",
+    "patch_hf", *ops.__all__,
 ]

@@ -16,6 +16,7 @@ import torch
 
 import albert_kernels as ak
 from albert_kernels.backends import registry, resolve, unavailable_reason
+from albert_kernels.backends.op_table import OP_NAMES
 from albert_kernels.backends import reference as ref
 from albert_kernels.model.layers import key_mask_from_attention_mask
 
@@ -56,7 +57,7 @@ def spy_backend(monkeypatch):
             return getattr(ref, name)(*args, **kwargs)
         return fn
 
-    for name in ("attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn"):
+    for name in OP_NAMES:
         setattr(mod, name, wrap(name))
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     registry.register_backend(registry.BackendSpec(name=SPY, module=mod.__name__,
@@ -162,7 +163,7 @@ def _tripwire(monkeypatch, active):
 
 def _arm_after_kernels(monkeypatch, spy_backend, active):
     """From the first kernel call on, host reads raise, except inside the kernels themselves."""
-    for name in ("attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn"):
+    for name in OP_NAMES:
         kernel = getattr(spy_backend, name)
 
         def armed(*args, _kernel=kernel, **kwargs):

@@ -13,6 +13,7 @@ import torch
 import albert_kernels as ak
 from albert_kernels.backends import registry
 from albert_kernels.backends.registry import BackendSpec, register_backend
+from albert_kernels.backends.op_table import OP_NAMES
 
 BAD = (ValueError, TypeError)
 META = torch.device("meta")
@@ -466,7 +467,7 @@ def fake_backend(monkeypatch):
             return torch.zeros(1)
         return fn
 
-    for name in ("attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn"):
+    for name in OP_NAMES:
         setattr(mod, name, op(name))
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     register_backend(BackendSpec(name=FAKE, module=mod.__name__, probe=lambda device: None))

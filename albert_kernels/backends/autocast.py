@@ -4,8 +4,9 @@ Autocast only rewrites the ATen ops it knows; our kernels (C++ custom ops, Trito
 launches, the reference's Python) would otherwise receive whatever mix of float32 parameters and
 low-precision activations the surrounding autocast produced, and fail ("expected scalar type
 BFloat16 but found Float"). Under an enabled autocast for the tensors' device type, each kernel
-casts its floating inputs as autocast's own op lists treat the ops it fuses, and then runs with
-autocast off (so nothing inside is cast twice):
+casts its floating inputs as autocast's own op lists treat the ops it fuses (each op's class is
+declared in the op table, ``op_table.py``), and then runs with autocast off (so nothing inside is
+cast twice):
 
 - ``attention``, ``varlen_attention``, ``linear_gelu``, ``gelu_ffn``: matrix products, autocast's
   "lower precision" list (``matmul``, ``linear``): every floating input to the autocast dtype
@@ -26,8 +27,10 @@ from typing import Callable
 
 import torch
 
-LOW_PRECISION_OPS = frozenset({"attention", "varlen_attention", "linear_gelu", "gelu_ffn"})
-FLOAT32_OPS = frozenset({"add_layer_norm"})
+from .op_table import OPS
+
+LOW_PRECISION_OPS = frozenset(op.name for op in OPS if op.autocast == "lower")
+FLOAT32_OPS = frozenset(op.name for op in OPS if op.autocast == "float32")
 
 
 def enabled(t: torch.Tensor) -> bool:

@@ -13,14 +13,15 @@ from typing import Optional, Union
 import torch
 
 from . import autocast, registry
+from .op_table import OPS, OpSpec
 
 
 class Kernels:
-    """A resolved backend: its ``name``, its loaded ``module``, and the module's kernels as methods
-    (same arguments as the backend functions listed in ``backends/registry.py``). Inputs are not
-    checked again here: the caller has validated them. Inside ``torch.autocast`` each kernel casts
-    its inputs by autocast's rules first (``backends/autocast.py``), for the models and the
-    public ops alike."""
+    """A resolved backend: its ``name``, its loaded ``module``, and the module's kernels as methods,
+    one per op of the op table (``backends/op_table.py``), with the backend signatures listed
+    there. Inputs are not checked again here: the caller has validated them. Inside
+    ``torch.autocast`` each kernel casts its inputs by the op's autocast class first
+    (``backends/autocast.py``), for the models and the public ops alike."""
 
     __slots__ = ("name", "module")
 
@@ -30,30 +31,23 @@ class Kernels:
     def __repr__(self) -> str:
         return f"Kernels({self.name!r})"
 
-    def attention(self, *args, **kwargs):
-        if autocast.enabled(args[0]):
-            return autocast.run("attention", self.module.attention, *args, **kwargs)
-        return self.module.attention(*args, **kwargs)
 
-    def varlen_attention(self, *args, **kwargs):
-        if autocast.enabled(args[0]):
-            return autocast.run("varlen_attention", self.module.varlen_attention, *args, **kwargs)
-        return self.module.varlen_attention(*args, **kwargs)
+def _kernel_method(op: OpSpec):
+    name = op.name
 
-    def add_layer_norm(self, *args, **kwargs):
+    def kernel(self, *args, **kwargs):
+        fn = getattr(self.module, name)
         if autocast.enabled(args[0]):
-            return autocast.run("add_layer_norm", self.module.add_layer_norm, *args, **kwargs)
-        return self.module.add_layer_norm(*args, **kwargs)
+            return autocast.run(name, fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
-    def linear_gelu(self, *args, **kwargs):
-        if autocast.enabled(args[0]):
-            return autocast.run("linear_gelu", self.module.linear_gelu, *args, **kwargs)
-        return self.module.linear_gelu(*args, **kwargs)
+    kernel.__name__, kernel.__qualname__ = name, f"Kernels.{name}"
+    kernel.__doc__ = f"The backend's {name}({op.signature})."
+    return kernel
 
-    def gelu_ffn(self, *args, **kwargs):
-        if autocast.enabled(args[0]):
-            return autocast.run("gelu_ffn", self.module.gelu_ffn, *args, **kwargs)
-        return self.module.gelu_ffn(*args, **kwargs)
+
+for _op in OPS:
+    setattr(Kernels, _op.name, _kernel_method(_op))
 
 
 # One Kernels object per (backend name, loaded module): resolve() allocates nothing per call.

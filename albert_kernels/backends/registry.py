@@ -2,20 +2,13 @@
 
 The backends themselves are registered in ``backends/__init__.py``; callers get one through
 ``backends/dispatch.py`` ``resolve``, the only caller of :func:`lookup`. A backend is a module
-that defines the five ops with these signatures (inputs are already validated by the op layer or
-the model, so backends never check user input again):
-
-    attention(q, k, v, key_padding_mask, scale, dropout_p)          q, k, v [B, H, L, D]
-    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                     dropout_p)                                     q [Tq, H, D]; k, v [Tk, H, D]
-    add_layer_norm(x, residual, weight, bias, eps)
-    linear_gelu(x, weight, bias, approximate)
-    gelu_ffn(x, w1, b1, w2, b2, approximate)
-
-plus module-level ``DTYPES`` (set of accepted dtypes) and ``HEAD_DIMS`` (accepted attention head
-dims, or None for any). A backend is described by a :class:`BackendSpec` whose ``probe`` tells
-whether it can run on a device type, and whose ``load`` imports the module (lazily: a backend that
-fails to build or import costs nothing until it is asked for).
+that defines every op of the op table (``backends/op_table.py``) with the backend signature
+given there (inputs are already validated by the op layer or the model, so backends
+never check user input again), plus module-level ``DTYPES`` (set of accepted dtypes) and
+``HEAD_DIMS`` (accepted attention head dims, or None for any). A backend is described by a
+:class:`BackendSpec` whose ``probe`` tells whether it can run on a device type, and whose
+``load`` imports the module (lazily: a backend that fails to build or import costs nothing until
+it is asked for) and checks that it defines every op and both attributes.
 """
 from __future__ import annotations
 
@@ -25,6 +18,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 from ..errors import BackendUnavailable
+from .op_table import missing_ops
 
 # Returns None when the backend can run on the device type, else the reason it cannot.
 Probe = Callable[[str], Optional[str]]
@@ -44,13 +38,20 @@ class BackendSpec:
             if self._load_error is not None:
                 raise BackendUnavailable(self._load_error)
             try:
-                self._loaded = importlib.import_module(self.module)
+                module = importlib.import_module(self.module)
             except BackendUnavailable as e:
                 self._load_error = f"backend {self.name!r} is unavailable: {e}"
                 raise BackendUnavailable(self._load_error) from e
             except Exception as e:  # an import or build error: report it, keep the others working
                 self._load_error = f"backend {self.name!r} failed to load: {type(e).__name__}: {e}"
                 raise BackendUnavailable(self._load_error) from e
+            missing = missing_ops(module) + [a for a in ("DTYPES", "HEAD_DIMS")
+                                             if not hasattr(module, a)]
+            if missing:
+                self._load_error = (f"backend {self.name!r} ({self.module}) does not define "
+                                    f"{', '.join(missing)} (see backends/op_table.py)")
+                raise BackendUnavailable(self._load_error)
+            self._loaded = module
         return self._loaded
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..backends import available_backends, resolve
+from ..backends.op_table import OP_NAMES
 from .padding import pad, unpad
 from .validate import (check_approximate, check_cu_seqlens, check_dropout_p, check_same, check_scale, check_tensor,
                        check_vector, describe)
@@ -176,5 +177,5 @@ def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     return kernels.gelu_ffn(x, w1, b1, w2, b2, approximate)
 
 
-__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad",
-           "pad", "available_backends"]
+# The public ops are the op table's (backends/op_table.py), each defined above, plus the index ops.
+__all__ = [*OP_NAMES, "unpad", "pad", "available_backends"]

@@ -6,9 +6,11 @@ error and the other backends keep working.
 """
 import torch
 
+from ..op_table import OP_NAMES
+
 from ..extension.ops import add_layer_norm, attention, gelu_ffn, linear_gelu, varlen_attention
 
 DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 HEAD_DIMS = None  # any head dim (work buffers are zero-padded to the vector tile)
 
-__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn"]
+__all__ = [*OP_NAMES, "DTYPES", "HEAD_DIMS"]

@@ -14,13 +14,11 @@ backends/extension/build.py); a build failure raises BackendUnavailable with the
 import torch
 
 from ...errors import BackendUnavailable
+from ..op_table import EXTENSION_OPS, OP_NAMES
 from ..extension import build as _build
 from ..extension.ops import add_layer_norm, attention, gelu_ffn, linear_gelu, varlen_attention
 
-_OPS = ("add_layer_norm_fwd", "add_layer_norm_bwd", "linear_gelu_fwd", "linear_gelu_bwd",
-        "gelu_ffn_fwd", "gelu_ffn_bwd", "attention_fwd", "attention_bwd", "varlen_attention_fwd",
-        "varlen_attention_bwd")
-_missing = [op for op in _OPS
+_missing = [op for op in EXTENSION_OPS
             if not torch._C._dispatch_has_kernel_for_dispatch_key(f"albert_kernels::{op}", "CUDA")]
 if _missing:  # e.g. a library built where nvcc or a GPU was missing
     raise BackendUnavailable(
@@ -31,5 +29,4 @@ if _missing:  # e.g. a library built where nvcc or a GPU was missing
 DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 HEAD_DIMS = {32, 64, 128}  # the head dims attention.cu instantiates (AK_DISPATCH_HEAD_DIM)
 
-__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "DTYPES",
-           "HEAD_DIMS"]
+__all__ = [*OP_NAMES, "DTYPES", "HEAD_DIMS"]

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..dropout import draw_seed_offset
+from ..op_table import OP_NAMES
 from .build import build
 
 
@@ -280,4 +281,4 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-__all__ = ["add_layer_norm", "linear_gelu", "gelu_ffn", "attention", "varlen_attention"]
+__all__ = list(OP_NAMES)

@@ -12,6 +12,8 @@ imported), which is how these kernels are verified on machines without a GPU.
 """
 import torch
 
+from ..op_table import OP_NAMES
+
 from .add_layer_norm import add_layer_norm
 from .attention import attention, varlen_attention
 from .gelu_ffn import gelu_ffn, linear_gelu
@@ -19,5 +21,4 @@ from .gelu_ffn import gelu_ffn, linear_gelu
 DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 HEAD_DIMS = {32, 64, 128}
 
-__all__ = ["attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "DTYPES",
-           "HEAD_DIMS"]
+__all__ = [*OP_NAMES, "DTYPES", "HEAD_DIMS"]
