@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     sub.add_parser("sanitize-attention")
     p = sub.add_parser("review")
     p.add_argument("--jsonl", required=True)
+    p.add_argument("--device", default="cuda", help="cpu: a dry run on CPU backends")
+    p.add_argument("--backends", default="cuda,triton,reference")
     p = sub.add_parser("summary")
     p.add_argument("--out", required=True)
     p.add_argument("--final", action="store_true")

@@ -1,7 +1,7 @@
 """The GPU check's first checks: what a review of the Triton and CUDA sources without a GPU
 (docs/correctness.md, "What only a GPU can confirm") says must be confirmed first.
 
-review --jsonl FILE: one JSON line per check (check, case, backend, dtype, pass, error, budget;
+review --jsonl FILE [--device cpu --backends cpp,reference]: one JSON line per check (check, case, backend, dtype, pass, error, budget;
 the ops.jsonl format, so the summary lists failures), each held to the error budget of
 albert_kernels/tools/budget.py against an independent float64 dense attention
 (tests/attention_helpers.py), with PyTorch's dense attention in the dtype as the base:
@@ -19,6 +19,8 @@ albert_kernels/tools/budget.py against an independent float64 dense attention
                   delta) on the edge cases: one-hot rows, a sequence with a single real key, a
                   padded row with no real key, varlen with an empty sequence and more keys than
                   queries; cuda and triton
+
+(--device cpu with CPU backends is a dry run of this script, for its test.)
 
 sanitize-attention: the workload compute-sanitizer runs first (memcheck, racecheck, synccheck):
 CUDA attention forward and backward, fp16 and bf16, head dims 32, 64, 128, dropout off and on,
@@ -41,7 +43,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # attention_helpers: the float64 dense 
 from albert_kernels.backends import dropout, unavailable_reason  # noqa: E402
 from albert_kernels.tools.budget import check_budget  # noqa: E402
 
-DEVICE = "cuda"
+DEVICE = "cuda"  # review --device cpu: a dry run of this script on CPU backends (tests)
+GPU_BACKENDS = ("cuda", "triton")
 FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -52,6 +55,11 @@ def _backend(name: str):
         print(f"{name}: not available ({reason})", flush=True)
         return None
     return importlib.import_module(f"albert_kernels.backends.{name}")
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _cu(lengths) -> torch.Tensor:
@@ -91,7 +99,7 @@ def _budgeted(rows: Rows, check: str, case: str, backend: str, dtype: str, run, 
         outs = [run(*cand), ref(*gold), ref(*base)]
         for o in outs:
             o.backward(grad_out.to(o.dtype))
-        torch.cuda.synchronize()
+        _sync()
     except Exception as e:  # noqa: BLE001 - reported as the row's failure
         rows.add(check, case, backend, dtype, False, note=f"{type(e).__name__}: {e}"[:300])
         return
@@ -119,9 +127,8 @@ def huge_scores(rows: Rows, backends: dict) -> None:
     vv = torch.randn(sum(lk), H, D, generator=gen, dtype=torch.float64).to(DEVICE)
     gv = torch.randn(qv.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     scale = D ** -0.5
-    for name in ("triton", "cuda"):
-        mod = backends.get(name)
-        if mod is None:
+    for name, mod in backends.items():
+        if mod is None or name == "reference":
             continue
         _budgeted(rows, "huge_scores", "padded B2 H2 L40 D32 |s|~1e4", name, "float32",
                   lambda q, k, v: mod.attention(q, k, v, mask, scale),
@@ -163,7 +170,7 @@ def dropout_masks(rows: Rows, backends: dict) -> None:
                     else:
                         out = mod.varlen_attention(qp, qp, vp, cu, cu, L, L, 1.0, p)
                         got = _mask_from_output(out.view(B, L, H, D).transpose(1, 2))
-                    torch.cuda.synchronize()
+                    _sync()
                     differ = int((got != want).sum())
                     rows.add("dropout_mask", f"{layout} B{B} H{H} L{L} p{p}", name, dtype,
                              differ == 0, note=f"{differ} of {want.numel()} keep flags differ "
@@ -192,9 +199,8 @@ def residual_edges(rows: Rows, backends: dict) -> None:
     cu_q, cu_k = _cu(lq), _cu(lk)
     qv, kv = draw(sum(lq), H, D, mul=6.0), draw(sum(lk), H, D, mul=6.0)
     vv, gv = draw(sum(lk), H, D), draw(sum(lq), H, D)
-    for name in ("cuda", "triton"):
-        mod = backends.get(name)
-        if mod is None:
+    for name, mod in backends.items():
+        if mod is None or name == "reference":
             continue
         for dtype in ("float16", "bfloat16"):
             _budgeted(rows, "residual", "padded: full / one real key / no real key", name, dtype,
@@ -208,16 +214,19 @@ def residual_edges(rows: Rows, backends: dict) -> None:
 
 def review(args) -> int:
     """The checks above, in that order; exit 1 when a row failed (or no GPU backend ran)."""
+    global DEVICE
+    DEVICE = getattr(args, "device", None) or "cuda"
+    names = (getattr(args, "backends", None) or "cuda,triton,reference").split(",")
     Path(args.jsonl).touch()
     rows = Rows(args.jsonl)
-    backends = {name: _backend(name) for name in ("cuda", "triton", "reference")}
+    backends = {name: _backend(name) for name in names}
     start = time.perf_counter()
     for part in (huge_scores, dropout_masks, residual_edges):
         part(rows, backends)
         print(f"-- {part.__name__} done at {time.perf_counter() - start:.0f} s", flush=True)
     print(f"{rows.total} rows, {rows.failed} failed")
-    no_gpu_backend = backends["cuda"] is None and backends["triton"] is None
-    return 1 if rows.failed or no_gpu_backend else 0
+    nothing_ran = all(backends.get(n) is None for n in names if n != "reference")
+    return 1 if rows.failed or nothing_ran else 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -123,6 +123,22 @@ def test_review_without_a_gpu_fails_and_says_why(tmp_path):
     assert out.read_text() == ""
 
 
+def test_review_dry_run_on_cpu_backends_passes(tmp_path):
+    """The review's checks, run on the CPU backends (reference, cpp): every row passes, so on the
+    GPU a failed row is the GPU backend's, not the script's."""
+    out = tmp_path / "review.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "review",
+                           "--jsonl", str(out), "--device", "cpu", "--backends", "cpp,reference"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    checks = {(r["check"], r["backend"]) for r in rows}
+    assert {("huge_scores", "cpp"), ("residual", "cpp"), ("dropout_mask", "cpp"),
+            ("dropout_mask", "reference")} <= checks, checks
+    assert all(r["pass"] for r in rows)
+
+
 def test_prebuilt_extension_is_refused_when_it_does_not_match(tmp_path):
     import gpu_check
     here = gpu_check.machine_fingerprint()
