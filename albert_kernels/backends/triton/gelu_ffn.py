@@ -4,8 +4,9 @@
     gelu_ffn(x, W1, b1, W2, b2) = linear_gelu(x, W1, b1) @ W2^T + b2
 
 Every product is ``_matmul_kernel`` (C = A @ B, any strides, fp32 accumulation, autotuned per
-M, N, K, dtype and variant), specialised by two constexprs: what it does to A tiles as they are loaded (PROLOGUE)
-and what it does to the accumulator before its single store (EPILOGUE). The GELU flavour
+M, N, K, dtype and variant, AUTOTUNE_KEY), specialised by two constexprs: what it does to A tiles
+as they are loaded (PROLOGUE) and what it does to the accumulator before its single store
+(EPILOGUE). The GELU flavour
 ("tanh" = transformers' gelu_new, "none" = erf) is a runtime flag, so each (PROLOGUE, EPILOGUE)
 pair is one compiled kernel per config and dtype, not two.
 
