@@ -85,10 +85,12 @@ if [ $SKIP_AOT -eq 0 ]; then
     --jobs "${MAX_JOBS:-2}" --json "$LOGS/triton_aot_sm90.json"
   tail -1 "$LOGS/triton_aot_sm90.log" | sed 's/^/      /'
   grep -E "FAILED|SPILLING" "$LOGS/triton_aot_sm90.log" | head -10 | sed 's/^/      /'
-  # --noconftest: no cpp build under this venv's torch; the launch tests run kernels (the
-  # autotune test) under the interpreter, the PTX test compiles in a subprocess without it
+  # --noconftest: no cpp build under this venv's torch. The PTX test compiles in a subprocess
+  # without the interpreter; the launch tests record grids. Not the autotune-cache test: triton
+  # 3.6's autotuner benchmarks even a single pruned config, which needs a GPU driver (it runs in
+  # the suite here, triton 3.8, and on the GPU)
   part triton_ptx_launch env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider \
-    --noconftest tests/test_triton_ptx.py tests/test_triton_launch.py
+    --noconftest tests/test_triton_ptx.py tests/test_triton_launch.py -k "not tuned_apart"
   tail -1 "$LOGS/triton_ptx_launch.log" | sed 's/^/      /'
 fi
 

@@ -265,8 +265,8 @@ def test_flow_after_a_failed_cuda_build_runs_only_the_triton_steps(tmp_path):
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     status = {s["step"]: s["status"] for s in steps if "status" in s}
     assert status == {"gpu": "PASS", "prebuilt": "INFO", "build": "FAIL", "cuda_steps": "SKIP",
-                      "triton_aot": "PASS", "triton_ops": "PASS", "model": "PASS",
-                      "bench": "PASS"}, status
+                      "review": "PASS", "triton_aot": "PASS", "triton_ops": "PASS",
+                      "model": "PASS", "bench": "PASS"}, status
     log = calls.read_text().splitlines()
     after_build = log[next(i for i, c in enumerate(log) if "albert_kernels build" in c) + 1:]
     assert after_build
