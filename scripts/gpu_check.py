@@ -14,6 +14,10 @@ it is known, so that a step killed at its budget keeps what it finished.
                                   needed) into DIR with its manifest (scripts/build_gpu_ext.sh)
     sanitize-cases                small CUDA-backend cases, forward and backward, for
                                   compute-sanitizer (memcheck, racecheck)
+    sanitize-attention            scripts/gpu_check_review.py: CUDA attention over the review's
+                                  shapes first, then sanitize-cases (memcheck, racecheck, synccheck)
+    review --jsonl FILE           scripts/gpu_check_review.py: the checks a review without a GPU
+                                  says to run first (huge scores, dropout masks, residual edges)
     model --backend B ... --jsonl FILE    scripts/gpu_check_runs.py: the model vs transformers
     bench --jsonl FILE --deadline EPOCH   scripts/gpu_check_runs.py: the short benchmark
     summary --out DIR             the one-page summary.md from DIR's JSON lines (no torch import)
@@ -200,6 +204,11 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="9.0")
     p.add_argument("--cache", required=True, help="the build directory (not carried)")
     sub.add_parser("sanitize-cases")
+    sub.add_parser("sanitize-attention")
+    p = sub.add_parser("review")
+    p.add_argument("--jsonl", required=True)
+    p.add_argument("--device", default="cuda", help="cpu: a dry run on CPU backends")
+    p.add_argument("--backends", default="cuda,triton,reference")
     p = sub.add_parser("summary")
     p.add_argument("--out", required=True)
     p.add_argument("--final", action="store_true")
@@ -213,6 +222,10 @@ def main(argv=None) -> int:
     if args.cmd in ("model", "bench"):
         import gpu_check_runs
         return gpu_check_runs.main(args)
+    if args.cmd in ("review", "sanitize-attention"):
+        import gpu_check_review
+        return {"review": gpu_check_review.review,
+                "sanitize-attention": gpu_check_review.sanitize_attention}[args.cmd](args)
     if args.cmd == "summary":
         import gpu_check_summary
         return gpu_check_summary.write(Path(args.out), final=args.final)

@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # The GPU check (docs/correctness.md, "The GPU check"): one call on a bare GPU machine (no network,
 # no pip) that always brings back what it learned. Steps in priority order, each under its own
-# time budget (seconds), the whole inside GPU_CHECK_BUDGET (default: the budgets' sum, 440 s; with
-# a 90 s machine-start allowance, 530 s: under 9 minutes):
+# time budget (seconds), the whole inside GPU_CHECK_BUDGET (default: the budgets' sum, 445 s; with
+# a 90 s machine-start allowance, 535 s: under 9 minutes):
 #
 #   gpu         20  GPU present? Else stop at once: summary says "no GPU", exit status 3
-#   build      150  load the carried prebuilt extension ($GPU_CHECK_PREBUILT, default .gpu_prebuilt,
+#   build      130  load the carried prebuilt extension ($GPU_CHECK_PREBUILT, default .gpu_prebuilt,
 #                   made by scripts/build_gpu_ext.sh) if it matches, else build it for sm_90; the
 #                   Triton AOT compile (all cores) starts beside it. A failed build stops the CUDA
 #                   steps only, and no later process recompiles it
-#   cuda_ops    45  albert-kernels verify --device cuda --backend cuda: every op case, fwd+bwd,
-#                   fp32/fp16/bf16, under the error budget
-#   sanitizer   60  compute-sanitizer memcheck and racecheck on small attention, LayerNorm,
+#   review      90  first, what the review without a GPU says to confirm first
+#                   (scripts/gpu_check_review.py): Triton (and CUDA) fp32 attention at huge scores,
+#                   padded and varlen, output and dq/dk/dv; the dropout keep masks of cuda, triton
+#                   and the reference equal to the replay; fp16/bf16 backward (the rounding
+#                   residual) on one-hot rows, a single real key, a row with no real key, varlen
+#                   with an empty sequence
+#   sanitizer   75  compute-sanitizer memcheck, racecheck and synccheck (25 s each), CUDA
+#                   attention first (fp16/bf16, head dims 32/64/128, dropout off/on, padded with a
+#                   row without keys, varlen with an empty sequence), then small LayerNorm and
 #                   GELU-FFN cases (our kernels only)
-#   triton_ops  75  wait for the Triton AOT compile (autotuning cached: TRITON_CACHE_AUTOTUNING=1),
+#   cuda_ops    35  albert-kernels verify --device cuda --backend cuda: every op case, fwd+bwd,
+#                   fp32/fp16/bf16, under the error budget
+#   triton_ops  45  wait for the Triton AOT compile (autotuning cached: TRITON_CACHE_AUTOTUNING=1),
 #                   then albert-kernels verify --device cuda --backend triton
-#   model       40  the model on CUDA vs transformers, fp16/bf16, padded batch, cuda and triton
-#   bench       45  ops vs SDPA flash/efficient/cudnn, add+LN vs copy, linear_gelu vs GEMM; model
+#   model       25  the model on CUDA vs transformers, fp16/bf16, padded batch, cuda and triton
+#   bench       20  ops vs SDPA flash/efficient/cudnn, add+LN vs copy, linear_gelu vs GEMM; model
 #                   forward; latency (batch 1, L=8/32/128, fp16/fp32: ours eager, ours with CUDA
 #                   graphs, transformers sdpa); training step vs transformers sdpa; last, when
 #                   time is left, torch.compile(transformers, reduce-overhead) latency (gets any
@@ -25,6 +33,7 @@
 #
 # Results, under $OUT, appended as they are produced (a kill loses nothing already measured):
 #   steps.jsonl  one line per step (status PASS/FAIL/TIME/SKIP, seconds, budget) + the environment
+#   review.jsonl one line per review check (the ops.jsonl fields)
 #   ops.jsonl    one line per op case (check, case, backend, dtype, pass, error, budget, ratio)
 #   model.jsonl  one line per model check;  bench.jsonl  one line per benchmark workload
 #   summary.md   the one-page summary;      logs.tar.gz  every step's full log, the AOT table
@@ -41,12 +50,13 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 PLAN="gpu 20
-build 150
-cuda_ops 45
-sanitizer 60
-triton_ops 75
-model 40
-bench 45
+build 130
+review 90
+sanitizer 75
+cuda_ops 35
+triton_ops 45
+model 25
+bench 20
 summary 5"
 START_ALLOWANCE=90   # seconds the device tool may spend starting the machine, outside the script
 budget_of() { echo "$PLAN" | awk -v s="$1" '$1 == s {print $2}'; }
@@ -82,6 +92,7 @@ unset TRITON_INTERPRET
 PREBUILT=${GPU_CHECK_PREBUILT:-$ROOT/.gpu_prebuilt}
 STEPS="$OUT/steps.jsonl"
 : >"$STEPS"
+: >"$OUT/review.jsonl"
 : >"$OUT/ops.jsonl"
 : >"$OUT/model.jsonl"
 : >"$OUT/bench.jsonl"
@@ -190,25 +201,24 @@ else  # not a failure: the build below is the fallback
   fi
 fi
 
-# 3. CUDA op correctness
-if [ $CUDA_OK -eq 1 ]; then
-  run_step cuda_ops "$(budget_of cuda_ops)" "$PY" -m albert_kernels verify --device cuda \
-    --backend cuda --no-model --jsonl "$OUT/ops.jsonl"
-fi
+# 3. First, what the review without a GPU says to confirm first (Triton kernels compile here, on
+#    first use, beside the background AOT compile)
+run_step review "$(budget_of review)" "$PY" scripts/gpu_check.py review --jsonl "$OUT/review.jsonl"
 
-# 4. compute-sanitizer on small cases of our kernels
+# 4. compute-sanitizer: CUDA attention over the review's shapes first, then small cases of the
+#    other ops
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ $CUDA_OK -eq 1 ] && [ -n "$SANITIZER" ]; then
   # no caching allocator: each tensor its own allocation, so memcheck sees an overrun past it.
   # Only our kernels are checked (--kernel-name); a sanitizer that does not know that option
   # (it answers at once) is run again without it. Exit 9: the sanitizer found errors.
-  half=$(( $(budget_of sanitizer) / 2 ))
-  for tool in memcheck racecheck; do
+  third=$(( $(budget_of sanitizer) / 3 ))
+  for tool in memcheck racecheck synccheck; do
     filter=(--kernel-name kns=albert_kernels)
     for attempt in 1 2; do
-      run_step "sanitizer_$tool" "$half" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
+      run_step "sanitizer_$tool" "$third" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
         --tool "$tool" --error-exitcode 9 --print-limit 20 "${filter[@]}" \
-        "$PY" scripts/gpu_check.py sanitize-cases && break
+        "$PY" scripts/gpu_check.py sanitize-attention && break
       head -n 5 "$LOGS/sanitizer_$tool.log" | grep -qi "option" || break
       filter=()
     done
@@ -217,7 +227,13 @@ elif [ $CUDA_OK -eq 1 ]; then
   record sanitizer SKIP 0 "$(budget_of sanitizer)" "compute-sanitizer not found"
 fi
 
-# 5. Triton: the AOT compile (started in step 2), then the op cases
+# 5. CUDA op correctness
+if [ $CUDA_OK -eq 1 ]; then
+  run_step cuda_ops "$(budget_of cuda_ops)" "$PY" -m albert_kernels verify --device cuda \
+    --backend cuda --no-model --jsonl "$OUT/ops.jsonl"
+fi
+
+# 6. Triton: the AOT compile (started in step 2), then the op cases
 aot_wait() {
   while kill -0 "$AOT_PID" 2>/dev/null && [ $(($(date +%s))) -lt $((DEADLINE - 60)) ]; do sleep 1; done
   kill -0 "$AOT_PID" 2>/dev/null && { kill "$AOT_PID"; return 124; }
@@ -231,13 +247,13 @@ record triton_aot "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" $(($(date +%s) - 
 run_step triton_ops "$(budget_of triton_ops)" "$PY" -m albert_kernels verify --device cuda \
   --backend triton --no-model --jsonl "$OUT/ops.jsonl"
 
-# 6. The model on CUDA vs transformers
+# 7. The model on CUDA vs transformers
 MODEL_BACKENDS=(--backend triton)
 [ $CUDA_OK -eq 1 ] && MODEL_BACKENDS=(--backend cuda --backend triton)
 run_step model "$(budget_of model)" "$PY" scripts/gpu_check.py model "${MODEL_BACKENDS[@]}" \
   --jsonl "$OUT/model.jsonl"
 
-# 7. The short benchmark: whatever time is left, less the summary's
+# 8. The short benchmark: whatever time is left, less the summary's
 left=$((DEADLINE - $(date +%s) - $(budget_of summary) - 5))
 run_step bench "$((left > $(budget_of bench) ? left : $(budget_of bench)))" "$PY" scripts/gpu_check.py \
   bench --jsonl "$OUT/bench.jsonl" --deadline "$((DEADLINE - $(budget_of summary) - 5))"

@@ -4,6 +4,7 @@ Imports nothing heavy (no torch), so it runs after any failure, and gpu_check.sh
 summary after every step: a run killed from outside keeps the summary of its finished steps.
 
     steps.jsonl   {"step", "status", "seconds", "budget", "note"} per step; {"step": "env", ...}
+    review.jsonl  scripts/gpu_check_review.py rows (the same fields as ops.jsonl)
     ops.jsonl     albert-kernels verify --jsonl rows (check, case, backend, dtype, pass, error,
                   budget, ratio, worst)
     model.jsonl   the model vs transformers rows (same fields)
@@ -106,6 +107,8 @@ def render(out_dir: Path, final: bool) -> str:
     failed = [s["step"] for s in runs if s["status"] not in ("PASS", "INFO")]
     lines.append(f"- total {total} s; " + (f"not passed: {', '.join(failed)}" if failed
                                           else "every step passed"))
+    lines += _case_lines(read_jsonl(out_dir / "review.jsonl"),
+                         "Review checks, run first (scripts/gpu_check_review.py)")
     lines += _case_lines(read_jsonl(out_dir / "ops.jsonl"), "Op cases (verify --device cuda)")
     lines += _case_lines(read_jsonl(out_dir / "model.jsonl"), "Model vs transformers")
     lines += _bench_lines(read_jsonl(out_dir / "bench.jsonl"))

@@ -13,7 +13,9 @@
 #      C++ standard torch's build uses, ptxas registers and spills), then the prebuilt extension
 #      the device call carries (scripts/build_gpu_ext.sh -> .gpu_prebuilt/, its manifest checked
 #      against this venv)
-#   4. the Triton AOT compile of every kernel for sm_90 under triton 3.6 (spills, shared memory)
+#   4. the Triton AOT compile of every kernel for sm_90 under triton 3.6 (spills, shared memory),
+#      and the PTX and launch tests under triton 3.6 (tests/test_triton_ptx.py: rounding of the
+#      attention scores, LayerNorm, erf GELU; tests/test_triton_launch.py: grids, autotune key)
 #   5. the step list and its budget sum (under 9 minutes with the machine-start allowance)
 #   6. the probe (torch's answer: no GPU, exit 3) and gpu_check.sh itself, up to its GPU-present
 #      stop (exit 3, "no GPU" summary)
@@ -83,6 +85,13 @@ if [ $SKIP_AOT -eq 0 ]; then
     --jobs "${MAX_JOBS:-2}" --json "$LOGS/triton_aot_sm90.json"
   tail -1 "$LOGS/triton_aot_sm90.log" | sed 's/^/      /'
   grep -E "FAILED|SPILLING" "$LOGS/triton_aot_sm90.log" | head -10 | sed 's/^/      /'
+  # --noconftest: no cpp build under this venv's torch. The PTX test compiles in a subprocess
+  # without the interpreter; the launch tests record grids. Not the autotune-cache test: triton
+  # 3.6's autotuner benchmarks even a single pruned config, which needs a GPU driver (it runs in
+  # the suite here, triton 3.8, and on the GPU)
+  part triton_ptx_launch env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider \
+    --noconftest tests/test_triton_ptx.py tests/test_triton_launch.py -k "not tuned_apart"
+  tail -1 "$LOGS/triton_ptx_launch.log" | sed 's/^/      /'
 fi
 
 part plan bash scripts/gpu_check.sh --plan

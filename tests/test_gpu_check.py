@@ -55,7 +55,8 @@ def test_plan_budgets_fit_nine_minutes_with_the_machine_start():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = re.findall(r"^\s+(\w+)\s+(\d+) s$", proc.stdout, re.MULTILINE)
     names = [n for n, _ in steps]
-    assert names[:3] == ["gpu", "build", "cuda_ops"] and names[-1] == "summary", names
+    # the review's checks and the sanitizer on attention come first, right after the build
+    assert names[:4] == ["gpu", "build", "review", "sanitizer"] and names[-1] == "summary", names
     total = sum(int(s) for _, s in steps)
     allowance = int(re.search(r"allowance (\d+) s", proc.stdout).group(1))
     assert allowance >= 60 and total + allowance <= 540, proc.stdout
@@ -91,6 +92,51 @@ def test_summary_from_json_lines_lists_failures_and_ratios(tmp_path):
     assert "ours (cuda): 1.000 ms, 20.0 GFLOP/s 2.00x" in text
     assert "SDPA flash + mask: RuntimeError: no" in text
     assert "not passed: cuda_ops" in text
+
+
+def test_review_rows_come_first_in_the_summary(tmp_path):
+    import gpu_check_summary
+    (tmp_path / "steps.jsonl").write_text(json.dumps(
+        {"step": "review", "status": "FAIL", "seconds": 50, "budget": 90}) + "\n")
+    (tmp_path / "review.jsonl").write_text(json.dumps(
+        {"check": "huge_scores", "case": "padded B2 H2 L40 D32 |s|~1e4 dv", "backend": "triton",
+         "dtype": "float32", "pass": False, "error": 1.2e-3, "budget": 3e-6}) + "\n")
+    (tmp_path / "ops.jsonl").write_text(json.dumps(
+        {"check": "attention", "case": "B2", "backend": "cuda", "dtype": "float16",
+         "pass": True, "error": 1e-4, "budget": 1e-3}) + "\n")
+    text = gpu_check_summary.render(tmp_path, final=True)
+    assert text.index("Review checks") < text.index("Op cases")
+    assert ("FAIL huge_scores [padded B2 H2 L40 D32 |s|~1e4 dv] triton float32: error 1.20e-03 "
+            "> budget 3.00e-06") in text
+
+
+@pytest.mark.skipif(HAS_GPU_NODE, reason="this machine has an NVIDIA device")
+def test_review_without_a_gpu_fails_and_says_why(tmp_path):
+    """Without a GPU backend the review cannot pass: exit 1, no rows, the reasons printed."""
+    out = tmp_path / "review.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "review",
+                           "--jsonl", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cuda: not available" in proc.stdout and "triton: not available" in proc.stdout
+    assert out.read_text() == ""
+
+
+def test_review_dry_run_on_cpu_backends_passes(tmp_path):
+    """The review's checks, run on the CPU backends (reference, cpp): every row passes, so on the
+    GPU a failed row is the GPU backend's, not the script's."""
+    out = tmp_path / "review.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "review",
+                           "--jsonl", str(out), "--device", "cpu", "--backends", "cpp,reference"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    checks = {(r["check"], r["backend"]) for r in rows}
+    assert {("huge_scores", "cpp"), ("residual", "cpp"), ("dropout_mask", "cpp"),
+            ("dropout_mask", "reference")} <= checks, checks
+    assert all(r["pass"] for r in rows)
 
 
 def test_prebuilt_extension_is_refused_when_it_does_not_match(tmp_path):
@@ -219,8 +265,8 @@ def test_flow_after_a_failed_cuda_build_runs_only_the_triton_steps(tmp_path):
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     status = {s["step"]: s["status"] for s in steps if "status" in s}
     assert status == {"gpu": "PASS", "prebuilt": "INFO", "build": "FAIL", "cuda_steps": "SKIP",
-                      "triton_aot": "PASS", "triton_ops": "PASS", "model": "PASS",
-                      "bench": "PASS"}, status
+                      "review": "PASS", "triton_aot": "PASS", "triton_ops": "PASS",
+                      "model": "PASS", "bench": "PASS"}, status
     log = calls.read_text().splitlines()
     after_build = log[next(i for i, c in enumerate(log) if "albert_kernels build" in c) + 1:]
     assert after_build

@@ -63,6 +63,7 @@
 //   tiles of 32 queries x 32 keys; a lane owns one key (scores) or 1/32 of the head dim (outputs).
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 
@@ -1018,16 +1019,29 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_simt_kernel(const AttnPa
 // ---------------------------------------------------------------------------------------------
 // Launch
 // ---------------------------------------------------------------------------------------------
-template <typename Kernel>
-void launch(Kernel kernel, int64_t bh, int64_t row_blocks, size_t smem, const AttnParams& p,
-            cudaStream_t stream) {
+// Raises Kernel's dynamic shared memory limit to `smem` (needed above 48 KB) on the current
+// device, once per (kernel, device): the attribute stays set for the process, and the call costs
+// tens of microseconds of host time, too much to repeat on every launch (latency, CUDA graph
+// capture). `smem` is a compile-time constant of each kernel, so the first value is the value.
+// Devices 64 and up (no such machine in sight) set it on every launch.
+template <auto Kernel>
+void allow_dynamic_smem(size_t smem) {
+  static std::atomic<uint64_t> done_on_devices{0};
+  const int device = c10::cuda::current_device();
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done_on_devices.load(std::memory_order_acquire) & bit) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  done_on_devices.fetch_or(bit, std::memory_order_release);
+}
+
+template <auto Kernel>
+void launch(int64_t bh, int64_t row_blocks, size_t smem, const AttnParams& p, cudaStream_t stream) {
   if (bh == 0 || row_blocks == 0) return;
   TORCH_CHECK(row_blocks <= 65535, "attention: sequence too long (", row_blocks, " row blocks)");
   TORCH_CHECK(bh <= INT32_MAX, "attention: too many (sequence, head) pairs");
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  kernel<<<dim3(static_cast<unsigned>(bh), static_cast<unsigned>(row_blocks)), kThreads, smem, stream>>>(p);
+  if (smem > 48 * 1024) allow_dynamic_smem<Kernel>(smem);
+  Kernel<<<dim3(static_cast<unsigned>(bh), static_cast<unsigned>(row_blocks)), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1043,24 +1057,27 @@ static_assert(fwd_tc_smem<__half, 128>() <= kMaxDynamicSmem && dq_tc_smem<__half
 template <typename T, int D, bool DROPOUT>
 void run_fwd(const AttnParams& p, int64_t bh, int64_t max_q, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
-    launch(attn_fwd_simt_kernel<D, DROPOUT>, bh, ceil_div(max_q, kSimtTile), fwd_simt_smem<D>(), p, stream);
+    launch<attn_fwd_simt_kernel<D, DROPOUT>>(bh, ceil_div(max_q, kSimtTile), fwd_simt_smem<D>(), p,
+                                             stream);
   } else {
-    launch(attn_fwd_tc_kernel<T, D, DROPOUT>, bh, ceil_div(max_q, kTcBlockM), fwd_tc_smem<T, D>(), p, stream);
+    launch<attn_fwd_tc_kernel<T, D, DROPOUT>>(bh, ceil_div(max_q, kTcBlockM), fwd_tc_smem<T, D>(), p,
+                                              stream);
   }
 }
 
 template <typename T, int D, bool DROPOUT>
 void run_bwd(const AttnParams& p, int64_t bh, int64_t max_q, int64_t max_k, cudaStream_t stream) {
-  launch(attn_bwd_delta_kernel<T, D>, bh, ceil_div(max_q, kDeltaRows), delta_smem<T, D>(), p, stream);
+  launch<attn_bwd_delta_kernel<T, D>>(bh, ceil_div(max_q, kDeltaRows), delta_smem<T, D>(), p, stream);
   if constexpr (std::is_same_v<T, float>) {
-    launch(attn_bwd_dkdv_simt_kernel<D, DROPOUT>, bh, ceil_div(max_k, kSimtTile), dkdv_simt_smem<D>(), p,
-           stream);
-    launch(attn_bwd_dq_simt_kernel<D, DROPOUT>, bh, ceil_div(max_q, kSimtTile), dq_simt_smem<D>(), p, stream);
+    launch<attn_bwd_dkdv_simt_kernel<D, DROPOUT>>(bh, ceil_div(max_k, kSimtTile), dkdv_simt_smem<D>(),
+                                                  p, stream);
+    launch<attn_bwd_dq_simt_kernel<D, DROPOUT>>(bh, ceil_div(max_q, kSimtTile), dq_simt_smem<D>(), p,
+                                                stream);
   } else {
-    launch(attn_bwd_dkdv_tc_kernel<T, D, DROPOUT>, bh, ceil_div(max_k, kTcBlockN), dkdv_tc_smem<T, D, DROPOUT>(), p,
-           stream);
-    launch(attn_bwd_dq_tc_kernel<T, D, DROPOUT>, bh, ceil_div(max_q, kTcBlockM), dq_tc_smem<T, D>(), p,
-           stream);
+    launch<attn_bwd_dkdv_tc_kernel<T, D, DROPOUT>>(bh, ceil_div(max_k, kTcBlockN),
+                                                   dkdv_tc_smem<T, D, DROPOUT>(), p, stream);
+    launch<attn_bwd_dq_tc_kernel<T, D, DROPOUT>>(bh, ceil_div(max_q, kTcBlockM), dq_tc_smem<T, D>(),
+                                                 p, stream);
   }
 }
 

@@ -41,13 +41,21 @@
 // Elementwise kernels (memory-bound; VEC = 16-byte vectors when N and every pointer allow, else
 // scalars):
 //   bias_act_kernel        grid-stride over vectors of [M, N]: v = acc (+ bias[col]); writes
-//                          pre = v (if asked) and out = act(v). Works in place (acc == pre).
+//                          pre = v (if asked) and out = act(v). Works in place (acc == pre, or
+//                          acc == out).
 //   act_grad_colsum_kernel block (32, 8) owns 32 column-vectors x one chunk of rows: d = grad *
 //                          act'(pre) (act none: d = grad), writes d (if asked) and the chunk's fp32
 //                          column sums into partial[chunk, :]; column_sum_kernel (common.cuh) adds
 //                          the chunks in fixed order: deterministic bias gradients.
 #include <cublasLt.h>
 #include <cublas_v2.h>
+
+#include <algorithm>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 #include <ATen/cuda/Exceptions.h>
 #include <torch/library.h>
@@ -125,11 +133,12 @@ __device__ __forceinline__ float act_grad(float x) {
 // ---------------------------------------------------------------------------------------------
 
 // acc, pre, out: [M, N]; bias: [N] or null; pre: null or the buffer to receive acc + bias (may be
-// acc itself); out: act(acc + bias). Grid-stride loop over vectors of VEC elements (N % VEC == 0).
+// acc itself); out: act(acc + bias), may be acc itself too (the unfused path without activation
+// adds the bias in place). So none of acc, pre, out is __restrict__: each element is read before
+// it is written, by the same thread. Grid-stride loop over vectors of VEC elements (N % VEC == 0).
 template <typename T, int ACT, int VEC>
 __global__ void __launch_bounds__(256)
-bias_act_kernel(const T* acc, const T* __restrict__ bias, T* pre, T* __restrict__ out,
-                int64_t M, int64_t N) {
+bias_act_kernel(const T* acc, const T* __restrict__ bias, T* pre, T* out, int64_t M, int64_t N) {
   const int64_t nvec = M * N / VEC;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -299,6 +308,9 @@ struct LtDescriptors {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulPreference_t pref = nullptr;
+  LtDescriptors() = default;
+  LtDescriptors(const LtDescriptors&) = delete;
+  LtDescriptors& operator=(const LtDescriptors&) = delete;
   ~LtDescriptors() {
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (d) cublasLtMatrixLayoutDestroy(d);
@@ -308,12 +320,38 @@ struct LtDescriptors {
   }
 };
 
-// Runs g through cuBLASLt. Returns false (having done nothing) when cuBLASLt offers no algorithm
-// for this problem and epilogue; the caller then takes its unfused path.
-template <typename T>
-bool lt_matmul(const Gemm& g, const at::Tensor& like, cudaStream_t stream) {
-  const cudaDataType_t dt = cuda_dtype<T>();
+// Everything a cuBLASLt plan depends on: the device, dtype, shapes, leading dimensions, epilogue,
+// which epilogue pointers are set, and the operands' alignments (the heuristic's preferences).
+// Not the pointers themselves: bias and aux are set on the descriptor at each call.
+struct LtPlanKey {
+  int device;
+  cudaDataType_t dtype;
+  bool trans_a, trans_b, has_bias, has_aux;
+  int64_t m, n, k, lda, ldb, ldd, ld_aux;
+  cublasLtEpilogue_t epilogue;
+  uint32_t align_a, align_b, align_d;
+
+  auto fields() const {
+    return std::tie(device, dtype, trans_a, trans_b, has_bias, has_aux, m, n, k, lda, ldb, ldd,
+                    ld_aux, epilogue, align_a, align_b, align_d);
+  }
+  bool operator==(const LtPlanKey& o) const { return fields() == o.fields(); }
+};
+
+// The descriptors of one problem and the algorithm cuBLASLt's heuristic chose for it (found ==
+// false: it offered none, and the caller takes its unfused path).
+struct LtPlan {
   LtDescriptors desc;
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+  bool found = false;
+};
+
+// Builds the descriptors of g and asks the heuristic once. Throws on a cuBLASLt error.
+template <typename T>
+std::shared_ptr<LtPlan> make_lt_plan(const Gemm& g, const LtPlanKey& key) {
+  auto plan = std::make_shared<LtPlan>();
+  LtDescriptors& desc = plan->desc;
+  const cudaDataType_t dt = cuda_dtype<T>();
   TORCH_CUDABLAS_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -323,6 +361,8 @@ bool lt_matmul(const Gemm& g, const at::Tensor& like, cudaStream_t stream) {
   set_op(CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
   set_op(CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
   set_op(CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epilogue, sizeof(g.epilogue));
+  // The heuristic sees this call's epilogue pointers; later calls set their own (same alignment:
+  // lt_aligned requires 16 bytes for both).
   if (g.bias != nullptr) set_op(CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias));
   if (g.aux != nullptr) {
     set_op(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux));
@@ -334,35 +374,70 @@ bool lt_matmul(const Gemm& g, const at::Tensor& like, cudaStream_t stream) {
       &desc.b, dt, rows_of(g.trans_b, g.k, g.n), cols_of(g.trans_b, g.k, g.n), g.ldb));
   TORCH_CUDABLAS_CHECK(cublasLtMatrixLayoutCreate(&desc.d, dt, g.m, g.n, g.ldd));
 
-  const int major = at::cuda::getCurrentDeviceProperties()->major;
+  const int major = at::cuda::getDeviceProperties(key.device)->major;
   const uint64_t workspace_size = (major >= 9 ? 32u : 4u) << 20;
   TORCH_CUDABLAS_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref));
   auto set_pref = [&](cublasLtMatmulPreferenceAttributes_t attr, const void* v, size_t size) {
     TORCH_CUDABLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, attr, v, size));
   };
   set_pref(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_size, sizeof(workspace_size));
-  const uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b), align_d = alignment_of(g.d);
-  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a));
-  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b));
-  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d));
-  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_a, sizeof(key.align_a));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_b, sizeof(key.align_b));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d, sizeof(key.align_d));
+  set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d, sizeof(key.align_d));
   // Split-K partial sums are reduced in fp32 (the compute type), never in the output type.
   const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
   set_pref(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes));
 
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
   int found = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1, &heuristic, &found);
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+      at::cuda::getCurrentCUDABlasLtHandle(), desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref,
+      1, &plan->heuristic, &found);
+  plan->found = status == CUBLAS_STATUS_SUCCESS && found > 0;
+  return plan;
+}
 
-  auto workspace = at::empty({static_cast<int64_t>(heuristic.workspaceSize) + 1},
+// The plans of the most recent problems, most recent first. A model runs a handful of GEMM shapes
+// over and over; building the descriptors and running the heuristic on every call costs tens of
+// microseconds of host time (and the heuristic has no business inside a CUDA graph capture).
+// Guarded by a mutex, held from the lookup through the cublasLtMatmul call: the call sets the
+// plan's bias / aux pointers on its shared descriptor, then enqueues (host-side work only).
+constexpr size_t kLtPlanCacheSize = 64;
+std::mutex lt_plan_mutex;
+std::list<std::pair<LtPlanKey, std::shared_ptr<LtPlan>>> lt_plans;
+
+// Runs g through cuBLASLt. Returns false (having done nothing) when cuBLASLt offers no algorithm
+// for this problem and epilogue; the caller then takes its unfused path.
+template <typename T>
+bool lt_matmul(const Gemm& g, const at::Tensor& like, cudaStream_t stream) {
+  const LtPlanKey key{static_cast<int>(c10::cuda::current_device()), cuda_dtype<T>(), g.trans_a,
+                      g.trans_b, g.bias != nullptr, g.aux != nullptr, g.m, g.n, g.k, g.lda, g.ldb,
+                      g.ldd, g.aux != nullptr ? g.ld_aux : 0, g.epilogue, alignment_of(g.a),
+                      alignment_of(g.b), alignment_of(g.d)};
+  std::lock_guard<std::mutex> lock(lt_plan_mutex);
+  auto it = std::find_if(lt_plans.begin(), lt_plans.end(),
+                         [&](const auto& entry) { return entry.first == key; });
+  if (it != lt_plans.end()) {
+    lt_plans.splice(lt_plans.begin(), lt_plans, it);  // most recent first
+  } else {
+    lt_plans.emplace_front(key, make_lt_plan<T>(g, key));
+    if (lt_plans.size() > kLtPlanCacheSize) lt_plans.pop_back();
+  }
+  LtPlan& plan = *lt_plans.front().second;
+  if (!plan.found) return false;
+
+  auto set_op = [&](cublasLtMatmulDescAttributes_t attr, const void* v, size_t size) {
+    TORCH_CUDABLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc.op, attr, v, size));
+  };
+  if (g.bias != nullptr) set_op(CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias));
+  if (g.aux != nullptr) set_op(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux));
+  auto workspace = at::empty({static_cast<int64_t>(plan.heuristic.workspaceSize) + 1},
                              like.options().dtype(at::kByte));
   const float alpha = 1.f, beta = 0.f;
-  TORCH_CUDABLAS_CHECK(cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta,
-                                      g.d, desc.d, g.d, desc.d, &heuristic.algo,
-                                      workspace.data_ptr(), heuristic.workspaceSize, stream));
+  TORCH_CUDABLAS_CHECK(cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), plan.desc.op, &alpha,
+                                      g.a, plan.desc.a, g.b, plan.desc.b, &beta, g.d, plan.desc.d,
+                                      g.d, plan.desc.d, &plan.heuristic.algo, workspace.data_ptr(),
+                                      plan.heuristic.workspaceSize, stream));
   return true;
 }
 

@@ -50,9 +50,13 @@ def _add_ln_fwd_kernel(X, RES, W, B, Y, MEAN, RSTD, M, N, stride_xm, stride_rm, 
     r = tl.load(RES + rows64 * stride_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     shift = _row_shift(X, RES, rows64, stride_xm, stride_rm, row_ok)
     s = tl.where(ok, x + r - shift, 0.0)
-    mean = tl.sum(s, 1) / N
+    n_float = N * 1.0  # N may arrive as a constexpr (N == 1): no .to()
+    # Correctly rounded divisions and square root: a plain `/` compiles to div.full (2 ulp) and
+    # tl.sqrt to sqrt.approx; rstd's error reaches every output element.
+    mean = tl.math.div_rn(tl.sum(s, 1), n_float)
     centered = tl.where(ok, s - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / N + eps)
+    variance = tl.math.div_rn(tl.sum(centered * centered, 1), n_float)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * w[None, :] + b[None, :]
@@ -93,8 +97,9 @@ def _add_ln_bwd_dx_kernel(X, RES, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL,
         shift = _row_shift(X, RES, rows64, stride_xm, stride_rm, row_ok)
         xhat = tl.where(ok, (x + r - shift - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dy
-        c1 = tl.sum(xhat * wdy, 1) / N
-        c2 = tl.sum(wdy, 1) / N
+        n_float = N * 1.0
+        c1 = tl.math.div_rn(tl.sum(xhat * wdy, 1), n_float)  # not div.full, as in forward
+        c2 = tl.math.div_rn(tl.sum(wdy, 1), n_float)
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + rows64 * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
         dw += tl.sum(dy * xhat, 0)

@@ -57,6 +57,10 @@ from .common import ceil_div
 # that no config spills registers on sm_80 or sm_90 (checked by aot.py / test_triton_compile.py).
 # fp32 runs its dots on FMA units, whose operand layouts take many more registers: small tiles.
 
+# CUDA's limits on a launch grid's (x, y, z) program counts.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
 def fwd_config(head_dim: int, dtype: torch.dtype, dropout: bool = False) -> dict:
     if dtype == torch.float32:  # D=128, 32 keys: 255 registers + 32 B spill (triton 3.6 sm_90)
         return dict(BLOCK_M=32, BLOCK_N=32 if head_dim <= 64 else 16,
@@ -151,7 +155,17 @@ class _Layout:
         return t.stride(0), t.stride(1), t.stride(2)
 
     def grid(self, block: int, over_keys: bool = False) -> tuple:
-        return ceil_div(self.max_k if over_keys else self.max_q, block), self.heads, self.batch
+        """(sequences, blocks of `block` queries, or keys with `over_keys`, heads).
+
+        Sequences go on x, the axis CUDA allows 2^31 - 1 programs on: a varlen batch easily has
+        more than the 65535 that y and z allow. Raises ValueError when a count exceeds its axis.
+        """
+        grid = (self.batch, ceil_div(self.max_k if over_keys else self.max_q, block), self.heads)
+        for count, limit, what in zip(grid, GRID_LIMITS, ("sequences", "row blocks", "heads")):
+            if count > limit:
+                raise ValueError(f"triton attention: {count} {what} exceed CUDA's grid limit "
+                                 f"{limit} on that axis (grid {grid}, block {block} rows)")
+        return grid
 
 
 def _real_key_range(key_padding_mask: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ compute; the layouts they read are described at each kernel.
 import triton
 import triton.language as tl
 
-from .common import mma
+from .common import mma, mul_rn
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code reads no plain globals
 SEQ_INFO_COLS = tl.constexpr(7)  # q first row, q length, k first row, k length, kv_lo, kv_hi, real keys
@@ -58,7 +58,7 @@ def _dropout_rng(RNG, pid_b, pid_h):
     (docs/correctness.md, attention dropout; backends/dropout.py is the PyTorch definition).
     """
     seed = tl.load(RNG)
-    n_heads = tl.num_programs(1)
+    n_heads = tl.num_programs(2)
     base = tl.load(RNG + 1) + (pid_b * n_heads + pid_h) * tl.load(RNG + 3)
     return seed, base, tl.load(RNG + 2).to(tl.uint32), tl.load(RNG + 4)
 
@@ -81,15 +81,20 @@ def _attn_fwd_kernel(
         DROPOUT: tl.constexpr):
     """O = dropout(softmax(Q K^T * scale, masked)) V for one block of BLOCK_M queries of one head.
 
-    Grid (cdiv(max_q, BLOCK_M), H, B). Q, K, V, O: rows of HEAD_DIM contiguous elements, query
-    row r of (sequence b, head h) at b*stride_qb + h*stride_qh + (q_row0 + r)*stride_qm, key row
-    r at the same with k_row0 and K's strides, (q_row0, ..., kv_hi) = SEQ_INFO[b] (stride_xb is
-    0 in the varlen layout, where the first rows are cu_seqlens_q[b] / cu_seqlens_k[b]).
+    Grid (B, cdiv(max_q, BLOCK_M), H): sequences on x, whose limit is 2^31 - 1 (see _Layout.grid
+    in attention.py). Q, K, V, O: rows of HEAD_DIM contiguous elements, query row r of
+    (sequence b, head h) at b*stride_qb + h*stride_qh + (q_row0 + r)*stride_qm, key row r at the
+    same with k_row0 and K's strides, (q_row0, ..., kv_hi) = SEQ_INFO[b] (stride_xb is 0 in the
+    varlen layout, where the first rows are cu_seqlens_q[b] / cu_seqlens_k[b]).
     KEY_MASK: uint8, key n of sequence b at b*stride_maskb + n, nonzero = real key (a row of ones
     with stride_maskb = 0 when there is no mask). The softmax statistics of the scaled scores
     s = q.k * sm_scale (before dropout), fp32, in ROW_STATS at b*stride_lseb + h*stride_lseh +
     (q_row0 + r) * 3: max_j s_j (natural units; +inf for a row with no real key, whose output is
-    0), then log2(sum_j exp(s_j - max)) (0 there); the third column is the backward's delta. The softmax subtracts the max in natural
+    0), then log2(sum_j exp(s_j - max)) (0 there); the third column is the backward's delta. The
+    product q.k * sm_scale is rounded on its own (common.mul_rn), here and in both backward
+    kernels, so that the backward recomputes bit for bit the scores whose max the forward saved
+    (fused into the next subtraction it would differ by up to half an ulp of the score: P off by
+    ~1e-3 on a one-hot row at |s| ~ 1e4). The softmax subtracts the max in natural
     units and only then multiplies by log2(e) for exp2: s * log2(e) would be rounded at the
     scores' magnitude (ulp(185) = 1.5e-5 at |s| = 128) before the max cancels it. The backward
     recomputes P from the two statistics, kept apart for the same reason (max + log(sum) would
@@ -102,9 +107,9 @@ def _attn_fwd_kernel(
     The program keeps q [BLOCK_M, HEAD_DIM] and the fp32 accumulator in registers and streams
     K/V blocks of BLOCK_N keys over the sequence's real-key range only.
     """
-    pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1).to(tl.int64)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_h = tl.program_id(2).to(tl.int64)
     q_row0, q_len, k_row0, _, kv_lo, kv_hi = _seq_bounds(SEQ_INFO, pid_b)
     if pid_m * BLOCK_M >= q_len:  # varlen: this sequence is shorter than max_q
         return
@@ -130,7 +135,7 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = _key_valid(offs_n, kv_lo, kv_hi, KEY_MASK)
         kt = tl.load(K + offs_n[None, :] * stride_km + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * sm_scale
+        s = mul_rn(mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)), sm_scale)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet: avoid -inf - -inf
@@ -167,7 +172,7 @@ def _attn_bwd_preprocess_kernel(
     """delta_i = dO_i . O_i in fp32 for BLOCK_M query rows of one head, into column 2 of
     ROW_STATS (see _attn_fwd_kernel).
 
-    Grid (cdiv(max_q, BLOCK_M), H, B); O and dO addressed as Q in the forward kernel. With
+    Grid (B, cdiv(max_q, BLOCK_M), H); O and dO addressed as Q in the forward kernel. With
     dropout this is still sum_j P_ij dP_ij (O holds the dropped, rescaled sum).
 
     Taken as the diagonal of the dot dO O^T, that is with the arithmetic of dP = dO V^T (the
@@ -185,9 +190,9 @@ def _attn_bwd_preprocess_kernel(
     of the fp32 output the rounding lost (the forward kernel's O_LO): delta is then as exact as
     from an fp32 O. O_LO is 0 on a one-hot row, so that term adds exactly 0 there.
     """
-    pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1).to(tl.int64)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_h = tl.program_id(2).to(tl.int64)
     q_row0, q_len, _, _, _, _ = _seq_bounds(SEQ_INFO, pid_b)
     if pid_m * BLOCK_M >= q_len:
         return
@@ -221,7 +226,7 @@ def _attn_bwd_dkdv_kernel(
         DROPOUT: tl.constexpr):
     """dK, dV for one block of BLOCK_N keys of one head, looping over all BLOCK_M query blocks.
 
-    Grid (cdiv(max_k, BLOCK_N), H, B). Pointers as in the forward kernel; DK, DV have their own
+    Grid (B, cdiv(max_k, BLOCK_N), H). Pointers as in the forward kernel; DK, DV have their own
     strides. The program owns its keys' dK and dV (fp32 accumulators, no atomics) and writes
     every one of them: zeros for a block that lies outside the real-key range. It recomputes
     P^T = exp2((K Q^T * sm_scale - max) * log2(e) - log2sum) from the forward's statistics (see
@@ -229,9 +234,9 @@ def _attn_bwd_dkdv_kernel(
     keep mask Z (scaled by drop_scale): dV += (P^T * Z^T) dO, dP^T = (V dO^T) * Z^T,
     dK += (P^T * (dP^T - delta)) Q, scaled by sm_scale at the end (see _ds_scale).
     """
-    pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1).to(tl.int64)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_h = tl.program_id(2).to(tl.int64)
     q_row0, q_len, k_row0, k_len, kv_lo, kv_hi = _seq_bounds(SEQ_INFO, pid_b)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
@@ -266,7 +271,7 @@ def _attn_bwd_dkdv_kernel(
         row_max = tl.load(stats, mask=row_ok, other=float("inf"))
         row_log2sum = tl.load(stats + 1, mask=row_ok, other=0.0)
         delta = tl.load(stats + 2, mask=row_ok, other=0.0)
-        s_t = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32)) * sm_scale
+        s_t = mul_rn(mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32)), sm_scale)
         p_t = tl.math.exp2((s_t - row_max[None, :]) * LOG2E - row_log2sum[None, :])
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
         dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32))
@@ -297,14 +302,14 @@ def _attn_bwd_dq_kernel(
         DROPOUT: tl.constexpr):
     """dQ for one block of BLOCK_M queries of one head, looping over the real-key range.
 
-    Grid (cdiv(max_q, BLOCK_M), H, B). The program owns its rows of dQ (fp32 accumulator):
+    Grid (B, cdiv(max_q, BLOCK_M), H). The program owns its rows of dQ (fp32 accumulator):
     dQ = sm_scale * (P * (dP - delta)) K with dP = (dO V^T) * Z (Z the forward's keep mask over
     1-p, DROPOUT only) and P recomputed from the forward's row max and log2-sum (as in
     _attn_bwd_dkdv_kernel). A row with no real key gets 0.
     """
-    pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1).to(tl.int64)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_h = tl.program_id(2).to(tl.int64)
     q_row0, q_len, k_row0, _, kv_lo, kv_hi = _seq_bounds(SEQ_INFO, pid_b)
     if pid_m * BLOCK_M >= q_len:
         return
@@ -331,7 +336,7 @@ def _attn_bwd_dq_kernel(
         key_ok = _key_valid(offs_n, kv_lo, kv_hi, KEY_MASK)
         kt = tl.load(K + offs_n[None, :] * stride_km + offs_d[:, None], mask=key_ok[None, :], other=0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vm + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * sm_scale
+        s = mul_rn(mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32)), sm_scale)
         # read per key block (L1 hits), not held across the loop: held, ptxas spilled 16 B
         # instead of 8 at head dim 64 in fp16/bf16 on sm_80
         row_max = tl.load(stats, mask=row_ok, other=float("inf"))

@@ -3,9 +3,10 @@
     linear_gelu(x, W, b) = gelu(x @ W^T + b)                     x [M, K], W [N, K], b [N]
     gelu_ffn(x, W1, b1, W2, b2) = linear_gelu(x, W1, b1) @ W2^T + b2
 
-Every product is ``_matmul_kernel`` (C = A @ B, any strides, fp32 accumulation, autotuned on
-M, N, K), specialised by two constexprs: what it does to A tiles as they are loaded (PROLOGUE)
-and what it does to the accumulator before its single store (EPILOGUE). The GELU flavour
+Every product is ``_matmul_kernel`` (C = A @ B, any strides, fp32 accumulation, autotuned per
+M, N, K, dtype and variant, AUTOTUNE_KEY), specialised by two constexprs: what it does to A tiles
+as they are loaded (PROLOGUE) and what it does to the accumulator before its single store
+(EPILOGUE). The GELU flavour
 ("tanh" = transformers' gelu_new, "none" = erf) is a runtime flag, so each (PROLOGUE, EPILOGUE)
 pair is one compiled kernel per config and dtype, not two.
 
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..reference.gelu_ffn import _gelu_and_grad
-from .common import INTERPRETING, ceil_div, mma
+from .common import INTERPRETING, ceil_div, exp_f32, mma
 
 # PROLOGUE: what happens to an A tile as it is loaded.
 PRO_NONE = tl.constexpr(0)       # A as is
@@ -58,9 +59,11 @@ def _erfc_nonneg(a):
     """erfc(a) for a >= 0 with fp32 relative accuracy in the tail (where 1 - erf(a) is 0).
     exp(-a^2) and exp(P(t) - err) are separate factors, err = the rounding of a^2 (fma), so no
     rounding of a large exponent sum is magnified (libdevice's erfc has no interpreter twin).
+    The exponentials are exp_f32 (tl.exp would round -a^2 * log2(e) at a^2's magnitude, undoing
+    the split) and t is a correctly rounded division (a plain `/` compiles to div.full, 2 ulp).
     a is clamped to 12, where exp(-a^2) is already 0 in fp32: a^2 never overflows."""
     a = tl.minimum(a, 12.0)
-    t = 1.0 / (1.0 + 0.5 * a)
+    t = tl.math.div_rn(1.0, 1.0 + 0.5 * a)
     p = 0.17087277
     p = p * t - 0.82215223
     p = p * t + 1.48851587
@@ -72,7 +75,7 @@ def _erfc_nonneg(a):
     p = p * t + 1.00002368
     a2 = a * a
     a2_err = tl.fma(a, a, -a2)
-    return t * tl.exp(-a2) * tl.exp(p * t + ERFC_C - a2_err)
+    return t * exp_f32(-a2) * exp_f32(p * t + ERFC_C - a2_err)
 
 
 @triton.jit
@@ -118,7 +121,13 @@ def _gelu_grad(z, gelu_tanh):
         zc = tl.minimum(tl.maximum(z, -GELU_CLAMP), GELU_CLAMP)  # exact: er2 = 0 beyond
         d = s + zc * er2 * (2.0 * SQRT_2_OVER_PI) * (1.0 + zc * zc * (3.0 * GELU_COEF))
     else:
-        d = _phi(z) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        # exp(-z^2 / 2) = exp(-h) (1 - h_err) to fp32 accuracy, h_err the rounding of h (as in
+        # _erfc_nonneg); z clamped to +-30 (exactly 0 beyond), so h never overflows to inf
+        zc = tl.minimum(tl.maximum(z, -GELU_CLAMP), GELU_CLAMP)
+        half_z = 0.5 * zc
+        h = half_z * zc
+        h_err = tl.fma(half_z, zc, -h)
+        d = _phi(z) + z * INV_SQRT_2PI * (exp_f32(-h) * (1.0 - h_err))
     return d
 
 
@@ -182,7 +191,13 @@ def _prune_configs(configs, named_args, **kwargs):
     return usable_configs(configs, elem_bytes, limit, gelu)
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+# The autotune key: the shape, and the constexprs that select the code (a GELU prologue or epilogue
+# prunes the tile list differently, see usable_configs, and runs at another speed); triton adds
+# the operands' dtypes itself.
+AUTOTUNE_KEY = ["M", "N", "K", "PROLOGUE", "EPILOGUE", "ROWSUM_A"]
+
+
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["gelu_tanh"])
 def _matmul_kernel(
         A, B, C, BIAS, Z, DZ, ROWSUM, M, N, K, gelu_tanh,
