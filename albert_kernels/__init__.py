@@ -7,6 +7,7 @@
 """
 from .backends import available_backends
 from .errors import BackendUnavailable
+from .integrations import register_hf_attention
 from .model import (AlbertConfig, AlbertForMaskedLM, AlbertForMultipleChoice, AlbertForPreTraining,
                     AlbertForQuestionAnswering, AlbertForSequenceClassification,
                     AlbertForTokenClassification, AlbertModel)
@@ -21,4 +22,5 @@ __all__ = [
     "AlbertForSequenceClassification", "AlbertForTokenClassification", "AlbertForQuestionAnswering",
     "AlbertForMultipleChoice",
     "attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad", "pad", "patch_hf",
+    "register_hf_attention",
 ]
