@@ -307,3 +307,33 @@ def test_register_rejects_bad_arguments():
         ak.register_hf_attention("albert_kernels_x", backend=3)
     with pytest.raises(ValueError, match="backend"):
         ak.register_hf_attention("albert_kernels_x", backend="nope")
+
+
+FAMILY = {
+    "roberta": lambda kw: transformers.RobertaConfig(**kw),
+    "xlm_roberta": lambda kw: transformers.XLMRobertaConfig(**kw),
+    "electra": lambda kw: transformers.ElectraConfig(embedding_size=16, **kw),
+    "distilbert": lambda kw: transformers.DistilBertConfig(
+        vocab_size=kw["vocab_size"], dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+        max_position_embeddings=kw["max_position_embeddings"], attention_dropout=0.0, dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_other_encoders_dispatch_through_the_interface(family, cpu_backend, calls):
+    """The rest of the BERT family reaches our attention through the same string and keeps
+    transformers' SDPA outputs (left and right padding in one batch)."""
+    name = ak.register_hf_attention(f"albert_kernels_{cpu_backend}", backend=cpu_backend)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=48, max_position_embeddings=40, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(FAMILY[family](kw), attn_implementation="sdpa")
+    model.eval()
+    ids, mask = _batch("right")
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = _with(model, name)(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (got - want).abs().max().item() <= 1e-5
+    assert calls["attention"] == 2 and calls["sdpa"] == 0, calls
