@@ -228,6 +228,28 @@ def test_output_attentions_are_eager_probabilities(kind, impl, calls):
     assert calls["attention"] == 0 and calls["sdpa"] == 0
 
 
+def test_output_attentions_from_the_config(impl):
+    model = _model("bert", attn="eager", output_attentions=True).eval()
+    ids, mask = _batch("left")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).attentions
+        got = _with(model, impl)(input_ids=ids, attention_mask=mask).attentions
+    assert len(got) == 2 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+
+
+def test_output_attentions_with_cu_seq_lens_needs_the_packed_mask(impl):
+    model = _with(_model("bert").eval(), impl)
+    _, batch = _flattened([3, 4])
+    flash = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="output_attentions"):
+            model(input_ids=batch["input_ids"], output_attentions=True, **flash)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    output_attentions=True, **flash)
+    probs = out.attentions[0][0, 0]
+    assert probs[:3, 3:].abs().max().item() == 0 and probs[3:, :3].abs().max().item() == 0
+
+
 def test_custom_4d_additive_mask_falls_back_to_sdpa(impl, calls):
     """A 4D mask we did not build (here arbitrary additive biases) is passed to transformers' SDPA
     as it is: the same numbers as attn_implementation="sdpa"."""

@@ -190,15 +190,22 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     query, key, value: [B, H, L, D] (one float dtype); attention_mask: None, a mask from
     :func:`albert_kernels_mask`, or any 4D mask transformers would pass to SDPA. Returns
     (attn_output [B, L, H, D], attn_weights: None, or [B, H, L, L] with output_attentions).
-    Raises ValueError for head_mask, and for cu_seq_lens keyword arguments beside a mask that is
-    not the packed-rows mask of the same sequences.
+    Raises ValueError for head_mask, for cu_seq_lens keyword arguments beside a mask that is not
+    the packed-rows mask of the same sequences, and for output_attentions (argument, else the
+    module's config) with cu_seq_lens but no such mask.
     """
     if kwargs.get("head_mask") is not None:
         raise ValueError("head_mask is not supported by attn_implementation='albert_kernels' "
                          "(use attn_implementation='eager')")
-    if kwargs.get("output_attentions"):
+    flash_kwargs = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    config = getattr(module, "config", None)
+    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        if flash_kwargs and getattr(attention_mask, _VARLEN_ATTR, None) is None:
+            raise ValueError("output_attentions=True with cu_seq_lens_q/cu_seq_lens_k: the "
+                             "probabilities need the sequences as an attention_mask (pass "
+                             "position_ids, or no cu_seq_lens)")
         return _eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+    if flash_kwargs:
         return _flash_kwargs_varlen(query, key, value, attention_mask, scaling, dropout, backend,
                                     kwargs)
     kind = _fused_kind(module, query, key, value, attention_mask, kwargs)
