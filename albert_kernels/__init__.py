@@ -7,6 +7,7 @@
 """
 from .backends import available_backends
 from .errors import BackendUnavailable
+from .integrations import register_hf_attention
 from .model import (AlbertConfig, AlbertForMaskedLM, AlbertForMultipleChoice, AlbertForPreTraining,
                     AlbertForQuestionAnswering, AlbertForSequenceClassification,
                     AlbertForTokenClassification, AlbertModel)
@@ -21,5 +22,5 @@ __all__ = [
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM",
     "AlbertForSequenceClassification", "AlbertForTokenClassification", "AlbertForQuestionAnswering",
     "AlbertForMultipleChoice",
-    "patch_hf", *ops.__all__,
+    "patch_hf", "register_hf_attention", *ops.__all__,
 ]
