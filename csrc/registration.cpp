@@ -26,9 +26,9 @@
 //   pack_linear_weight / packed_linear / packed_albert_layer: the small-M inference path, CPU
 //     float32 only, no autograd (csrc/cpu/small_m.cpp has the packed layout): weight [S*N, K]
 //     -> packed [S * ceil(N / R), K, R], R = packed_panel_width() (the register tile's width for
-//     the build's vector ISA: 24 with AVX2, 48 with AVX-512); packed_linear(x [M, K]) -> [M, N] ([S, M, N] for
-//     S > 1 segments), bias and GELU (gelu_approximate "tanh" / "none"; None: no activation)
-//     in the epilogue;
+//     the build's vector ISA: 24 with AVX2, 48 with AVX-512); packed_linear(x [M, K]) -> [M, N]
+//     ([S, M, N] for S > 1 segments), bias and GELU (gelu_approximate "tanh" / "none"; None: no
+//     activation) in the epilogue;
 //     packed_albert_layer(hidden_states [M, H], cu_seqlens int32 [B+1], ...) -> [M, H], one whole
 //     ALBERT layer in eval mode (qkv_weight: Q, K, V packed as 3 segments).
 //   Attention dropout (both layouts): dropout_p in [0, 1) on the softmax probabilities, kept

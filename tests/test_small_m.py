@@ -2,7 +2,8 @@
 packed_albert_layer, each held to the fp32 error budget set by plain PyTorch against float64, on
 shapes that exercise every edge of the kernel (rows not a multiple of the row tile, 4 or 8 rows;
 outputs not a multiple of the panel, 24 or 48 wide; inputs not a multiple of the block, 256 or 128
-long; more rows than one 256-row pass), and the errors for bad arguments. The model-level path that uses them is tested in test_packed_linear.py."""
+long; more rows than one pass), and the errors for bad arguments. The model-level path that uses
+them is tested in test_packed_linear.py."""
 import pytest
 import torch
 import torch.nn.functional as F
