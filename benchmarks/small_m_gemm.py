@@ -28,8 +28,8 @@ call of each path per round; medians), in GFLOP/s:
 (``--paths`` keeps only the named ones), then the whole shared-weight encoder loop (12 applications
 of one layer's four products: fused QKV, attention output, FFN in, FFN out; 28 MB of weights that
 stay in L3) per path, in GFLOP/s and ms, against the large-M rate (torch.mm at M = 512)
-(``--no-loop`` skips it). ``--json`` writes every median with the CPU's model name and flags (the per-ISA kernel table of
-albert_kernels/backends/cpp/isa.py is read off such files).
+(``--no-loop`` skips it). ``--json`` writes every median with the CPU's model name and flags
+(the per-ISA kernel table of albert_kernels/backends/cpp/isa.py is read off such files).
 """
 from __future__ import annotations
 
