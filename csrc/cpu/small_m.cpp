@@ -199,56 +199,61 @@ void gelu_rows(float* C, int64_t ldc, int64_t rows, int64_t ncols) {
   }
 }
 
-// C_s[M, N] (s < segments; C_s = C + s * seg_stride, row stride ldc) = A [M, K] (row stride lda)
-// @ W_s^T + bias[s * N, (s + 1) * N), then GELU if gelu is set; packed as pack_linear_weight.
-void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
-               int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
-               int64_t seg_stride, std::optional<Gelu> gelu) {
+// Panels [t0, t1) (of all segments' P panels each) of C_s[M, N] (s < segments; C_s = C + s *
+// seg_stride, row stride ldc) = A [M, K] (row stride lda) @ W_s^T + bias[s * N, (s + 1) * N),
+// then GELU if gelu is set; packed as pack_linear_weight. One thread's share of one pass.
+void gemm_rows(int64_t t0, int64_t t1, int64_t M, int64_t K, const float* A, int64_t lda,
+               const float* packed, int64_t segments, int64_t N, const float* bias, float* C,
+               int64_t ldc, int64_t seg_stride, std::optional<Gelu> gelu) {
   const int64_t P = (N + kNR - 1) / kNR;
-  at::parallel_for(0, segments * P, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / P, n0 = (t % P) * kNR, ncols = std::min(kNR, N - n0);
-      const float* panel = packed + t * K * kNR;
-      float* c = C + s * seg_stride + n0;
-      const float* b = bias ? bias + s * N + n0 : nullptr;
-      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-        const int64_t kk = std::min(kKC, K - k0);
-        const bool first = k0 == 0, last = k0 + kk == K;
-        const float* bb = last ? b : nullptr;
-        const float* blk = panel + k0 * kNR;
-        // One row tile: it prefetches its own stream ahead. Several: tile i prefetches rows
-        // [i * share, (i + 1) * share) of the next block (contiguous after this one: the next
-        // block of this panel or the next panel's first).
-        const int64_t full = M / kMR, rest = M % kMR, tiles = full + (rest > 0);
-        const float* pf = blk + kPrefetchRows * kNR;
-        int64_t share = kk;
-        if (tiles > 1) {
-          const int64_t next_kk = last ? std::min(kKC, K) : std::min(kKC, K - k0 - kk);
-          pf = blk + kk * kNR;
-          share = (next_kk + tiles - 1) / tiles;
-        }
-        for (int64_t i = 0; i < tiles; ++i, pf += share * kNR) {  // row tile i (t is the panel)
-          const float* a = A + i * kMR * lda + k0;
-          float* ct = c + i * kMR * ldc;
-          tile_rows(i < full ? kMR : static_cast<int>(rest), kk, a, lda, blk, ct, ldc, ncols,
-                    first, bb, pf, share);
-        }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t s = t / P, n0 = (t % P) * kNR, ncols = std::min(kNR, N - n0);
+    const float* panel = packed + t * K * kNR;
+    float* c = C + s * seg_stride + n0;
+    const float* b = bias ? bias + s * N + n0 : nullptr;
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kk = std::min(kKC, K - k0);
+      const bool first = k0 == 0, last = k0 + kk == K;
+      const float* bb = last ? b : nullptr;
+      const float* blk = panel + k0 * kNR;
+      // One row tile: it prefetches its own stream ahead. Several: tile i prefetches rows
+      // [i * share, (i + 1) * share) of the next block (contiguous after this one: the next
+      // block of this panel or the next panel's first).
+      const int64_t full = M / kMR, rest = M % kMR, tiles = full + (rest > 0);
+      const float* pf = blk + kPrefetchRows * kNR;
+      int64_t share = kk;
+      if (tiles > 1) {
+        const int64_t next_kk = last ? std::min(kKC, K) : std::min(kKC, K - k0 - kk);
+        pf = blk + kk * kNR;
+        share = (next_kk + tiles - 1) / tiles;
       }
-      if (gelu == Gelu::Tanh) gelu_rows<Gelu::Tanh>(c, ldc, M, ncols);
-      if (gelu == Gelu::Erf) gelu_rows<Gelu::Erf>(c, ldc, M, ncols);
+      for (int64_t i = 0; i < tiles; ++i, pf += share * kNR) {  // row tile i (t is the panel)
+        const float* a = A + i * kMR * lda + k0;
+        float* ct = c + i * kMR * ldc;
+        tile_rows(i < full ? kMR : static_cast<int>(rest), kk, a, lda, blk, ct, ldc, ncols,
+                  first, bb, pf, share);
+      }
     }
-  });
+    if (gelu == Gelu::Tanh) gelu_rows<Gelu::Tanh>(c, ldc, M, ncols);
+    if (gelu == Gelu::Erf) gelu_rows<Gelu::Erf>(c, ldc, M, ncols);
+  }
 }
 
-// gemm_rows on passes of at most kMC rows (and kPassFloats of x, in whole row tiles).
+// gemm_rows on passes of at most kMC rows (and kPassFloats of x, in whole row tiles). One
+// parallel region: each thread owns a range of panels (output columns) for every pass, so the
+// passes need no barrier between them (a region per pass ran FFN out at 2 threads, on a loaded
+// machine, at a quarter of its 1-thread rate from two passes on).
 void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
                  int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
                  int64_t seg_stride, std::optional<Gelu> gelu) {
   const int64_t mc = std::max<int64_t>(kMR, std::min(kMC, kPassFloats / K) / kMR * kMR);
-  for (int64_t m0 = 0; m0 < M; m0 += mc) {
-    gemm_rows(std::min(mc, M - m0), K, A + m0 * lda, lda, packed, segments, N, bias,
-              C + m0 * ldc, ldc, seg_stride, gelu);
-  }
+  const int64_t panels = segments * ((N + kNR - 1) / kNR);
+  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t m0 = 0; m0 < M; m0 += mc) {
+      gemm_rows(t0, t1, std::min(mc, M - m0), K, A + m0 * lda, lda, packed, segments, N, bias,
+                C + m0 * ldc, ldc, seg_stride, gelu);
+    }
+  });
 }
 
 void check_f32(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
