@@ -1,6 +1,7 @@
 // The small-M path: fp32 inference on packed weights, written for a handful of tokens (one short
 // request; issue 16, docs/performance.md "One short request: the small-M path") and used up to
-// 4096 tokens (model/packed.py MAX_TOKENS), where it also runs ahead of MKL's F.linear.
+// the token count where MKL's F.linear catches up, per ISA (backends/cpp/isa.py: 4096 on AVX2,
+// 1024 on AVX-512).
 //
 // With a few token rows a linear layer reads its whole weight for a few rows of work. ALBERT
 // shares one layer's weights across all depths, so the weights are packed ONCE into the layout
@@ -18,8 +19,9 @@
 //     product -> add + LayerNorm -> FFN in + GELU -> FFN out -> add + LayerNorm, in one call, so
 //     the host pays one dispatch per layer instead of ~10.
 //
-// The product (gemm_packed): rows in passes of kMC; in each, work is split over panels (kNR output
-// features each: 24 in the AVX2 build, 48 in the AVX-512 one) across threads; each panel streams
+// The product (gemm_packed): work is split over panels (kNR output features each: 24 in the AVX2
+// build, 48 in the AVX-512 one) across threads, each thread owning its panels in one parallel
+// region; rows run in passes of kMC (fewer at large K, AVX-512); in each pass, each panel streams
 // once through the cache in blocks of kKC inputs (24 KiB: L1), and every block is reused by all
 // row tiles (AVX2: kMR = 4 rows x 24 columns, 12 ymm accumulators; AVX-512: 8 rows x 48 columns,
 // 24 zmm accumulators; plus 3 weight vectors and 1 broadcast). Each block's partial sums start
