@@ -2,7 +2,7 @@
 (issue 16, point 1; the measurement behind albert_kernels/model/packed.py).
 
     python benchmarks/small_m_gemm.py [--min-time 0.5] [--tokens 1 8 32 128] [--loop-only]
-                                      [--threads N]
+                                      [--threads N] [--paths NAME ...] [--no-loop] [--json FILE]
 
 For M tokens and ALBERT-base's shapes (y = x @ W^T + b, W [N, K]: 768x768 attention output,
 2304x768 fused Q/K/V, 3072x768 FFN in, 768x3072 FFN out) it times, interleaved round-robin (one
@@ -25,13 +25,17 @@ call of each path per round; medians), in GFLOP/s:
                   packed_linear (what albert_kernels/model/packed.py runs); skipped when the cpp
                   extension does not load
 
-then the whole shared-weight encoder loop (12 applications of one layer's four products: fused
-QKV, attention output, FFN in, FFN out; 28 MB of weights that stay in L3) per path, in GFLOP/s
-and ms, against the large-M rate (torch.mm at M = 512).
+(``--paths`` keeps only the named ones), then the whole shared-weight encoder loop (12 applications
+of one layer's four products: fused QKV, attention output, FFN in, FFN out; 28 MB of weights that
+stay in L3) per path, in GFLOP/s and ms, against the large-M rate (torch.mm at M = 512)
+(``--no-loop`` skips it). ``--json`` writes every median with the CPU's model name and flags
+(the per-ISA kernel table of albert_kernels/backends/cpp/isa.py is read off such files).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
 
@@ -87,6 +91,25 @@ def interleaved(fns: dict, min_time: float) -> dict:
     return {k: statistics.median(t) for k, t in times.items()}
 
 
+def cpu_description() -> dict:
+    """The CPU's model name, its vector ISA flags and torch's CPU capability."""
+    model, flags = platform.processor(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and ":" in line:
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    return {"model": model, "isa_flags": isa,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--min-time", type=float, default=0.5)
@@ -94,27 +117,49 @@ def main() -> None:
     ap.add_argument("--loop-only", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
                     "torch's; 1 keeps a loaded machine's descheduled threads out of the figures)")
+    ap.add_argument("--paths", nargs="+", default=None,
+                    help="keep only these paths (names as printed, e.g. 'ours small-M' F.linear)")
+    ap.add_argument("--no-loop", action="store_true", help="the single products only")
+    ap.add_argument("--json", default=None, help="write the medians (and the CPU) to this file")
     args = ap.parse_args()
+    if args.loop_only and args.no_loop:
+        ap.error("--loop-only and --no-loop leave nothing to time")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     weights = {name: (torch.randn(n, k) * 0.02, torch.randn(n) * 0.02)
                for name, (n, k) in SHAPES.items()}
+    record = {"cpu": cpu_description(), "threads": torch.get_num_threads(),
+              "min_time_s": args.min_time, "products": [], "loop": []}
+
+    def keep(fns: dict) -> dict:
+        if args.paths is None:
+            return fns
+        unknown = set(args.paths) - set(fns)
+        if unknown:
+            ap.error(f"--paths: unknown {sorted(unknown)}; known: {sorted(fns)}")
+        return {k: f for k, f in fns.items() if k in args.paths}
+
     with torch.inference_mode():
         a, bm = torch.randn(512, H), torch.randn(H, I)
         big = interleaved({"mm": lambda: torch.mm(a, bm)}, args.min_time)["mm"]
-        print(f"large-M rate (torch.mm 512x768 @ 768x3072): {2 * 512 * H * I / big / 1e9:.1f} "
+        record["large_m_gflops"] = 2 * 512 * H * I / big / 1e9
+        print(f"large-M rate (torch.mm 512x768 @ 768x3072): {record['large_m_gflops']:.1f} "
               f"GFLOP/s; torch threads {torch.get_num_threads()}")
         for m in args.tokens:
-            per = {name: paths(w, b, m) for name, (w, b) in weights.items()}
+            per = {name: keep(paths(w, b, m)) for name, (w, b) in weights.items()}
             names = list(next(iter(per.values())))
             if not args.loop_only:
                 for shape, (n, k) in SHAPES.items():
                     x = torch.randn(m, k)
                     med = interleaved({p: (lambda f=f: f(x)) for p, f in per[shape].items()},
                                       args.min_time)
+                    record["products"].append({"M": m, "N": n, "K": k, "shape": shape,
+                                               "median_s": med})
                     print(f"M={m:4d} {shape:20s} " + "  ".join(
-                        f"{p} {2 * m * n * k / s / 1e9:6.1f}" for p, s in med.items()))
+                        f"{p} {2 * m * n * k / s / 1e9:6.1f}" for p, s in med.items()), flush=True)
+            if args.no_loop:
+                continue
             x_h = torch.randn(m, H)
 
             def loop(p):
@@ -131,8 +176,13 @@ def main() -> None:
                 return run
             med = interleaved({p: loop(p) for p in names}, args.min_time)
             flops = 2 * m * LAYERS * (4 * H * H + 2 * H * I)
+            record["loop"].append({"M": m, "median_s": med})
             print(f"M={m:4d} 12-layer loop      " + "  ".join(
-                f"{p} {flops / s / 1e9:6.1f} GFLOP/s {1e3 * s:6.2f} ms" for p, s in med.items()))
+                f"{p} {flops / s / 1e9:6.1f} GFLOP/s {1e3 * s:6.2f} ms" for p, s in med.items()),
+                flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

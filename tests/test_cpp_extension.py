@@ -159,6 +159,7 @@ def _op_samples():
                                   *drop)),
         ("bias_gelu", (f(6, 24), f(24), "tanh")),  # inference only: no grad inputs
         # the small-M inference ops (no autograd): hidden 48 (4 heads), FFN 40 (a partial panel)
+        ("packed_panel_width", ()),
         ("pack_linear_weight", (f(3 * 48, 48), 3)),
         ("packed_linear", (f(5, 48), ao.pack_linear_weight(f(40, 48)), 40, f(40), "none")),
         ("packed_albert_layer", (

@@ -1,8 +1,9 @@
 """The cpp backend's small-M ops (csrc/cpu/small_m.cpp): pack_linear_weight, packed_linear and
 packed_albert_layer, each held to the fp32 error budget set by plain PyTorch against float64, on
-shapes that exercise every edge of the kernel (rows not a multiple of the 4-row tile, outputs not
-a multiple of the 24-wide panel, inputs not a multiple of the 256-long block, more rows than one
-256-row pass), and the errors for bad arguments. The model-level path that uses them is tested in test_packed_linear.py."""
+shapes that exercise every edge of the kernel (rows not a multiple of the row tile, 4 or 8 rows;
+outputs not a multiple of the panel, 24 or 48 wide; inputs not a multiple of the block, 256 or 128
+long; more rows than one pass), and the errors for bad arguments. The model-level path that uses
+them is tested in test_packed_linear.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ def _linear(x, w, b, approximate):
 
 @pytest.mark.parametrize("m, n, k", [(1, 24, 16), (2, 768, 768), (5, 50, 300), (7, 3072, 768),
                                      (8, 768, 3072), (13, 25, 513), (128, 96, 64),
-                                     (257, 24, 16), (603, 50, 300)])
+                                     (17, 96, 129), (257, 24, 16), (603, 50, 300)])
 @pytest.mark.parametrize("approximate", [None, "tanh", "none"])
 def test_packed_linear_within_budget(ops, m, n, k, approximate):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -47,7 +48,9 @@ def test_packed_linear_segments_and_no_bias(ops):
     torch.manual_seed(0)
     x, w, b = torch.randn(6, 32), torch.randn(3 * 40, 32), torch.randn(3 * 40)
     packed = ops.pack_linear_weight(w, 3)
-    assert packed.shape == (3 * 2, 32, 24)
+    panel = ops.packed_panel_width()
+    assert panel in (24, 48)  # the AVX2 / AVX-512 tile (one panel of 48 or two of 24 per segment)
+    assert packed.shape == (3 * -(-40 // panel), 32, panel)
     got = ops.packed_linear(x, packed, 40, b, None, 3)
     assert got.shape == (3, 6, 40)
     for s in range(3):
@@ -135,8 +138,10 @@ def test_bad_arguments_name_what_was_expected(ops):
         ops.pack_linear_weight(w, 4)
     with pytest.raises(RuntimeError, match="packed_linear: x must be a contiguous 2-d float32"):
         ops.packed_linear(x.t(), packed, 30)
+    panel = ops.packed_panel_width()
     with pytest.raises(RuntimeError, match=r"packed_weight must be a pack_linear_weight result of "
-                                           r"shape \[3, 16, 24\] .*got \[2, 16, 24\]"):
+                                           rf"shape \[{-(-60 // panel)}, 16, {panel}\] .*got "
+                                           rf"\[{-(-30 // panel)}, 16, {panel}\]"):
         ops.packed_linear(x, packed, 60)
     with pytest.raises(RuntimeError, match="packed_linear: bias must have 30 elements"):
         ops.packed_linear(x, packed, 30, torch.zeros(29))

@@ -179,6 +179,7 @@ CASES: list[OpCase] = [
     gelu_ffn_case(8, 32, 64),
     gelu_ffn_case(5, 40, 72, "none"),
     gelu_ffn_case(1, 16, 64),
+    gelu_ffn_case(1100, 32, 72, "none"),  # several row blocks in every dtype (256 or 1024 rows)
     gelu_ffn_case(64, 768, 3072, quick=False),
     gelu_ffn_case(17, 1000, 1536, "none", quick=False),
 ]

@@ -11,7 +11,7 @@
 //   The GEMM runs without bias (beta = 0); one epilogue pass (bias_gelu_rows) then adds b1,
 //   writes pre back and writes gelu(pre): the bias costs no pass of its own. linear_gelu: one
 //   GEMM over all rows, then the epilogue in parallel over rows. gelu_ffn: rows are processed
-//   in blocks of kBlockRows: the block's GEMM is followed at once by the epilogue over that
+//   in blocks of kBlockRows (kReducedBlockRows for bf16 / fp16): the block's GEMM is followed at once by the epilogue over that
 //   block while it is still in cache, then the second GEMM on the block's activation, so the
 //   [M, I] activation is never written out whole. The epilogue computes in acc_t (fp32); its
 //   exp is fast_exp (common.h), shared with the backward.
@@ -34,6 +34,16 @@ namespace albert_kernels::cpu {
 namespace {
 
 constexpr int64_t kBlockRows = 256;  // rows per GEMM + epilogue block (see bench_cpu_ops.py)
+// ... for bf16 / fp16: their products go to oneDNN (AMX or AVX512-BF16 where the CPU has them),
+// which reorders the weight on every call, so short blocks cost a reorder each: 1-thread bf16
+// products of 3072x768 / 768x3072 at M = 2048 ran at 342-372 / 317-371 GFLOP/s in 256-row calls
+// and 409-450 / 389-431 in 1024-row ones (Xeon with AMX; a 1024-row bf16 activation of
+// intermediate size 3072 is 6 MiB).
+constexpr int64_t kReducedBlockRows = 1024;
+
+int64_t block_rows(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 || dtype == at::kHalf ? kReducedBlockRows : kBlockRows;
+}
 
 // The GEMM's epilogue, for a block of `rows` x N, parallel over rows: z = x + bias and
 // out = gelu(z), with z written to `z_out` when it is not null (linear_gelu passes its GEMM
@@ -162,8 +172,8 @@ void fused_forward(Gelu kind, const at::Tensor& x, const at::Tensor& w1, const a
   const int64_t M = x.size(0), N = w1.size(0);
   const at::Tensor w1t = w1.t();
   // linear_gelu (no second GEMM): one GEMM over all rows (BLAS is fastest on the whole matrix),
-  // then one parallel GELU pass. gelu_ffn: blocks of kBlockRows, so the activation stays small.
-  const int64_t block = out2 ? kBlockRows : std::max<int64_t>(M, 1);
+  // then one parallel GELU pass. gelu_ffn: blocks of block_rows(), so the activation stays small.
+  const int64_t block = out2 ? block_rows(x.scalar_type()) : std::max<int64_t>(M, 1);
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
     at::Tensor pre_blk = pre.narrow(0, r0, rows);
@@ -215,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd(const at::Tensor& x, const at::T
   const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   const int64_t M = x.size(0);
   at::Tensor pre = at::empty({M, w1.size(0)}, x.options());
-  at::Tensor act_scratch = at::empty({std::min(M, kBlockRows), w1.size(0)}, x.options());
+  at::Tensor act_scratch =
+      at::empty({std::min(M, block_rows(x.scalar_type())), w1.size(0)}, x.options());
   at::Tensor out = at::empty({M, w2.size(0)}, x.options());
   fused_forward(kind, x, w1, b1, pre, act_scratch, &w2, &b2, &out);
   return {out, pre};

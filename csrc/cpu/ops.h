@@ -20,4 +20,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     double dropout_p, int64_t seed, int64_t offset, bool save_residual);
 
+// small_m.cpp: output features per panel of pack_linear_weight's layout (the register tile's
+// width for the vector ISA this library was built for: 24 with AVX2, 48 with AVX-512).
+int64_t packed_panel_width();
+
 }  // namespace albert_kernels::cpu

@@ -1,6 +1,7 @@
 // The small-M path: fp32 inference on packed weights, written for a handful of tokens (one short
 // request; issue 16, docs/performance.md "One short request: the small-M path") and used up to
-// 4096 tokens (model/packed.py MAX_TOKENS), where it also runs ahead of MKL's F.linear.
+// the token count where MKL's F.linear catches up, per ISA (backends/cpp/isa.py: 4096 on AVX2,
+// 1024 on AVX-512).
 //
 // With a few token rows a linear layer reads its whole weight for a few rows of work. ALBERT
 // shares one layer's weights across all depths, so the weights are packed ONCE into the layout
@@ -18,12 +19,15 @@
 //     product -> add + LayerNorm -> FFN in + GELU -> FFN out -> add + LayerNorm, in one call, so
 //     the host pays one dispatch per layer instead of ~10.
 //
-// The product (gemm_packed): rows in passes of kMC; in each, work is split over panels (kNR = 24
-// output features each) across threads; each panel streams once through the cache in blocks of kKC
-// inputs (24 KiB: L1), and every block is reused by all row tiles (kMR = 4 rows x 24 columns: 12
-// ymm accumulators, 3 weight vectors, 1 broadcast). Each block's partial sums start from zero in
-// registers and are added to the output (two-level summation: rounding grows with kKC + K / kKC
-// terms, not K); the last block adds the bias and applies GELU while the tile is in L1.
+// The product (gemm_packed): work is split over panels (kNR output features each: 24 in the AVX2
+// build, 48 in the AVX-512 one) across threads, each thread owning its panels in one parallel
+// region; rows run in passes of kMC (fewer at large K, AVX-512); in each pass, each panel streams
+// once through the cache in blocks of kKC inputs (24 KiB: L1), and every block is reused by all
+// row tiles (AVX2: kMR = 4 rows x 24 columns, 12 ymm accumulators; AVX-512: 8 rows x 48 columns,
+// 24 zmm accumulators; plus 3 weight vectors and 1 broadcast). Each block's partial sums start
+// from zero in registers and are added to the output (two-level summation: rounding grows with
+// kKC + K / kKC terms, not K); the last block adds the bias and applies GELU while the tile is in
+// L1.
 // Why our own kernel (benchmarks/small_m_gemm.py): at M = 8 oneDNN's packed GEMM (the best
 // library path reachable from torch) ran the 12-layer loop at about 0.3x of its large-M rate.
 #include "common.h"
@@ -36,15 +40,53 @@
 namespace albert_kernels::cpu {
 namespace {
 
-constexpr int64_t kNR = 24;   // output features per panel (3 AVX2 vectors)
-constexpr int64_t kKC = 256;  // inputs per block: a 24 KiB panel block stays in L1
-constexpr int kMR = 4;        // rows per register tile
+// The register tile, per vector ISA of the build (build.py): kNR = 3 vectors of output features,
+// kMR rows, so kMR * 3 accumulators + 3 weight vectors + 1 broadcast stay in registers
+// (AVX2: 4 x 24, 16 ymm; AVX-512: 8 x 48, 28 of the 32 zmm), and kKC inputs per block so that a
+// panel block (kKC * kNR floats, 24 KiB) stays in L1.
+#if defined(CPU_CAPABILITY_AVX512)
+using VecF = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int kMR = 8;
+constexpr int64_t kKC = 128;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+#elif defined(ALBERT_KERNELS_AVX2)
+using VecF = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int kMR = 4;
+constexpr int64_t kKC = 256;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+#else
+constexpr int64_t kLanes = 8;
+constexpr int kMR = 4;
+constexpr int64_t kKC = 256;
+#endif
+constexpr int64_t kNR = 3 * kLanes;  // output features per panel
 // Rows per pass over the weights: a longer input runs as several passes of kMC rows, so a pass's
 // rows of x stay in L2 while a panel streams through (at M = 1024, K = 3072 one pass ran at 0.9x
 // MKL's rate; passes of 256 rows keep the rate measured at M = 256).
 constexpr int64_t kMC = 256;
-// Prefetching (two cache lines per k step: a row of kNR floats is 1.5 lines): with one row tile,
-// it prefetches kPrefetchRows rows ahead in its own stream; with several, each prefetches its
+// AVX-512 build: at most kPassFloats of x per pass (768 KiB: 256 rows at K = 768), so that with
+// K = 3072 a pass is 64 rows and stays in L2 too (one 256-row pass, 3 MiB, ran the 768x3072
+// product at 0.84x MKL's rate at M = 1024). The AVX2 build keeps 256-row passes at every K (the
+// rates it was measured at).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kPassFloats = 256 * 768;
+#else
+constexpr int64_t kPassFloats = INT64_MAX;
+#endif
+// Prefetching (kNR floats per k step, one prefetch per 64-byte line): with one row tile, it
+// prefetches kPrefetchRows rows ahead in its own stream; with several, each prefetches its
 // share of the next block while it computes on this one, so the next block is in L1 when it
 // starts and the prefetches are spread over the whole block's time (one tile prefetching the
 // whole next block while it computes, as before, measured ~8% slower at M = 32 and 128).
@@ -52,59 +94,62 @@ constexpr int64_t kPrefetchRows = 16;
 
 // acc[r][0..kNR) = sum over k < K of A[r * lda + k] * B[k * kNR + j], r < MR; then C is
 // (first ? acc : C + acc), + bias on the last block; ncols < kNR: only those columns of C.
-// Prefetch: the first npf k steps each prefetch the next kNR floats from pf on (two lines).
+// Prefetch: the first npf k steps each prefetch the next kNR floats from pf on.
 template <int MR>
 inline void tile(int64_t K, const float* A, int64_t lda, const float* B, float* C, int64_t ldc,
                  int64_t ncols, bool first, const float* bias, const float* pf, int64_t npf) {
-  alignas(32) float buf[MR][kNR];
+  alignas(64) float buf[MR][kNR];
 #ifdef ALBERT_KERNELS_AVX2
-  __m256 c0[MR], c1[MR], c2[MR];
-#pragma GCC unroll 4
+  constexpr int64_t L = kLanes;
+  VecF c0[MR], c1[MR], c2[MR];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    c0[r] = _mm256_setzero_ps();
+    c0[r] = vzero();
     c1[r] = c0[r];
     c2[r] = c0[r];
   }
   for (int64_t k = 0; k < K; ++k, B += kNR) {
     if (k < npf) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + 16), _MM_HINT_T0);
+#pragma GCC unroll 3
+      for (int64_t o = 0; o < kNR; o += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + o), _MM_HINT_T0);
+      }
       pf += kNR;
     }
-    const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8), b2 = _mm256_loadu_ps(B + 16);
-#pragma GCC unroll 4
+    const VecF b0 = vload(B), b1 = vload(B + L), b2 = vload(B + 2 * L);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
-      c2[r] = _mm256_fmadd_ps(a, b2, c2[r]);
+      const VecF a = vbroadcast(A + r * lda + k);
+      c0[r] = vfma(a, b0, c0[r]);
+      c1[r] = vfma(a, b1, c1[r]);
+      c2[r] = vfma(a, b2, c2[r]);
     }
   }
   if (ncols == kNR) {  // a whole panel: add the earlier blocks' sums and the bias in registers
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       float* c = C + r * ldc;
       if (!first) {
-        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(c));
-        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(c + 8));
-        c2[r] = _mm256_add_ps(c2[r], _mm256_loadu_ps(c + 16));
+        c0[r] = vadd(c0[r], vload(c));
+        c1[r] = vadd(c1[r], vload(c + L));
+        c2[r] = vadd(c2[r], vload(c + 2 * L));
       }
       if (bias) {
-        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(bias));
-        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(bias + 8));
-        c2[r] = _mm256_add_ps(c2[r], _mm256_loadu_ps(bias + 16));
+        c0[r] = vadd(c0[r], vload(bias));
+        c1[r] = vadd(c1[r], vload(bias + L));
+        c2[r] = vadd(c2[r], vload(bias + 2 * L));
       }
-      _mm256_storeu_ps(c, c0[r]);
-      _mm256_storeu_ps(c + 8, c1[r]);
-      _mm256_storeu_ps(c + 16, c2[r]);
+      vstore(c, c0[r]);
+      vstore(c + L, c1[r]);
+      vstore(c + 2 * L, c2[r]);
     }
     return;
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {  // the panel past N's last multiple of kNR: through a buffer
-    _mm256_store_ps(buf[r], c0[r]);
-    _mm256_store_ps(buf[r] + 8, c1[r]);
-    _mm256_store_ps(buf[r] + 16, c2[r]);
+    vstore(buf[r], c0[r]);
+    vstore(buf[r] + L, c1[r]);
+    vstore(buf[r] + 2 * L, c2[r]);
   }
 #else
   for (int r = 0; r < MR; ++r) {
@@ -129,6 +174,20 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, float* 
   }
 }
 
+// One row tile of rows < kMR rows (the tile templates are instantiated for 1..kMR rows).
+template <int MR = kMR>
+inline void tile_rows(int rows, int64_t K, const float* A, int64_t lda, const float* B, float* C,
+                      int64_t ldc, int64_t ncols, bool first, const float* bias, const float* pf,
+                      int64_t npf) {
+  if constexpr (MR > 1) {
+    if (rows < MR) {
+      tile_rows<MR - 1>(rows, K, A, lda, B, C, ldc, ncols, first, bias, pf, npf);
+      return;
+    }
+  }
+  tile<MR>(K, A, lda, B, C, ldc, ncols, first, bias, pf, npf);
+}
+
 // GELU in place on rows x ncols of C (the finished tile, still in L1).
 template <Gelu G>
 void gelu_rows(float* C, int64_t ldc, int64_t rows, int64_t ncols) {
@@ -142,59 +201,61 @@ void gelu_rows(float* C, int64_t ldc, int64_t rows, int64_t ncols) {
   }
 }
 
-// C_s[M, N] (s < segments; C_s = C + s * seg_stride, row stride ldc) = A [M, K] (row stride lda)
-// @ W_s^T + bias[s * N, (s + 1) * N), then GELU if gelu is set; packed as pack_linear_weight.
-void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
-               int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
-               int64_t seg_stride, std::optional<Gelu> gelu) {
+// Panels [t0, t1) (of all segments' P panels each) of C_s[M, N] (s < segments; C_s = C + s *
+// seg_stride, row stride ldc) = A [M, K] (row stride lda) @ W_s^T + bias[s * N, (s + 1) * N),
+// then GELU if gelu is set; packed as pack_linear_weight. One thread's share of one pass.
+void gemm_rows(int64_t t0, int64_t t1, int64_t M, int64_t K, const float* A, int64_t lda,
+               const float* packed, int64_t segments, int64_t N, const float* bias, float* C,
+               int64_t ldc, int64_t seg_stride, std::optional<Gelu> gelu) {
   const int64_t P = (N + kNR - 1) / kNR;
-  at::parallel_for(0, segments * P, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / P, n0 = (t % P) * kNR, ncols = std::min(kNR, N - n0);
-      const float* panel = packed + t * K * kNR;
-      float* c = C + s * seg_stride + n0;
-      const float* b = bias ? bias + s * N + n0 : nullptr;
-      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-        const int64_t kk = std::min(kKC, K - k0);
-        const bool first = k0 == 0, last = k0 + kk == K;
-        const float* bb = last ? b : nullptr;
-        const float* blk = panel + k0 * kNR;
-        // One row tile: it prefetches its own stream ahead. Several: tile i prefetches rows
-        // [i * share, (i + 1) * share) of the next block (contiguous after this one: the next
-        // block of this panel or the next panel's first).
-        const int64_t full = M / kMR, rest = M % kMR, tiles = full + (rest > 0);
-        const float* pf = blk + kPrefetchRows * kNR;
-        int64_t share = kk;
-        if (tiles > 1) {
-          const int64_t next_kk = last ? std::min(kKC, K) : std::min(kKC, K - k0 - kk);
-          pf = blk + kk * kNR;
-          share = (next_kk + tiles - 1) / tiles;
-        }
-        for (int64_t i = 0; i < tiles; ++i, pf += share * kNR) {  // row tile i (t is the panel)
-          const float* a = A + i * kMR * lda + k0;
-          float* ct = c + i * kMR * ldc;
-          switch (i < full ? kMR : rest) {
-            case kMR: tile<kMR>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
-            case 3: tile<3>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
-            case 2: tile<2>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
-            default: tile<1>(kk, a, lda, blk, ct, ldc, ncols, first, bb, pf, share); break;
-          }
-        }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t s = t / P, n0 = (t % P) * kNR, ncols = std::min(kNR, N - n0);
+    const float* panel = packed + t * K * kNR;
+    float* c = C + s * seg_stride + n0;
+    const float* b = bias ? bias + s * N + n0 : nullptr;
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kk = std::min(kKC, K - k0);
+      const bool first = k0 == 0, last = k0 + kk == K;
+      const float* bb = last ? b : nullptr;
+      const float* blk = panel + k0 * kNR;
+      // One row tile: it prefetches its own stream ahead. Several: tile i prefetches rows
+      // [i * share, (i + 1) * share) of the next block (contiguous after this one: the next
+      // block of this panel or the next panel's first).
+      const int64_t full = M / kMR, rest = M % kMR, tiles = full + (rest > 0);
+      const float* pf = blk + kPrefetchRows * kNR;
+      int64_t share = kk;
+      if (tiles > 1) {
+        const int64_t next_kk = last ? std::min(kKC, K) : std::min(kKC, K - k0 - kk);
+        pf = blk + kk * kNR;
+        share = (next_kk + tiles - 1) / tiles;
       }
-      if (gelu == Gelu::Tanh) gelu_rows<Gelu::Tanh>(c, ldc, M, ncols);
-      if (gelu == Gelu::Erf) gelu_rows<Gelu::Erf>(c, ldc, M, ncols);
+      for (int64_t i = 0; i < tiles; ++i, pf += share * kNR) {  // row tile i (t is the panel)
+        const float* a = A + i * kMR * lda + k0;
+        float* ct = c + i * kMR * ldc;
+        tile_rows(i < full ? kMR : static_cast<int>(rest), kk, a, lda, blk, ct, ldc, ncols,
+                  first, bb, pf, share);
+      }
     }
-  });
+    if (gelu == Gelu::Tanh) gelu_rows<Gelu::Tanh>(c, ldc, M, ncols);
+    if (gelu == Gelu::Erf) gelu_rows<Gelu::Erf>(c, ldc, M, ncols);
+  }
 }
 
-// gemm_rows on passes of at most kMC rows.
+// gemm_rows on passes of at most kMC rows (and kPassFloats of x, in whole row tiles). One
+// parallel region: each thread owns a range of panels (output columns) for every pass, so the
+// passes need no barrier between them (a region per pass ran FFN out at 2 threads, on a loaded
+// machine, at a quarter of its 1-thread rate from two passes on).
 void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* packed,
                  int64_t segments, int64_t N, const float* bias, float* C, int64_t ldc,
                  int64_t seg_stride, std::optional<Gelu> gelu) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMC) {
-    gemm_rows(std::min(kMC, M - m0), K, A + m0 * lda, lda, packed, segments, N, bias,
-              C + m0 * ldc, ldc, seg_stride, gelu);
-  }
+  const int64_t mc = std::max<int64_t>(kMR, std::min(kMC, kPassFloats / K) / kMR * kMR);
+  const int64_t panels = segments * ((N + kNR - 1) / kNR);
+  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t m0 = 0; m0 < M; m0 += mc) {
+      gemm_rows(t0, t1, std::min(mc, M - m0), K, A + m0 * lda, lda, packed, segments, N, bias,
+                C + m0 * ldc, ldc, seg_stride, gelu);
+    }
+  });
 }
 
 void check_f32(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
@@ -318,6 +379,8 @@ at::Tensor packed_albert_layer(
 }
 
 }  // namespace
+
+int64_t packed_panel_width() { return kNR; }
 
 TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);

@@ -122,7 +122,8 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 
 
 # the small-M inference ops (csrc/cpu/small_m.cpp; no autograd: inference only)
-PANEL = 24  # output features per packed panel (kNR in small_m.cpp)
+# output features per packed panel (kNR in small_m.cpp: 24 in the AVX2 build, 48 in the AVX-512 one)
+PANEL = int(_ops.packed_panel_width())
 
 
 @torch.library.register_fake("albert_kernels::pack_linear_weight")

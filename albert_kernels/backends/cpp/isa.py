@@ -1,0 +1,190 @@
+"""Which CPU instruction sets this machine has, and which kernel runs a matrix product on them.
+
+The cpp backend's small-M kernel (``csrc/cpu/small_m.cpp``: ``pack_linear_weight`` /
+``packed_linear``, the packed-weight path of ``model/packed.py``) and the library path
+(``F.linear``: MKL's sgemm, oneDNN, AMX through torch) each win in a range of shapes that depends
+on the vector ISA. :func:`gemm_kernel` answers, for an ISA and a product ``x [M, K] @ W^T``
+(``W [N, K]``) in a dtype, which of the two runs, from a table measured on each ISA
+(docs/performance.md, "Kernel choice per ISA"):
+
+========== ======================================= ==========================================
+ISA        fp32: ``"small_m"`` for                  measured on
+========== ======================================= ==========================================
+avx512     1 <= M <= 1024 (``library`` above)      Intel Xeon (Sapphire Rapids class), 8x48
+                                                   zmm tile, 1 thread, 2026-12-04
+avx2       1 <= M <= 4096 (``library`` above)      AMD EPYC (AVX2 + FMA), 4x24 ymm tile,
+                                                   2 threads, 2026-12-01
+default    never (the kernel's portable loop is    --
+           no match for the library's)
+========== ======================================= ==========================================
+
+Every other dtype runs on the library (the small-M kernel is fp32 only; bf16 products go to
+oneDNN, on AMX where the CPU has it). The table was measured on ALBERT-base's shapes
+(N, K) in {(2304, 768), (768, 768), (3072, 768), (768, 3072)}; other shapes get the same
+crossover.
+
+A choice can be forced, to run the other kernel (tests compare the two within the error budget):
+the ``force`` argument, else the environment variable ``ALBERT_KERNELS_CPU_GEMM`` (``auto``, the
+default, ``small_m`` or ``library``).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ENV_VAR = "ALBERT_KERNELS_CPU_GEMM"
+CHOICES = ("small_m", "library")
+ISAS = ("avx512", "avx2", "default")  # the fp32 vector tiers, fastest first
+
+# fp32: the largest M (tokens) that runs on the small-M kernel, per vector ISA (0: never).
+SMALL_M_MAX_TOKENS = {"avx512": 1024, "avx2": 4096, "default": 0}
+# ... and the smallest: with one row the kernel still beats or matches the library's
+# matrix-vector product on both measured ISAs.
+SMALL_M_MIN_TOKENS = 1
+
+# /proc/cpuinfo flags each feature needs. "avx512" is the set the extension's AVX-512 build
+# needs (backends/extension/build.py), so the table's ISA is the kernel that was compiled.
+_FLAGS = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+    "avx512_bf16": {"avx512_bf16"},
+    "amx": {"amx_tile", "amx_bf16"},
+}
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """The instruction sets of this CPU that the kernel choice depends on.
+
+    avx2: AVX2 + FMA + F16C; avx512: AVX-512 F/BW/VL/DQ + FMA; avx512_bf16: AVX512-BF16 (bf16
+    dot products); amx: AMX tiles with bf16 (oneDNN's bf16 GEMMs run on them).
+    """
+
+    avx2: bool
+    avx512: bool
+    avx512_bf16: bool
+    amx: bool
+
+    @property
+    def vector(self) -> str:
+        """The fp32 tier, one of :data:`ISAS`: ``"avx512"``, ``"avx2"`` or ``"default"``."""
+        if self.avx512:
+            return "avx512"
+        return "avx2" if self.avx2 else "default"
+
+    @property
+    def names(self) -> tuple:
+        """The features present, e.g. ``("avx2", "avx512", "avx512_bf16", "amx")``."""
+        return tuple(n for n in ("avx2", "avx512", "avx512_bf16", "amx") if getattr(self, n))
+
+
+def _cpuinfo_flags() -> Optional[set]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags") and ":" in line:
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _torch_probe(name: str) -> Optional[bool]:
+    """torch.cpu._is_<name>_supported() (cpuinfo's answer, which also asks whether the OS enables
+    the registers, e.g. AMX's tile state); None where this torch lacks it."""
+    fn = getattr(torch.cpu, f"_is_{name}_supported", None)
+    try:
+        return bool(fn()) if fn is not None else None
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def cpu_isa() -> CpuIsa:
+    """This CPU's instruction sets, from /proc/cpuinfo's flags, refined by torch's own probes
+    (the OS must enable AVX-512 and AMX state, too); without /proc/cpuinfo (not Linux), from
+    ``torch.backends.cpu.get_cpu_capability()`` and the probes alone. Not x86-64: all False."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return CpuIsa(False, False, False, False)
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        has = {name: need <= flags for name, need in _FLAGS.items()}
+    else:
+        capability = torch.backends.cpu.get_cpu_capability()
+        has = {"avx2": capability in ("AVX2", "AVX512"), "avx512": capability == "AVX512",
+               "avx512_bf16": False, "amx": False}
+    for name, probe in (("avx512", "avx512"), ("avx512_bf16", "avx512_bf16"),
+                        ("amx", "amx_tile")):
+        answer = _torch_probe(probe)
+        if answer is not None:
+            has[name] = answer if flags is None else has[name] and answer
+    return CpuIsa(avx2=has["avx2"] or has["avx512"], avx512=has["avx512"],
+                  avx512_bf16=has["avx512_bf16"], amx=has["amx"])
+
+
+def forced_choice(force: Optional[str] = None) -> Optional[str]:
+    """``force`` if given, else ``$ALBERT_KERNELS_CPU_GEMM``; None for ``"auto"`` / unset.
+    Raises ValueError naming the argument or variable for any other value."""
+    if force is not None:
+        source, value = "force", force
+    else:
+        source, value = ENV_VAR, os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value == "auto":
+        return None
+    if value not in CHOICES:
+        raise ValueError(f"{source} must be 'auto', 'small_m' or 'library', got {value!r}")
+    return value
+
+
+def _vector_isa(isa) -> str:
+    if isa is None:
+        return cpu_isa().vector
+    if isinstance(isa, CpuIsa):
+        return isa.vector
+    if isa not in ISAS:
+        raise ValueError(f"isa must be a CpuIsa or one of {ISAS}, got {isa!r}")
+    return isa
+
+
+def gemm_kernel(m: int, n: int, k: int, dtype: torch.dtype = torch.float32, *, isa=None,
+                force: Optional[str] = None) -> str:
+    """Which kernel runs the product x [m, k] @ W^T, W [n, k], on the CPU: ``"small_m"`` (the
+    cpp backend's packed-weight kernel) or ``"library"`` (``F.linear``: MKL / oneDNN).
+
+    isa: a :class:`CpuIsa`, or one of :data:`ISAS`; default: this CPU's (:func:`cpu_isa`).
+    force: ``"small_m"`` / ``"library"`` / ``"auto"`` (default: ``$ALBERT_KERNELS_CPU_GEMM``,
+    else auto: the measured table of the module docstring).
+    Raises ValueError for negative sizes, an unknown isa or force, or a forced ``"small_m"``
+    in a dtype other than float32 (the kernel is fp32 only).
+    """
+    if min(m, n, k) < 0:
+        raise ValueError(f"gemm_kernel: m, n and k must be >= 0, got m={m}, n={n}, k={k}")
+    vector = _vector_isa(isa)
+    forced = forced_choice(force)
+    if forced == "small_m" and dtype != torch.float32:
+        raise ValueError(f"force/{ENV_VAR}: the small_m kernel is float32 only, got {dtype}")
+    if forced is not None:
+        return forced
+    if dtype != torch.float32:
+        return "library"
+    limit = SMALL_M_MAX_TOKENS[vector]
+    return "small_m" if SMALL_M_MIN_TOKENS <= m <= limit else "library"
+
+
+def small_m_max_tokens(dtype: torch.dtype = torch.float32, *, isa=None,
+                       force: Optional[str] = None) -> int:
+    """The largest token count M for which :func:`gemm_kernel` picks ``"small_m"`` (for every
+    shape): the packed path's token limit on this ISA. 0 when it never does (another dtype, the
+    portable build, or forced ``"library"``); ``sys.maxsize`` when ``"small_m"`` is forced.
+    Raises ValueError as :func:`gemm_kernel`."""
+    vector = _vector_isa(isa)
+    forced = forced_choice(force)
+    if forced == "small_m" and dtype != torch.float32:
+        raise ValueError(f"force/{ENV_VAR}: the small_m kernel is float32 only, got {dtype}")
+    if forced is not None:
+        return sys.maxsize if forced == "small_m" else 0
+    return SMALL_M_MAX_TOKENS[vector] if dtype == torch.float32 else 0
