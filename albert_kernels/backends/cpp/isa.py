@@ -140,9 +140,17 @@ def forced_choice(force: Optional[str] = None) -> Optional[str]:
     return value
 
 
+def built_vector_isa() -> str:
+    """The fp32 tier, one of :data:`ISAS`, that the extension's CPU kernels are compiled for
+    (``build.build_isa``): this CPU's best, unless ``$ALBERT_KERNELS_CPU_ISA`` names a lower one.
+    The table is read at this tier: it is the small-M kernel that runs."""
+    from ..extension.build import build_isa
+    return build_isa().lower()
+
+
 def _vector_isa(isa) -> str:
     if isa is None:
-        return cpu_isa().vector
+        return built_vector_isa()
     if isinstance(isa, CpuIsa):
         return isa.vector
     if isa not in ISAS:
@@ -155,7 +163,8 @@ def gemm_kernel(m: int, n: int, k: int, dtype: torch.dtype = torch.float32, *, i
     """Which kernel runs the product x [m, k] @ W^T, W [n, k], on the CPU: ``"small_m"`` (the
     cpp backend's packed-weight kernel) or ``"library"`` (``F.linear``: MKL / oneDNN).
 
-    isa: a :class:`CpuIsa`, or one of :data:`ISAS`; default: this CPU's (:func:`cpu_isa`).
+    isa: a :class:`CpuIsa`, or one of :data:`ISAS`; default: the tier the kernels are built for
+    (:func:`built_vector_isa`: this CPU's best unless ``$ALBERT_KERNELS_CPU_ISA`` lowers it).
     force: ``"small_m"`` / ``"library"`` / ``"auto"`` (default: ``$ALBERT_KERNELS_CPU_GEMM``,
     else auto: the measured table of the module docstring).
     Raises ValueError for negative sizes, an unknown isa or force, or a forced ``"small_m"``

@@ -90,15 +90,34 @@ _ISA_NEEDS = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
               "AVX2": {"avx2", "fma", "f16c"}}
 
 
+ISA_ENV = "ALBERT_KERNELS_CPU_ISA"
+
+
+def build_isa() -> str:
+    """The vector ISA the CPU kernels are compiled for (a key of :data:`ISA_FLAGS`): the best one
+    this CPU has, or a lower one named by ``$ALBERT_KERNELS_CPU_ISA`` (``avx512``, ``avx2``,
+    ``default``; ``auto`` or unset: the best), so that an AVX-512 machine can build and run the
+    AVX2 kernels and the portable ones. Raises ValueError naming the variable for an unknown ISA
+    or one this CPU cannot run."""
+    supported = ["DEFAULT"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = _cpu_flags()
+        supported = [isa for isa in ("AVX512", "AVX2") if _ISA_NEEDS[isa] <= flags] + supported
+    want = os.environ.get(ISA_ENV, "").strip().upper()
+    if want in ("", "AUTO"):
+        return supported[0]
+    if want not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV} must be auto, {', '.join(i.lower() for i in ISA_FLAGS)}, "
+                         f"got {os.environ[ISA_ENV]!r}")
+    if want not in supported:
+        raise ValueError(f"{ISA_ENV}={os.environ[ISA_ENV]!r}: this CPU cannot run it (it has "
+                         f"{', '.join(i.lower() for i in supported)})")
+    return want
+
+
 def isa_flags() -> list[str]:
-    """Compiler flags for ATen's vectorisation on this CPU (part of the cache key)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ISA_FLAGS["DEFAULT"]
-    flags = _cpu_flags()
-    for isa in ("AVX512", "AVX2"):
-        if _ISA_NEEDS[isa] <= flags:
-            return ISA_FLAGS[isa]
-    return ISA_FLAGS["DEFAULT"]
+    """Compiler flags for ATen's vectorisation at :func:`build_isa` (part of the cache key)."""
+    return ISA_FLAGS[build_isa()]
 
 
 def cxx_flags() -> list[str]:
