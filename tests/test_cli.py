@@ -54,8 +54,37 @@ def test_verify_fails_a_broken_backend(fake_backends, capsys):
 
 
 def test_verify_unknown_backend_is_an_error(capsys):
-    assert main(["verify", "--backend", "nope", "--quick", "--device", "cpu"]) == 1
-    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "--backend", "cdua", "--quick", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert ("unknown backend 'cdua', known: cpp, cuda, reference, triton"
+            in capsys.readouterr().err)
+
+
+def test_verify_known_but_unavailable_backend_says_why(capsys):
+    assert main(["verify", "--backend", "cuda", "--quick", "--device", "cpu"]) == 1
+    assert "backend 'cuda' is not available on cpu: the CUDA C++ kernels run on CUDA tensors" \
+        in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_its_default(capsys):
+    """`--help` of every subcommand: a description, and every option with a help text that gives
+    its default (the formatter appends it, or the text says it)."""
+    from albert_kernels.cli import parser
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert p.description, name
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings}: no help"
+            text = p.formatter_class(name)._get_help_string(action)
+            if action.default not in (None, False) and action.nargs != 0:
+                assert "default" in text, f"{name} {action.option_strings}: {text}"
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 8)" in out and "(default: realistic)" in out and "--results-dir" in out
 
 
 def test_info_lists_backends():
