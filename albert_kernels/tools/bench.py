@@ -58,7 +58,7 @@ from . import memory, timing
 from .info import machine
 from .model_workloads import AUTOCAST_DTYPES, model_workloads
 from .report import RESULTS_DIR, describe_machine, output_paths, write_outputs
-from .timing import measure  # noqa: F401 (scripts/gpu_check_runs.py times with it)
+from .timing import measure
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         bias_gelu_workloads, linear_gelu_workloads)
 

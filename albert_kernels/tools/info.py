@@ -68,11 +68,11 @@ def isa_level(isa: list[str]) -> str:
     return torch.backends.cpu.get_cpu_capability().lower()
 
 
-def machine_slug(m: dict) -> str:
-    """A file-name-safe name of the machine `m` (:func:`machine`): the GPU model when there is one,
-    else the CPU model, then its widest instruction set and core count, e.g.
-    "intel-xeon-platinum-8480_amx_2core"."""
-    name = m["gpus"][0] if m.get("gpus") else m["cpu"]
+def machine_slug(m: dict, device: str = "cpu") -> str:
+    """A file-name-safe name of the machine `m` (:func:`machine`) for figures measured on `device`
+    ("cpu" or "cuda"): the GPU model for cuda, else the CPU model, then the CPU's widest
+    instruction set and core count, e.g. "intel-xeon-platinum-8480_amx_2core"."""
+    name = m["gpus"][0] if device == "cuda" and m.get("gpus") else m["cpu"]
     name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$", "", name, flags=re.I)
     name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
     return f"{name}_{isa_level(m['cpu_isa'])}_{m['cores']}core"

@@ -112,8 +112,9 @@ def output_paths(args, kind: str, m: dict) -> tuple[Optional[str], Optional[str]
         return None, None
     if args.json or args.plot:
         return args.json, args.plot
-    device = "cuda" if m.get("gpus") and kind != "latency" and args.device != "cpu" else "cpu"
-    folder = os.path.join(args.results_dir, f"{device}_{machine_slug(m)}_{time.strftime('%Y-%m-%d')}")
+    device = str(args.device or "cpu").split(":")[0]
+    folder = os.path.join(args.results_dir,
+                          f"{device}_{machine_slug(m, device)}_{time.strftime('%Y-%m-%d')}")
     stem = os.path.join(folder, f"{kind}_{time.strftime('%H%M%S')}")
     return stem + ".json", stem + ".png"
 
