@@ -35,6 +35,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -92,9 +93,15 @@ def _onnx_export(hf, cfg: AlbertConfig, path: str) -> str:
     wrapped = _LastHidden(hf)
     kw = dict(input_names=["input_ids"], output_names=["last_hidden_state"])
     try:
-        torch.onnx.export(wrapped, (ids,), path, dynamo=False, opset_version=17,
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                        "last_hidden_state": {0: "batch", 1: "seq"}}, **kw)
+        # quiet: the legacy exporter's deprecation notice, and the tracer's note that
+        # transformers' is_causal test becomes a constant (False for an encoder at any length;
+        # each exported runtime's output is checked against transformers at every shape anyway)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(wrapped, (ids,), path, dynamo=False, opset_version=17,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                            "last_hidden_state": {0: "batch", 1: "seq"}}, **kw)
         return "torchscript exporter"
     except Exception:               # legacy exporter gone or failing: the dynamo exporter
         batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
