@@ -34,24 +34,52 @@ def _pretrain(args) -> int:
     return pretrain_main(args)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="albert-kernels", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices, and which backends are available and why not"
-                   ).set_defaults(func=_info)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where the help already says it (a default
+    that depends on the machine) and for on/off flags (off unless given)."""
 
-    b = sub.add_parser("build", help="compile the extension now instead of at first use")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def backend_name(text: str) -> str:
+    """argparse type of a --backend value: a registered backend's name."""
+    from .backends import backend_names
+    known = sorted(backend_names())
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}, known: {', '.join(known)}")
+    return text
+
+
+def _subparser(sub, name: str, text: str, description: Optional[str] = None):
+    return sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:],
+                          formatter_class=HelpFormatter)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="albert-kernels", description=__doc__,
+                                formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _subparser(sub, "info", "versions, devices, and which backends are available and why not"
+               ).set_defaults(func=_info)
+
+    b = _subparser(sub, "build", "compile the extension now instead of at first use")
     b.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
                    help="include the CUDA sources (default: when a CUDA device is present)")
     b.add_argument("--cuda-arch", default=None, help='e.g. "8.0;9.0" (default: 8.0;9.0)')
-    b.add_argument("--verbose", action="store_true")
+    b.add_argument("--verbose", action="store_true", help="print the compiler's commands")
     b.set_defaults(func=_build)
 
-    v = sub.add_parser("verify", help="every op and the model, every backend and dtype, against "
-                       "the reference under the error budget; exit 1 on failure")
-    v.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    v = _subparser(sub, "verify", "every op and the model, every backend and dtype, against "
+                   "the reference under the error budget; exit 1 on failure")
+    v.add_argument("--backend", action="append", type=backend_name,
+                   help="only this backend (repeatable; default: every available one but the "
+                   "reference)")
     v.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
-                   help="only this dtype (repeatable)")
+                   help="only this dtype (repeatable; default: all three)")
     v.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     v.add_argument("--quick", action="store_true", help="small shapes only")
     v.add_argument("--no-model", action="store_true", help="skip the model checks")
@@ -61,12 +89,12 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_verify)
 
     from .tools.bench import add_arguments
-    add_arguments(sub.add_parser("bench", help="op and model benchmarks against the baselines"))
+    add_arguments(_subparser(sub, "bench", "op and model benchmarks against the baselines"))
     sub.choices["bench"].set_defaults(func=_bench)
 
     from .training.pretrain import add_arguments as add_pretrain_arguments
-    add_pretrain_arguments(sub.add_parser(
-        "pretrain", help="MLM + SOP pretraining of a small ALBERT on the bundled corpus"))
+    add_pretrain_arguments(_subparser(
+        sub, "pretrain", "MLM + SOP pretraining of a small ALBERT on the bundled corpus"))
     sub.choices["pretrain"].set_defaults(func=_pretrain)
     return p
 

@@ -10,7 +10,7 @@ albert_kernels/tools/budget.py:
               gradient, matched by name)
     pass <=> |candidate - gold| <= 2 |base - gold| + 4 eps(dtype) max|gold|   (per tensor)
 
-bench: one JSON line per workload as it is timed (tools/bench.measure: CUDA events, median of
+bench: one JSON line per workload as it is timed (tools/timing.measure: CUDA events, median of
 repeats after warm-up; no torch.compile): attention against F.scaled_dot_product_attention with
 each of its backends forced (flash, efficient, cudnn; a backend that refuses the inputs gives a
 row with its error), add+LayerNorm against a copy of the same bytes, linear_gelu against the GEMM
@@ -194,7 +194,7 @@ def _groups(dtype, device="cuda", batch=32, seq=128, model=True):
 
 
 def _bench_row(w, min_time_s: float, device: str = "cuda") -> dict:
-    from albert_kernels.tools.bench import measure
+    from albert_kernels.tools.timing import measure
     row = {"group": w.group, "name": w.name, "unit": w.unit, "work_per_call": w.work,
            "baseline": w.baseline, "ceiling": w.ceiling}
     cuda = torch.device(device).type == "cuda"

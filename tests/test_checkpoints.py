@@ -233,6 +233,9 @@ def test_errors_name_the_key_or_field(tmp_path):
         ak.AlbertModel.from_hf(state, config=config, strict=True, backend="reference")
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         ak.AlbertModel.from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="'albert-base-v2' is not a local directory "
+                       r"\(a hub id must be downloaded first"):
+        ak.AlbertModel.from_hf("albert-base-v2")
     with pytest.raises(ValueError, match="needs config"):
         ak.AlbertModel.from_hf(state)
     with pytest.raises(ValueError, match="problem_type"):

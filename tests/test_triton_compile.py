@@ -4,7 +4,9 @@ for every head dim and dtype, within the chip's shared memory, without register 
 (aot.SPILL_TOLERANCE).
 
 The compilation runs in a subprocess without TRITON_INTERPRET: under the interpreter (which
-conftest.py turns on when there is no GPU) triton replaces the kernels in-process.
+conftest.py turns on when there is no GPU) triton replaces the kernels in-process. Its table (one
+row per compiled kernel) goes to kernels.txt in pytest's temporary folder for this module, and to
+the terminal only with `pytest -s`, so that `pytest -q` stays quiet.
 """
 import json
 import os
@@ -22,14 +24,18 @@ DTYPES = {"float16", "bfloat16", "float32"}
 
 @pytest.fixture(scope="module")
 def aot_run(tmp_path_factory):
-    """(rows, table): `python -m albert_kernels.backends.triton.aot` run once for this module."""
+    """(rows, table, exit status): `python -m albert_kernels.backends.triton.aot` run once for this
+    module. The table (kernel, config, arch, shared, regs, spills) is written to kernels.txt beside
+    kernels.json in the module's temporary folder."""
     out = tmp_path_factory.mktemp("aot") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "albert_kernels.backends.triton.aot", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=1800)
     rows = json.loads(out.read_text()) if out.exists() else []
-    return rows, proc.stdout + proc.stderr[-6000:], proc.returncode
+    text = proc.stdout + proc.stderr[-6000:]
+    out.with_suffix(".txt").write_text(text)
+    return rows, text, proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +45,12 @@ def aot_rows(aot_run):
     return rows
 
 
-def test_every_kernel_compiles_within_shared_memory_without_spills(aot_run, aot_rows, capsys):
+def test_every_kernel_compiles_within_shared_memory_without_spills(aot_run, aot_rows, request,
+                                                                   capsys):
     from albert_kernels.backends.triton.aot import SHARED_LIMIT, SPILL_TOLERANCE
-    with capsys.disabled():  # the table (kernel, config, arch, shared, regs, spills) is the report
-        print("\n" + aot_run[1])
+    if request.config.getoption("capture") == "no":   # -s: the table is the report
+        with capsys.disabled():
+            print("\n" + aot_run[1])
     for row in aot_rows:
         where = f"{row['kernel']} {row['dtype']} sm_{row['arch']} {row['config']}"
         assert row["error"] is None, where + ": " + row["error"]

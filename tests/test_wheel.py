@@ -3,18 +3,23 @@ environment outside the checkout, build the C++ extension from the sources they 
 
 The checkout's files (tracked and untracked, not ignored) are copied to a temporary folder first,
 so that no build/ or egg-info of the shared tree leaks into the packages. The virtual environment
-sees the system's torch, numpy and ninja (--system-site-packages: nothing is downloaded) and gets
-the package with --no-deps. Each first use compiles the extension (~70 s on 2 cores) from the
-sources its package installed, into one private ALBERT_KERNELS_BUILD_DIR: the two land under the
-same cache key (the key hashes every source and header, so the sdist's sources are byte for byte
-the wheel's), and ninja compiles again for the sdist because the source paths differ. Marked
-slow; .ci/run runs it.
+is built for the interpreter that runs the tests, with what that interpreter has: a .pth file in
+its site-packages lists the running interpreter's package folders (its sys.path beyond the
+standard library and the checkout), so torch, numpy, ninja and setuptools are found as the tests
+see them, whether pytest runs in a user's venv or in the base interpreter (`--system-site-packages`
+would expose the base interpreter's packages instead of the running venv's). Nothing is
+downloaded; the package is installed with --no-deps. Each first use compiles the extension (~70 s
+on 2 cores) from the sources its package installed, into one private ALBERT_KERNELS_BUILD_DIR: the
+two land under the same cache key (the key hashes every source and header, so the sdist's sources
+are byte for byte the wheel's), and ninja compiles again for the sdist because the source paths
+differ. Marked slow; .ci/run runs it.
 """
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import venv
 from pathlib import Path
@@ -81,13 +86,59 @@ def _clean_env(build_dir: Path) -> dict:
                 PIP_DISABLE_PIP_VERSION_CHECK="1")
 
 
+def package_dirs() -> list[str]:
+    """The running interpreter's package folders: its sys.path without the standard library, the
+    checkout (PYTHONPATH=$PWD) and entries that are not folders (editable-install hooks)."""
+    stdlib = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")}
+    out = []
+    for entry in sys.path:
+        path = Path(entry or ".").resolve()
+        if not entry or not path.is_dir() or path == REPO or REPO in path.parents:
+            continue
+        standard = path in stdlib or any(s in path.parents for s in stdlib)
+        if standard and "site-packages" not in path.parts:   # lib-dynload and the like
+            continue
+        if (path / "albert_kernels").is_dir():     # another copy of this package: not visible
+            continue
+        if str(path) not in out:
+            out.append(str(path))
+    return out
+
+
+def make_venv(env_dir: Path) -> Path:
+    """A virtual environment for this interpreter that sees this interpreter's packages (torch,
+    setuptools, ...) after its own; its python."""
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], capture_output=True, text=True, check=True,
+                          env=_clean_env(env_dir)).stdout.strip()
+    (Path(site) / "running_interpreter.pth").write_text("\n".join(package_dirs()) + "\n")
+    return python
+
+
+def test_venv_sees_the_running_interpreters_packages(tmp_path):
+    """The venv imports torch and setuptools from where the tests import them, and can build a
+    wheel (setuptools >= 70.1 has bdist_wheel; older ones need the `wheel` package, which the
+    test extra installs)."""
+    python = make_venv(tmp_path / "venv")
+    probe = ("import json, setuptools, torch; from setuptools.dist import Distribution; "
+             "print(json.dumps([torch.__file__, setuptools.__file__, "
+             "Distribution().get_command_class('bdist_wheel').__module__]))")
+    torch_file, setuptools_file, _ = json.loads(
+        _run([str(python), "-c", probe], env=_clean_env(tmp_path), cwd=tmp_path).stdout)
+    import setuptools
+    import torch
+    assert Path(torch_file) == Path(torch.__file__)
+    assert Path(setuptools_file) == Path(setuptools.__file__)
+
+
 def _install_and_probe(package: Path, where: Path, build_dir: Path) -> dict:
     env_dir = where / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
+    python = make_venv(env_dir)
     env = _clean_env(build_dir)
-    # this interpreter's pip, installing into the venv (which sees the system's setuptools: a venv
-    # made with pip would shadow it with ensurepip's older one, too old to build a wheel)
+    # this interpreter's pip, installing into the venv (which builds with this interpreter's
+    # setuptools, listed in its .pth file)
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
           "--no-build-isolation", str(package)], env=env, cwd=where)
     run_dir = where / "elsewhere"

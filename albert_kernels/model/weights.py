@@ -69,8 +69,12 @@ class LoadReport(NamedTuple):
 def read_hf_directory(path: str) -> tuple[AlbertConfig, dict]:
     """(config, state_dict) from a directory written by transformers' save_pretrained (or ours).
 
-    Raises FileNotFoundError when the directory lacks config.json or a weights file, ValueError
-    when config.json is not an ALBERT config (``model_type``)."""
+    Raises FileNotFoundError when `path` is not a local directory (a hub id such as
+    "albert-base-v2" is not fetched), when the directory lacks config.json or a weights file;
+    ValueError when config.json is not an ALBERT config (``model_type``)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a local directory (a hub id must be downloaded "
+                                "first: huggingface_hub.snapshot_download)")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path!r} has no config.json")

@@ -1,22 +1,37 @@
 """`albert-kernels bench`: op and model benchmarks against the baselines of docs/performance.md.
 
 Every figure is reported beside baselines measured in the same process and run, as a ratio:
-median time over repeats after warm-up (CUDA events on GPU), with the spread (min-max); and peak
-memory (docs/performance.md): on GPU `torch.cuda.max_memory_allocated()` over the timed
-calls, on CPU (model workloads, `--memory`) the peak resident set of a fresh process that builds
-that workload alone and calls it twice (tools/memory.py).
+median time over repeats after warm-up (CUDA events on GPU), with the spread (min-max, and the
+interquartile range over the median); and peak memory (docs/performance.md): on GPU
+`torch.cuda.max_memory_allocated()` over the timed calls, on CPU (model workloads, `--memory`)
+the peak resident set of a fresh process that builds that workload alone and calls it twice
+(tools/memory.py). A row whose ratio is too uncertain to keep, or that runs above its ceiling, is
+flagged "noisy: rerun on a quiet machine" (the rule: tools/timing.py), and a closing line says how
+many rows are trustworthy.
 
-`--json FILE` writes {"machine", "date", "config", "results"} (config: the options, --dropout and
---autocast included, which the model rows' group names also carry); each result row has:
+Without --json / --plot, the JSON and the plot go to --results-dir (benchmarks/results) in a
+folder named after the machine and the date, e.g.
+`cpu_intel-xeon-platinum-8480_amx_2core_2026-12-04/ops-model-forward_233012.json`; the paths are
+the last lines printed. The JSON holds {"machine", "date", "config", "noisy_spread", "results"}
+(machine: CPU model, `cpu_isa` (its AVX2 / AVX-512 / AMX instruction sets), core count, torch
+and its threads, GPUs; config: the options, --dropout and --autocast included, which the model
+rows' group names also carry); each result row has:
   group, name, unit          what is measured, who does it, the throughput unit
   work_per_call              bytes, FLOPs or real tokens per call
   median_s, min_s, max_s     call time over `repeats` timed calls after warm-up (null: --memory-only)
+  q1_s, q3_s, spread         the calls' quartiles, and (q3_s - q1_s) / median_s
   first_call_s               the first call alone (compilation, caches)
   throughput                 work_per_call / median_s in `unit`
   baseline, ceiling          whether the row is its group's baseline / a hardware ceiling
+  ceiling_max                a ceiling row: the largest fraction of it another row can honestly reach
   speedup_vs_baseline        baseline median_s / median_s (null without timing)
+  speedup_low, speedup_high  the speed-up with the two rows at opposite quartiles (baseline q1 / q3,
+                             baseline q3 / q1): its interquartile interval, the plot's error bar
+  ratio_spread               the speed-up's spread: this row's spread + the baseline's
   fraction_of_ceiling        throughput / the ceiling row's throughput
   baseline_name, ceiling_name
+  noisy, flags               whether the row cannot be trusted, and why (ratio_spread above
+                             noisy_spread, or fraction_of_ceiling above the ceiling's ceiling_max)
   peak_mem_mb                MiB. GPU: torch.cuda.max_memory_allocated() over the timed calls.
                              CPU: peak resident set (VmHWM) of a fresh process that imports the
                              modules, builds the inputs and this workload alone, and calls it twice;
@@ -32,8 +47,6 @@ that workload alone and calls it twice (tools/memory.py).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -41,9 +54,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import memory
+from . import memory, timing
 from .info import machine
 from .model_workloads import AUTOCAST_DTYPES, model_workloads
+from .report import RESULTS_DIR, describe_machine, output_paths, write_outputs
+from .timing import measure
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         bias_gelu_workloads, linear_gelu_workloads)
 
@@ -61,6 +76,13 @@ class Result:
     first_call_s: Optional[float] = None
     peak_mem_mb: Optional[float] = None
     base_mem_mb: Optional[float] = None
+    q1_s: Optional[float] = None
+    q3_s: Optional[float] = None
+
+    @classmethod
+    def timed(cls, w: Workload, times: list[float], first: float) -> "Result":
+        q1, median, q3 = timing.quartiles(times)
+        return cls(w, median, min(times), max(times), len(times), first, q1_s=q1, q3_s=q3)
 
     @property
     def throughput(self) -> Optional[float]:
@@ -68,6 +90,11 @@ class Result:
             return None
         scale = 1e9 if self.workload.unit in ("GB/s", "GFLOP/s") else 1.0
         return self.workload.work / self.median_s / scale
+
+    @property
+    def spread(self) -> Optional[float]:
+        """Interquartile range of the call times over their median (None when not timed)."""
+        return timing.spread(self.q1_s, self.median_s, self.q3_s)
 
     @property
     def own_mem_mb(self) -> Optional[float]:
@@ -80,52 +107,11 @@ class Result:
         w = self.workload
         return {"group": w.group, "name": w.name, "unit": w.unit, "work_per_call": w.work,
                 "median_s": self.median_s, "min_s": self.min_s, "max_s": self.max_s,
+                "q1_s": self.q1_s, "q3_s": self.q3_s, "spread": self.spread,
                 "repeats": self.repeats, "first_call_s": self.first_call_s,
                 "throughput": self.throughput, "baseline": w.baseline, "ceiling": w.ceiling,
+                "ceiling_max": w.ceiling_max,
                 "peak_mem_mb": self.peak_mem_mb, "base_mem_mb": self.base_mem_mb}
-
-
-MIN_REPEATS, MAX_REPEATS = 3, 50
-
-
-def _timed_call(fn: Callable) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _wants_more(times: list[float], min_time_s: float, min_repeats: int, max_repeats: int) -> bool:
-    """Whether a workload needs more timed calls: `min_repeats`, then up to `min_time_s` of
-    timing, never more than `max_repeats`."""
-    return len(times) < min_repeats or (sum(times) < min_time_s and len(times) < max_repeats)
-
-
-def measure(fn: Callable, device: str, min_time_s: float = 1.0, min_repeats: int = MIN_REPEATS,
-            max_repeats: int = MAX_REPEATS, warmup: int = 1) -> tuple[list[float], float]:
-    """Times of repeated calls after warm-up (the first call is timed on its own: it includes
-    compilation and caches). CUDA: events around each call."""
-    cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    while _wants_more(times, min_time_s, min_repeats, max_repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            times.append(_timed_call(fn))
-    return times, first
 
 
 def run_workload(w: Workload, device: str, min_time_s: float) -> Result:
@@ -133,34 +119,20 @@ def run_workload(w: Workload, device: str, min_time_s: float) -> Result:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, first = measure(w.fn, device, min_time_s=min_time_s)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return Result(w, statistics.median(times), min(times), max(times), len(times), first, peak)
+    r = Result.timed(w, times, first)
+    r.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return r
 
 
-def run_interleaved(workloads: list[Workload], min_time_s: float, min_repeats: int = MIN_REPEATS,
-                    max_repeats: int = MAX_REPEATS, say: Callable[[str], None] = lambda what: None
-                    ) -> list[Result]:
-    """CPU: time a group's workloads round-robin, one call of each per round, so that a slow
-    phase of a shared machine (run-to-run spread 10-30% here) falls on every workload alike and
-    the ratios stay fair. Each workload's first call is timed on its own, then one warm-up call;
-    rounds go on until every workload has `min_repeats` calls and `min_time_s` of timed calls
-    (or `max_repeats`)."""
-    first = []
-    for w in workloads:
-        say(f"first call + warm-up: {w.name}")
-        first.append(_timed_call(w.fn))
-        w.fn()
-    times: list[list[float]] = [[] for _ in workloads]
-    wanted = lambda ts: _wants_more(ts, min_time_s, min_repeats, max_repeats)
-    rounds = 0
-    while any(wanted(ts) for ts in times):
-        rounds += 1
-        for w, ts in zip(workloads, times):
-            if wanted(ts):
-                ts.append(_timed_call(w.fn))
-        say(f"round {rounds} done")
-    return [Result(w, statistics.median(ts), min(ts), max(ts), len(ts), f)
-            for w, ts, f in zip(workloads, times, first)]
+def run_interleaved(workloads: list[Workload], min_time_s: float,
+                    min_repeats: int = timing.MIN_REPEATS, max_repeats: int = timing.MAX_REPEATS,
+                    say: Callable[[str], None] = lambda what: None) -> list[Result]:
+    """CPU: time a group's workloads round-robin (tools/timing.py ``interleaved``), so that a
+    slow phase of a shared machine (run-to-run spread 10-30% here) falls on every workload alike
+    and the ratios stay fair."""
+    times, first = timing.interleaved([w.fn for w in workloads], min_time_s, min_repeats,
+                                      max_repeats, names=[w.name for w in workloads], say=say)
+    return [Result.timed(w, ts, f) for w, ts, f in zip(workloads, times, first)]
 
 
 def collect(args) -> list[Workload]:
@@ -188,7 +160,8 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
 
 def ratios(results: list[Result]) -> dict[int, dict]:
     """Per result: time and memory ratios against its group's baseline, fraction of the group's
-    ceiling (None where a figure is missing)."""
+    ceiling (None where a figure is missing), the speed-up's interquartile interval and spread,
+    and the flags that say it cannot be trusted (tools/timing.py)."""
     out = {}
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -197,13 +170,27 @@ def ratios(results: list[Result]) -> dict[int, dict]:
         base = next((r for r in rs if r.workload.baseline), None)
         ceil = next((r for r in rs if r.workload.ceiling), None)
         for r in rs:
+            fraction = _ratio(r.throughput, ceil.throughput) if ceil else None
+            if base is None or base is r:
+                spread = r.spread
+            else:
+                spread = timing.ratio_spread(r.spread, base.spread)
+            why = [] if r.median_s is None else timing.flags(
+                spread, None if ceil is None or ceil is r else fraction,
+                ceil.workload.ceiling_max if ceil else None)
             out[id(r)] = {
                 "speedup_vs_baseline": _ratio(base.median_s, r.median_s) if base else None,
-                "fraction_of_ceiling": _ratio(r.throughput, ceil.throughput) if ceil else None,
+                # the speed-up with both rows at opposite quartiles: its interquartile interval
+                "speedup_low": _ratio(base.q1_s, r.q3_s) if base else None,
+                "speedup_high": _ratio(base.q3_s, r.q1_s) if base else None,
+                "ratio_spread": spread,
+                "fraction_of_ceiling": fraction,
                 "baseline_name": base.workload.name if base else None,
                 "ceiling_name": ceil.workload.name if ceil else None,
                 "mem_vs_baseline": _ratio(r.peak_mem_mb, base.peak_mem_mb) if base else None,
                 "own_mem_vs_baseline": _ratio(r.own_mem_mb, base.own_mem_mb) if base else None,
+                "noisy": bool(why),
+                "flags": why,
             }
     return out
 
@@ -217,60 +204,50 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 
 
 def format_table(results: list[Result]) -> str:
-    """One block per group; memory columns when any row has a peak (own = peak - baseline process,
-    the ratios against the group's baseline row)."""
+    """One block per group, headed by its baseline and ceiling; memory columns when any row has
+    a peak (own = peak - baseline process, the ratios against the group's baseline row). The
+    spread column is the interquartile range over the median; the last column flags a row whose
+    figures cannot be trusted."""
     rat = ratios(results)
     mem = any(r.peak_mem_mb is not None for r in results)
+    marks = {id(r): " (ceiling)" if r.workload.ceiling else (" (baseline)" if r.workload.baseline
+                                                               else "") for r in results}
+    width = max([len(r.workload.name) + len(marks[id(r)]) for r in results] + [20])
     lines, group = [], None
     for r in results:
-        w = r.workload
+        w, x = r.workload, rat[id(r)]
         if w.group != group:
             group = w.group
-            base_mem = next((x.base_mem_mb for x in results
-                             if x.workload.group == group and x.base_mem_mb is not None), None)
-            lines.append(f"\n{group}" + (f"  [memory: a process with the imports and inputs "
-                                          f"alone peaks at {base_mem:.0f} MiB]"
-                                          if base_mem is not None else ""))
-            lines.append(f"  {'':44s} {'median':>10s} {'min-max':>19s} {'throughput':>16s} "
-                         f"{'vs base':>8s} {'of ceil':>8s} {'1st call':>9s}"
+            base_mem = next((y.base_mem_mb for y in results
+                             if y.workload.group == group and y.base_mem_mb is not None), None)
+            against = [f"vs base = against {x['baseline_name']}" if x["baseline_name"] else
+                       "no baseline", f"of ceil = of {x['ceiling_name']}" if x["ceiling_name"]
+                       else ""]
+            lines.append(f"\n{group}  [{'; '.join(a for a in against if a)}]")
+            if base_mem is not None:
+                lines.append(f"  [memory: a process with the imports and inputs alone peaks at "
+                             f"{base_mem:.0f} MiB]")
+            lines.append(f"  {'':{width}s} {'median':>10s} {'min-max':>21s} {'spread':>6s} "
+                         f"{'throughput':>16s} {'vs base':>8s} {'of ceil':>8s} {'1st call':>9s}"
                          + (f" {'peak MiB':>9s} {'own MiB':>8s} {'peak/base':>9s} "
-                            f"{'own/base':>8s}" if mem else ""))
-        x = rat[id(r)]
+                            f"{'own/base':>8s}" if mem else "") + "  note")
         ceil = x["fraction_of_ceiling"]
-        mark = " (ceiling)" if w.ceiling else (" (baseline)" if w.baseline else "")
-        spread = (f"{_ms(r.min_s):8.2f}-{_ms(r.max_s):8.2f}ms" if r.median_s is not None
-                  else f"{'-':>19s}")
-        line = (f"  {(w.name + mark)[:44]:44s} {_fmt(_ms(r.median_s), '.2f', 10, 'ms')} {spread} "
+        spread = (f"{_ms(r.min_s):9.4g}-{_ms(r.max_s):9.4g}ms" if r.median_s is not None
+                  else f"{'-':>21s}")
+        line = (f"  {w.name + marks[id(r)]:{width}s} {_fmt(_ms(r.median_s), '.4g', 10, 'ms')} "
+                f"{spread} {_fmt(None if r.spread is None else 100 * r.spread, '.0f', 6, '%')} "
                 f"{_fmt(r.throughput, '.1f', 10)} {w.unit:8s} "
-                f"{_fmt(x['speedup_vs_baseline'], '.2f', 6, 'x')} "
+                f"{_fmt(x['speedup_vs_baseline'], '.2f', 8, 'x')} "
                 f"{_fmt(None if ceil is None else 100 * ceil, '.0f', 8, '%')} "
                 f"{_fmt(r.first_call_s, '.2f', 9, 's')}")
         if mem:
             line += (f" {_fmt(r.peak_mem_mb, '.0f', 9)} {_fmt(r.own_mem_mb, '.0f', 8)} "
                      f"{_fmt(x['mem_vs_baseline'], '.2f', 9, 'x')} "
                      f"{_fmt(x['own_mem_vs_baseline'], '.2f', 8, 'x')}")
+        if x["noisy"]:
+            line += f"  {timing.NOISY} ({'; '.join(x['flags'])})"
         lines.append(line)
     return "\n".join(lines)
-
-
-def plot(rows: list[dict], machine_info: dict, path: str) -> None:
-    """Bar chart of each row's speed-up vs its group's baseline (rows as written to --json)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [r for r in rows if r["speedup_vs_baseline"] and not r["baseline"]]
-    fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), [r["speedup_vs_baseline"] for r in rows],
-            color=["tab:green" if r["name"].startswith("ours") else "tab:gray" for r in rows])
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), [f"{r['group'].split(' (')[0]} | {r['name']}" for r in rows],
-                  fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed-up vs the group's baseline (time ratio, higher is faster)")
-    device = machine_info["gpus"][0] if machine_info["gpus"] else machine_info["cpu"]
-    ax.set_title(f"albert_kernels bench - {device}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def dropout_probability(text: str) -> float:
@@ -284,28 +261,49 @@ def dropout_probability(text: str) -> float:
     return p
 
 
+DESCRIPTION = """\
+Op and model benchmarks, each beside baselines measured in the same run (PyTorch eager, SDPA,
+torch.compile, transformers) and a ceiling (a copy of the same bytes, the GEMMs alone); every
+figure is a median with its spread (interquartile range / median), and a row whose ratio's spread
+exceeds 20%, or that runs above its ceiling, is flagged "noisy: rerun on a quiet machine". With
+neither --ops nor --model, both run. The results are written as JSON and a plot into a folder
+named after the machine and the date under --results-dir (or to --json / --plot), and their paths
+are printed last. Figures hold for the machine they were measured on (CPU model and instruction
+sets are in the JSON and the plot)."""
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu, or cuda if present)")
+    """`bench`'s options on parser `p` (its help lists every one with its default)."""
+    p.description = DESCRIPTION
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda if a CUDA device is present, else cpu)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="default float32 on CPU, bfloat16 on CUDA")
+                   help="parameter and input dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--preset", default="base", help="ALBERT v2 size: base|large|xlarge|xxlarge")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--padding", default="realistic", choices=["none", "realistic"])
-    p.add_argument("--mode", default="forward", choices=["forward", "train"])
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch (ops: batch x seq "
+                   "tokens for the per-token ops, batch sequences for attention)")
+    p.add_argument("--seq", type=int, default=128, help="padded sequence length")
+    p.add_argument("--padding", default="realistic", choices=["none", "realistic"],
+                   help="sequence lengths of the model batch: all --seq (none), or uniform in "
+                   "[25%%, 100%%] of --seq (realistic)")
+    p.add_argument("--mode", default="forward", choices=["forward", "train"],
+                   help="model benchmarks: inference forward, or an MLM + SOP training step "
+                   "(forward + backward)")
     p.add_argument("--dropout", type=dropout_probability, default=0.0, metavar="P",
                    help="model benchmarks: hidden_dropout_prob and attention_probs_dropout_prob "
-                   "of every contender, transformers' and ours (default 0, as the v2 presets; "
-                   "acts in --mode train)")
+                   "of every contender, transformers' and ours (0 as the v2 presets; acts in "
+                   "--mode train)")
     p.add_argument("--autocast", default=None, choices=list(AUTOCAST_DTYPES),
                    help="model benchmarks: run every contender's call (forward, or the whole "
                    "training step) under torch.autocast(device type, this dtype), with float32 "
-                   "parameters; the GEMM floor multiplies in this dtype")
-    p.add_argument("--ops", action="store_true", help="only the op benchmarks")
-    p.add_argument("--model", action="store_true", help="only the model benchmarks")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per workload")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and short timings (a smoke run)")
+                   "parameters; the GEMM floor multiplies in this dtype (default: no autocast)")
+    p.add_argument("--ops", action="store_true", help="the op benchmarks (with --model: both)")
+    p.add_argument("--model", action="store_true", help="the model benchmarks (with --ops: both)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--min-time", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds of timed calls per workload (at least 3 calls, at most 50)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and short timings (a smoke "
+                   "run: batch <= 2, seq <= 32, --min-time 0.05, --no-compile, no memory)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: peak resident memory of each model workload, each in a fresh process "
                    "that builds it alone and calls it twice (a process start, ~5-10 s, plus two "
@@ -313,14 +311,23 @@ def add_arguments(p) -> None:
                    "--quick). GPU: the peak allocated memory is always reported")
     p.add_argument("--memory-only", action="store_true",
                    help="CPU model benchmarks: measure memory, skip the timing")
-    p.add_argument("--json", metavar="FILE", help="write machine, configurations and results")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the ratios vs the baselines")
-    p.add_argument("--quiet", action="store_true", help="no progress, just the table")
+    p.add_argument("--results-dir", default=RESULTS_DIR, metavar="DIR",
+                   help="where the JSON and the plot go when --json / --plot are not given: "
+                   "DIR/<device>_<machine>_<date>/<benchmark>_<time>.{json,png}, the machine "
+                   "named by its CPU (or GPU) model, widest instruction set (avx2, avx512, amx) "
+                   "and core count")
+    p.add_argument("--no-save", action="store_true",
+                   help="write no file, print the table only")
+    p.add_argument("--json", metavar="FILE", help="write machine, configuration and results "
+                   "to FILE instead of the results folder (then no plot unless --plot)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the speed-ups to FILE.png instead "
+                   "of the results folder (then no JSON unless --json)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, just the table")
     p.add_argument("--latency", action="store_true",
                    help="one short request at a time instead (tools/latency.py): batch 1 and 4, "
                    "L = 8, 32, 128, fp32 on CPU, ours vs transformers sdpa, torch.compile, "
                    "ONNX Runtime, OpenVINO (the `bench` extra), and the floors; uses --preset, "
-                   "--min-time, --no-compile, --quick, --json, --quiet")
+                   "--min-time, --no-compile, --quick, --quiet and the output options")
 
 
 def _memory_options(args) -> Optional[str]:
@@ -424,18 +431,26 @@ def main(args) -> int:
             if not args.memory_only and timed[j - 1] is None:
                 say("timing")
             results.append(_run(w, args, base_mem, say, timed[j - 1]))
-    print(format_table(results))
+    m = machine()
     rat = ratios(results)
     rows = [{**r.as_dict(), **rat[id(r)]} for r in results]
-    if args.json:
-        doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "config": {k: getattr(args, k) for k in ("device", "dtype", "preset", "batch", "seq",
-                                                         "padding", "mode", "dropout", "autocast",
-                                                         "min_time", "quick", "no_compile",
-                                                         "memory", "memory_only")},
-               "results": rows}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-    if args.plot:
-        plot(rows, machine(), args.plot)
+    print(describe_machine(m))
+    print(format_table(results))
+    print("\n" + timing.summary([x["noisy"] for r, x in zip(results, rows)
+                                 if r.median_s is not None]))
+    kind = "-".join(([] if not args.ops else ["ops"])
+                    + ([] if not args.model else [f"model-{args.mode}"
+                                                   + ("-memory" if args.memory_only else "")]))
+    json_path, plot_path = output_paths(args, kind, m)
+    if args.memory_only and plot_path and not args.plot:
+        plot_path = None    # memory only: no time ratios to draw
+    doc = {"machine": m, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "config": {k: getattr(args, k) for k in ("device", "dtype", "preset", "batch", "seq",
+                                                     "padding", "mode", "dropout", "autocast",
+                                                     "min_time", "quick", "no_compile",
+                                                     "memory", "memory_only")},
+           "noisy_spread": timing.NOISY_SPREAD, "results": rows}
+    for line in write_outputs(doc, rows, json_path, plot_path,
+                              f"albert_kernels bench {kind} ({args.device}, {args.dtype})"):
+        print(line)
     return 0

@@ -1,4 +1,4 @@
-"""`albert-kernels bench --latency`: one short request at a time (issue 16, docs/performance.md).
+"""`albert-kernels bench --latency`: one short request at a time (docs/performance.md).
 
 ALBERT fp32 inference on unpadded inputs (batch 1 and 4, L = 8, 32, 128 by default), random
 weights, under torch.inference_mode. Contenders, all on the same weights:
@@ -15,8 +15,12 @@ A contender whose package is absent or whose export fails is skipped with the re
 Before timing, every contender's last_hidden_state is compared with transformers' on the real
 tokens (all of them: no padding): max |diff| <= 1e-3 or the row is marked "check FAILED" (it is
 still timed; a contender that raises is marked and not timed). Timing: interleaved rounds, one
-call of each contender per round (tools.bench.run_interleaved): median and min-max; "x sdpa" is
-the speed-up over transformers sdpa (its median / the row's), "vs floor" the row's median / floor.
+call of each contender per round (tools/timing.py): median, min-max and the spread (interquartile
+range / median); "x sdpa" is the speed-up over transformers sdpa (its median / the row's), "vs
+floor" the row's median / floor. A row is flagged "noisy: rerun on a quiet machine" when its
+ratio's spread (its own + the baseline's) exceeds 20%, or when it runs faster than the floor
+allows (below 1 / 1.5 of the GEMM floor's time, which another library's GEMM cannot honestly
+reach; tools/timing.py).
 
 Floors, their rates timed in the same rounds as each shape's contenders: the encoder's
 matrix-product FLOPs for the token count (embedding projection, and per layer Q, K, V, attention
@@ -31,14 +35,14 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from ..model import AlbertConfig, AlbertModel
-from .bench import run_interleaved
-from .workloads import Workload
+from . import timing
 
 TOLERANCE = 1e-3       # max |diff| vs transformers' last_hidden_state, fp32
 BASELINE = "transformers sdpa"
@@ -59,6 +63,14 @@ class Row:
     check: str = "not run"         # "ok", "FAILED (...)", "floor", "error: ..."
     speedup_vs_sdpa: Optional[float] = None  # transformers sdpa median / median (higher: faster)
     vs_floor: Optional[float] = None         # median / the floor
+    q1_s: Optional[float] = None             # quartiles of the call times
+    q3_s: Optional[float] = None
+    spread: Optional[float] = None           # (q3_s - q1_s) / median_s
+    ratio_spread: Optional[float] = None     # speedup_vs_sdpa's: this row's + the baseline's
+    speedup_low: Optional[float] = None      # speedup_vs_sdpa's interquartile interval
+    speedup_high: Optional[float] = None
+    noisy: bool = False                      # the row's figures cannot be trusted: `flags` say why
+    flags: list = field(default_factory=list)
 
 
 @dataclass
@@ -81,9 +93,15 @@ def _onnx_export(hf, cfg: AlbertConfig, path: str) -> str:
     wrapped = _LastHidden(hf)
     kw = dict(input_names=["input_ids"], output_names=["last_hidden_state"])
     try:
-        torch.onnx.export(wrapped, (ids,), path, dynamo=False, opset_version=17,
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                        "last_hidden_state": {0: "batch", 1: "seq"}}, **kw)
+        # quiet: the legacy exporter's deprecation notice, and the tracer's note that
+        # transformers' is_causal test becomes a constant (False for an encoder at any length;
+        # each exported runtime's output is checked against transformers at every shape anyway)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(wrapped, (ids,), path, dynamo=False, opset_version=17,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                            "last_hidden_state": {0: "batch", 1: "seq"}}, **kw)
         return "torchscript exporter"
     except Exception:               # legacy exporter gone or failing: the dynamo exporter
         batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
@@ -170,15 +188,15 @@ def _ours(hf) -> Contender:
     return Contender("ours (cpp)", lambda ids: model(ids).last_hidden_state)
 
 
-def floor_workloads(cfg: AlbertConfig, copy_nbytes: int = 8 << 20) -> list[Workload]:
-    """The two rate probes, timed in the same rounds as the contenders: torch.mm at M = 512 tokens
-    on the FFN-in shape [512, H] x [H, I] (work: FLOPs), and a cache-resident copy of an
-    `copy_nbytes` buffer into another (work: bytes read + written)."""
+def floor_probes(cfg: AlbertConfig, copy_nbytes: int = 8 << 20
+                 ) -> list[tuple[str, Callable[[], object], float]]:
+    """The two rate probes, timed in the same rounds as the contenders, as (name, call, work per
+    call): torch.mm at M = 512 tokens on the FFN-in shape [512, H] x [H, I] (work: FLOPs), and a
+    cache-resident copy of an `copy_nbytes` buffer into another (work: bytes read + written)."""
     a, b = torch.randn(512, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.intermediate_size)
     src, dst = torch.randn(copy_nbytes // 4), torch.empty(copy_nbytes // 4)
-    return [Workload("floor", GEMM_PROBE, lambda: torch.mm(a, b),
-                     2 * 512 * cfg.hidden_size * cfg.intermediate_size, "GFLOP/s"),
-            Workload("floor", COPY_PROBE, lambda: dst.copy_(src), 2 * copy_nbytes, "GB/s")]
+    return [(GEMM_PROBE, lambda: torch.mm(a, b), 2 * 512 * cfg.hidden_size * cfg.intermediate_size),
+            (COPY_PROBE, lambda: dst.copy_(src), 2 * copy_nbytes)]
 
 
 def encoder_flops(cfg: AlbertConfig, tokens: int) -> int:
@@ -230,26 +248,41 @@ def _shape_rows(cfg, cons: list[Contender], batch: int, seqlen: int, floors: dic
             def fn(c=c):
                 with torch.inference_mode():
                     c.call(ids)
-            timed.append((row, Workload(f"B{batch} L{seqlen}", c.name, fn, batch * seqlen,
-                                        "tokens/s")))
-    probes = [] if floors else floor_workloads(cfg)
+            timed.append((row, fn))
+    probes = [] if floors else floor_probes(cfg)
     say(f"B{batch} L{seqlen}: timing {len(timed)} contenders round-robin")
-    results = run_interleaved([w for _, w in timed] + probes, min_time_s)
-    for (row, _), r in zip(timed, results):
-        row.median_s, row.min_s, row.max_s = r.median_s, r.min_s, r.max_s
-    for w, r in zip(probes, results[len(timed):]):
-        floors[w.name] = w.work / r.median_s
+    times, _ = timing.interleaved([fn for _, fn in timed] + [fn for _, fn, _ in probes],
+                                  min_time_s, names=[r.name for r, _ in timed]
+                                  + [n for n, _, _ in probes])
+    for (row, _), ts in zip(timed, times):
+        row.q1_s, row.median_s, row.q3_s = timing.quartiles(ts)
+        row.min_s, row.max_s = min(ts), max(ts)
+        row.spread = timing.spread(row.q1_s, row.median_s, row.q3_s)
+    for (name, _, work), ts in zip(probes, times[len(timed):]):
+        floors[name] = work / timing.quartiles(ts)[1]
     tokens = batch * seqlen
     flop_s = encoder_flops(cfg, tokens) / floors["gemm_flop_s"]
     byte_s = weight_bytes(cfg) / floors["copy_bytes_s"]
     rows.append(Row("floor: GEMM FLOPs at large-M rate", batch, seqlen, flop_s, check="floor"))
     rows.append(Row("floor: weight bytes at cache bandwidth", batch, seqlen, byte_s,
                     check="floor"))
-    base = next((r.median_s for r in rows if r.name == BASELINE), None)
+    base = next((r for r in rows if r.name == BASELINE and r.median_s is not None), None)
+    floor = max(flop_s, byte_s)
     for r in rows:
-        if r.median_s is not None:
-            r.speedup_vs_sdpa = base / r.median_s if base else None
-            r.vs_floor = r.median_s / max(flop_s, byte_s)
+        if r.median_s is None:
+            continue
+        r.vs_floor = r.median_s / floor
+        if base is None:
+            continue
+        r.speedup_vs_sdpa = base.median_s / r.median_s
+        if r.check == "floor":
+            continue
+        r.ratio_spread = r.spread if r is base else timing.ratio_spread(r.spread, base.spread)
+        r.speedup_low, r.speedup_high = base.q1_s / r.q3_s, base.q3_s / r.q1_s
+        # the floor is a rate of MKL's GEMM and of a copy: the row's throughput over the floor's
+        # may exceed 1 by what another GEMM gains on MKL's, not more
+        r.flags = timing.flags(r.ratio_spread, 1.0 / r.vs_floor, timing.GEMM_CEILING_MAX)
+        r.noisy = bool(r.flags)
     return rows
 
 
@@ -278,31 +311,43 @@ def _f(v: Optional[float], spec: str, width: int) -> str:
 
 
 def format_latency(rows: list[Row], floors: dict) -> str:
-    """The table: contender, B, L, median ms, spread (min-max ms), speed-up vs transformers sdpa
-    (its median / the row's; above 1: faster), time ratio vs the floor (the larger floor), the
-    first call at that shape (compilation), check."""
+    """The table: contender, B, L, median ms, spread (min-max ms; IQR / median), speed-up vs
+    transformers sdpa (its median / the row's; above 1: faster), time ratio vs the floor (the
+    larger floor), the first call at that shape (compilation), check, and the noisy flag."""
     lines = [f"large-M GEMM rate {floors['gemm_flop_s'] / 1e9:.1f} GFLOP/s, cache-resident copy "
              f"{floors['copy_bytes_s'] / 1e9:.1f} GB/s (medians over the shapes; each shape's "
              "floors use the rates timed in its own rounds)",
              f"{'contender':40s} {'B':>2s} {'L':>4s} {'median ms':>10s} {'min-max ms':>17s} "
-             f"{'x sdpa':>8s} {'vs floor':>8s} {'1st call s':>10s}  check"]
+             f"{'spread':>6s} {'x sdpa':>8s} {'vs floor':>8s} {'1st call s':>10s}  check"]
     for r in rows:
         spread = (f"{1e3 * r.min_s:8.2f}-{1e3 * r.max_s:8.2f}" if r.min_s is not None
                   else f"{'-':>17s}")
         lines.append(f"{r.name[:40]:40s} {r.batch:2d} {r.seqlen:4d} "
                      f"{_f(None if r.median_s is None else 1e3 * r.median_s, '.2f', 10)} {spread} "
+                     f"{_f(None if r.spread is None else 100 * r.spread, '.0f', 5)}% "
                      f"{_f(r.speedup_vs_sdpa, '.2f', 8)} {_f(r.vs_floor, '.2f', 8)} "
-                     f"{_f(r.first_call_s, '.2f', 10)}  {r.check}")
+                     f"{_f(r.first_call_s, '.2f', 10)}  {r.check}"
+                     + (f"; {timing.NOISY} ({'; '.join(r.flags)})" if r.noisy else ""))
     return "\n".join(lines)
+
+
+def plot_rows(rows: list[Row]) -> list[dict]:
+    """The rows in the form tools/report.py's plot draws: one group per (B, L), its ratios against
+    transformers sdpa, the floors drawn as ceilings."""
+    return [{"group": f"B{r.batch} L{r.seqlen}", "name": r.name, "baseline": r.name == BASELINE,
+             "baseline_name": BASELINE, "ceiling": r.check == "floor",
+             "speedup_vs_baseline": r.speedup_vs_sdpa, "speedup_low": r.speedup_low,
+             "speedup_high": r.speedup_high, "noisy": r.noisy} for r in rows]
 
 
 def main(args) -> int:
     """`albert-kernels bench --latency`: CPU, fp32, preset `args.preset`; --quick: L = 8 only,
-    batch 1, short timing, no compile."""
-    import json
+    batch 1, short timing, no compile. Writes the JSON and the plot as `bench` does."""
     import sys
     from dataclasses import asdict
+
     from .info import machine
+    from .report import describe_machine, output_paths, write_outputs
     if args.device not in (None, "cpu"):
         print(f"--latency runs on the CPU; got --device {args.device}", file=sys.stderr)
         return 1
@@ -313,12 +358,18 @@ def main(args) -> int:
     cfg = AlbertConfig.preset(args.preset)
     rows, floors = run_latency(cfg, batches, lengths, min_time,
                                compile_baseline=not (args.no_compile or args.quick), say=say)
+    m = machine()
+    print(describe_machine(m))
     print(format_latency(rows, floors))
-    if args.json:
-        doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "config": {"preset": args.preset, "dtype": "float32", "batches": list(batches),
-                          "lengths": list(lengths), "min_time": min_time, "padding": "none"},
-               "floors": floors, "results": [asdict(r) for r in rows]}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
+    print("\n" + timing.summary([r.noisy for r in rows
+                                 if r.median_s is not None and r.check != "floor"]))
+    json_path, plot_path = output_paths(args, "latency", m)
+    doc = {"machine": m, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "config": {"preset": args.preset, "dtype": "float32", "batches": list(batches),
+                      "lengths": list(lengths), "min_time": min_time, "padding": "none"},
+           "noisy_spread": timing.NOISY_SPREAD, "floors": floors,
+           "results": [asdict(r) for r in rows]}
+    for line in write_outputs(doc, plot_rows(rows), json_path, plot_path,
+                              f"albert_kernels bench --latency (ALBERT-{args.preset}, fp32)"):
+        print(line)
     return 0

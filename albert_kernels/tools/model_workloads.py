@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..model import AlbertConfig, AlbertForPreTraining, AlbertModel
 from ..model.config import PRESETS
+from .timing import GEMM_CEILING_MAX
 from .workloads import Rebuild, Workload, ours_backends, padding_mask, realistic_lengths
 
 GEMM_FLOOR = "GEMM floor (encoder GEMMs on real tokens)"
@@ -115,7 +116,8 @@ def gemm_floor(cfg: AlbertConfig, tokens: int, mode: str, dtype, device, group: 
                 if mode == "train":
                     torch.matmul(grads[out_f], w)                 # grad of the input
                     torch.matmul(grads[out_f].t(), acts[in_f])    # grad of the weight
-    return Workload(group, GEMM_FLOOR, run, tokens, "tokens/s", ceiling=True)
+    return Workload(group, GEMM_FLOOR, run, tokens, "tokens/s", ceiling=True,
+                    ceiling_max=GEMM_CEILING_MAX)
 
 
 def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: str,

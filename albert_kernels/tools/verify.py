@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..backends import available_backends
+from ..backends import available_backends, backend_names, unavailable_reason
 from .budget import Budget, check_budget
 from .cases import CASES, DTYPES, case_applies, run_case
 from .edge_cases import EDGE_CASES, edge_case_applies, known_broken, run_edge_case
@@ -158,12 +158,22 @@ def main(args) -> int:
     dtypes = args.dtype or list(DTYPES)
     backends = [b for b in available_backends(device) if b != "reference"]
     if args.backend:
-        unknown = [b for b in args.backend if b not in backends]
-        if unknown:
-            print(f"not available on {device}: {', '.join(unknown)} "
-                  f"(available: {', '.join(backends) or 'none'}; see `albert-kernels info`)",
-                  file=sys.stderr)
-            return 1
+        known = sorted(backend_names())
+        for name in args.backend:
+            if name not in known:
+                print(f"unknown backend {name!r}, known: {', '.join(known)}", file=sys.stderr)
+                return 1
+            if name == "reference":
+                print("--backend reference: the reference is what every backend is verified "
+                      f"against (verifiable on {device}: {', '.join(backends) or 'none'})",
+                      file=sys.stderr)
+                return 1
+            if name not in backends:
+                reason = unavailable_reason(name, torch.device(device).type) or "unknown"
+                print(f"backend {name!r} is not available on {device}: {reason.splitlines()[0]} "
+                      f"(available: {', '.join(backends) or 'none'}; see `albert-kernels info`)",
+                      file=sys.stderr)
+                return 1
         backends = args.backend
     if not backends:
         print(f"no backend besides the reference is available on {device}; see "

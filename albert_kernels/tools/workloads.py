@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..backends import available_backends
+from .timing import GEMM_CEILING_MAX
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Workload:
     unit: str                   # "GB/s", "GFLOP/s" or "tokens/s"
     baseline: bool = False      # the group's reference point for ratios
     ceiling: bool = False       # a hardware ceiling (copy bandwidth, GEMM), not a competitor
+    # a ceiling row: the largest fraction of its throughput another row can honestly reach (1.0
+    # for a copy of the same bytes; more for a GEMM timed from one library, which another
+    # library's GEMM can beat); a row above it is flagged (tools/timing.py)
+    ceiling_max: Optional[float] = None
     rebuild: Optional[Rebuild] = None   # to build it alone in a fresh process (its CPU memory)
 
 
@@ -78,7 +83,7 @@ def copy_workload(nbytes: int, device, group: str) -> Workload:
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     return Workload(group, "copy (same bytes)", lambda: dst.copy_(src), 8.0 * n, "GB/s",
-                    ceiling=True)
+                    ceiling=True, ceiling_max=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +113,7 @@ def linear_gelu_workloads(tokens: int, hidden: int, inner: int, dtype, device) -
     flops = 2.0 * tokens * hidden * inner
     expr = lambda: F.gelu(F.linear(x, w, b), approximate="tanh")
     out = [Workload(g, "GEMM alone (F.linear)", lambda: F.linear(x, w, b), flops, "GFLOP/s",
-                    ceiling=True),
+                    ceiling=True, ceiling_max=GEMM_CEILING_MAX),
            Workload(g, "eager gelu(linear(x))", expr, flops, "GFLOP/s", baseline=True),
            Workload(g, "torch.compile(expression)", _compiled(expr), flops, "GFLOP/s")]
     for be in ours_backends(device):

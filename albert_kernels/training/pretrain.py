@@ -82,9 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="max tokens per sequence")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of LAMB (default: 0.01 for tiny, 0.00176 for base)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--backend", default=None, help="kernel backend (default: best available)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of linear learning-rate warm-up (default: 10%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="LAMB weight decay (none on LayerNorm weights and biases)")
+    from ..cli import backend_name
+    p.add_argument("--backend", default=None, type=backend_name,
+                   help="kernel backend (default: the best available on --device)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="bfloat16: bf16 compute copy, float32 master weights")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -93,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the latest checkpoint in --out, or from this directory")
     p.add_argument("--save-every", type=int, default=500,
                    help="checkpoint every N steps (0: only at the end and on Ctrl-C)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights' initialisation and of the data order and masking")
     p.add_argument("--log-every", type=int, default=10,
                    help="steps between progress lines when tqdm is not installed")
 
