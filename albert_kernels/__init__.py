@@ -11,6 +11,7 @@ from .model import (AlbertConfig, AlbertForMaskedLM, AlbertForMultipleChoice, Al
                     AlbertForQuestionAnswering, AlbertForSequenceClassification,
                     AlbertForTokenClassification, AlbertModel)
 from .model.hf_patch import patch_hf
+from .model.layers import freeze, unfreeze
 from .ops import add_layer_norm, attention, gelu_ffn, linear_gelu, pad, unpad, varlen_attention
 
 __version__ = "0.1.0"
@@ -21,4 +22,5 @@ __all__ = [
     "AlbertForSequenceClassification", "AlbertForTokenClassification", "AlbertForQuestionAnswering",
     "AlbertForMultipleChoice",
     "attention", "varlen_attention", "add_layer_norm", "linear_gelu", "gelu_ffn", "unpad", "pad", "patch_hf",
+    "freeze", "unfreeze",
 ]

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..errors import BackendUnavailable
 from . import autocast, registry
 
 
@@ -54,6 +55,18 @@ class Kernels:
         if autocast.enabled(args[0]):
             return autocast.run("gelu_ffn", self.module.gelu_ffn, *args, **kwargs)
         return self.module.gelu_ffn(*args, **kwargs)
+
+
+    def freeze_encoder(self, mapping, layers):
+        """The backend's frozen-weight path (an optional capability; the cpp backend has it):
+        an encoder's weights packed once for inference, see ``backends/cpp/frozen.py``.
+        mapping: the encoder's input ``nn.Linear`` or None; layers: {key: ``LayerParts``}.
+        BackendUnavailable naming the backend if it has no such path."""
+        freeze = getattr(self.module, "freeze_encoder", None)
+        if freeze is None:
+            raise BackendUnavailable(f"backend {self.name!r} has no frozen-weight path "
+                                     "(albert_kernels.freeze): the 'cpp' backend has one")
+        return freeze(mapping, layers)
 
 
 # One Kernels object per (backend name, loaded module): resolve() allocates nothing per call.
