@@ -185,6 +185,8 @@ class ResolvesKernels:
         self.backend, self._kernels_by = backend, {}
         param = next(self.parameters(), None)
         if param is None or param.is_meta:
+            if strict and backend is not None and backend not in backend_names():
+                resolve(backend, "cpu", torch.float32)  # raises: an unknown name
             return  # resolved at the first forward, where the weights are then
         try:
             self.kernels_for(param.device, param.dtype)
