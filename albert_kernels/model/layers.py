@@ -182,18 +182,19 @@ class ResolvesKernels:
         return self.config.head_dim
 
     def _use_backend(self, backend: Optional[str], strict: bool = True) -> None:
-        self.backend, self._kernels_by = backend, {}
         param = next(self.parameters(), None)
+        cache, unknown = {}, backend is not None and backend not in backend_names()
         if param is None or param.is_meta:
-            if strict and backend is not None and backend not in backend_names():
-                resolve(backend, "cpu", torch.float32)  # raises: an unknown name
-            return  # resolved at the first forward, where the weights are then
-        try:
-            self.kernels_for(param.device, param.dtype)
-        except (BackendUnavailable, TypeError, ValueError) as e:
-            unknown = backend is not None and backend not in backend_names()
-            if strict and (unknown or not isinstance(e, BackendUnavailable)):
-                raise
+            if strict and unknown:
+                resolve(backend, "cpu", torch.float32)  # raises BackendUnavailable: unknown name
+        else:  # checked now; the first forward resolves where the weights are then
+            try:
+                cache[(param.device.type, param.dtype)] = resolve(backend, param.device,
+                                                                  param.dtype, self._head_dim())
+            except (BackendUnavailable, TypeError, ValueError) as e:
+                if strict and (unknown or not isinstance(e, BackendUnavailable)):
+                    raise  # a failed switch changes nothing
+        self.backend, self._kernels_by = backend, cache
 
     def kernels_for(self, device: torch.device, dtype: torch.dtype) -> Kernels:
         """The backend's kernels for tensors of `dtype` on `device` (cached per device type and
