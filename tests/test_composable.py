@@ -96,8 +96,8 @@ def test_is_plain():
 def _lora_config():
     peft = pytest.importorskip("peft")
     # init_lora_weights=False: B is random too, so an adapter changes the output from the start
-    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "ffn", "ffn_output"],
-                           init_lora_weights=False, lora_dropout=0.0)
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["query", "value", "ffn", "ffn_output"])
 
 
 def _lora_grads(model):
@@ -113,7 +113,8 @@ def test_lora_forward_and_gradients(order, backend):
         ours = peft.get_peft_model(ak.patch_hf(copy.deepcopy(base), backend=backend),
                                    _lora_config())
     else:
-        ours = ak.patch_hf(peft.get_peft_model(copy.deepcopy(base), _lora_config()), backend=backend)
+        ours = ak.patch_hf(peft.get_peft_model(copy.deepcopy(base), _lora_config()),
+                           backend=backend)
     ours.load_state_dict(ref.state_dict())
     assert any(type(m).__name__ == "PatchedAlbertTransformer" for m in ours.modules())
     without = _logits(base)

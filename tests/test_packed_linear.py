@@ -144,6 +144,8 @@ def test_recorded_changes_raise_until_frozen_again(cpu_backend, frozen_calls):
         lambda m: m.load_state_dict(_model(cpu_backend, seed=1, freeze=False).state_dict()),
         lambda m: setattr(m.encoder.embedding_hidden_mapping_in, "weight", torch.nn.Parameter(
             m.encoder.embedding_hidden_mapping_in.weight.detach() * 2)),
+        lambda m: setattr(m.encoder.albert_layer_groups[0].albert_layers[0], "ffn",
+                          _scaled_copy(m.encoder.albert_layer_groups[0].albert_layers[0].ffn)),
     ]
     for write in writes:
         write(model)
@@ -151,6 +153,14 @@ def test_recorded_changes_raise_until_frozen_again(cpu_backend, frozen_calls):
             model(ids, mask)
         ak.freeze(model)
         _check(model, ids, mask, calls=frozen_calls)
+
+
+def _scaled_copy(linear):
+    """Another module in its place (the weights doubled, so that a stale copy would show)."""
+    new = copy.deepcopy(linear)
+    with torch.no_grad():
+        new.weight.mul_(2)
+    return new
 
 
 def test_to_dtype_runs_unfrozen(cpu_backend, frozen_calls):

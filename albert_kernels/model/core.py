@@ -209,10 +209,11 @@ class Step:
 
 
 def run_layers(steps: Sequence[Step], h: torch.Tensor, plan, recorder=None,
-               frozen: Optional["FrozenRun"] = None) -> torch.Tensor:
+               frozen=None) -> torch.Tensor:
     """The one layer loop: every step on tokens h [N, hidden]. `recorder` (``outputs.Recorder``,
     only when hidden states are asked for) records every layer's output; `frozen`: the cpp
-    backend's packed weights, used for every step (only when :meth:`Frozen.usable` said so)."""
+    backend's frozen copy (``Frozen.run``), used for every step (only when
+    :func:`frozen_for_call` returned it)."""
     for step in steps:
         if frozen is not None:
             h = frozen.layer(step.key, h, plan)
@@ -282,13 +283,15 @@ def albert_steps(groups: Sequence[nn.Module], num_layers: int, num_groups: int,
 
 # ----------------------------------------------------------------------------- frozen weights
 class Frozen:
-    """The opt-in packed weights of one encoder (``albert_kernels.freeze``): the backend's
-    frozen copy (``Kernels.freeze_encoder``) and what it was made from. Copies and pickles as
-    empty (a copy's parameters are new tensors)."""
+    """The opt-in packed weights of one encoder (``albert_kernels.freeze``): ``run``, the
+    backend's frozen copy (what ``Kernels.freeze_encoder`` returns: ``usable(x, plan)``,
+    ``mapping_in(x)``, ``layer(key, h, plan)``; ``backends/cpp/frozen.py``), the modules it was
+    made from and their :func:`weight_signature`. Copies and pickles as None (a copy's
+    parameters are new tensors)."""
 
     __slots__ = ("run", "modules", "signature")
 
-    def __init__(self, run: "FrozenRun", modules: tuple, signature: tuple) -> None:
+    def __init__(self, run, modules: tuple, signature: tuple) -> None:
         self.run, self.modules, self.signature = run, modules, signature
 
     def __deepcopy__(self, memo):
@@ -302,18 +305,16 @@ def _none() -> None:
     return None
 
 
-class FrozenRun:
-    """What a backend's ``freeze_encoder`` returns (the cpp backend: ``backends/cpp/frozen.py``):
-    ``mapping_in(x)``, ``layer(key, h, plan)`` and ``usable(x, plan)``."""
-
-    def mapping_in(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def layer(self, key: int, h: torch.Tensor, plan) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def usable(self, x: torch.Tensor, plan) -> bool:  # pragma: no cover
-        raise NotImplementedError
+def frozen_modules(mapping: nn.Module, steps: Sequence[Step]) -> tuple:
+    """The modules a frozen copy reads, in a fixed order: the input mapping, then per distinct
+    layer (by key) its eight weight-holding parts. Every step must have parts."""
+    out, seen = [mapping], set()
+    for step in steps:
+        if step.key not in seen:
+            seen.add(step.key)
+            p = step.parts
+            out += [p.query, p.key, p.value, p.dense, p.norm1, p.ffn_in, p.ffn_out, p.norm2]
+    return tuple(out)
 
 
 def weight_signature(modules: Sequence[nn.Module]) -> tuple:
@@ -328,11 +329,11 @@ def weight_signature(modules: Sequence[nn.Module]) -> tuple:
 
 
 def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step],
-                    x: torch.Tensor, plan) -> Optional[FrozenRun]:
-    """The encoder's frozen weights if this call may run on them, else None: the encoder was
+                    x: torch.Tensor, plan):
+    """The encoder's frozen copy (``Frozen.run``) if this call may run on it, else None: it was
     frozen, every part is still plain (a hook or wrapper added since is honoured by running the
     modules), the call needs no autograd graph and is eval-mode inference the backend's frozen
-    path takes (``FrozenRun.usable``). RuntimeError if the weights were detectably changed since
+    path takes (``run.usable``). RuntimeError if the weights were detectably changed since
     ``freeze`` (a new tensor, an in-place update that bumps the version, another module)."""
     state = encoder.__dict__.get("_frozen")
     if state is None or encoder.training or torch.jit.is_tracing():
@@ -344,7 +345,8 @@ def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step
         return None
     if not state.run.usable(x, plan):
         return None
-    if weight_signature(state.modules) != state.signature or state.modules[0] is not mapping:
+    if frozen_modules(mapping, steps) != state.modules or \
+            weight_signature(state.modules) != state.signature:
         raise RuntimeError(
             "the encoder's weights changed since albert_kernels.freeze(model): call freeze(model) "
             "again after changing frozen weights, or albert_kernels.unfreeze(model)")

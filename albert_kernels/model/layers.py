@@ -283,7 +283,7 @@ class CoreEncoder:
         mapping = self.embedding_hidden_mapping_in
         steps = self._core_steps(call_hooked=True)
         culprit = None if core.is_plain(mapping) else mapping
-        modules, layers = [mapping], {}
+        layers = {}
         for step in steps:
             if culprit is not None:
                 break
@@ -291,13 +291,8 @@ class CoreEncoder:
             if p is None or p.attention_module is not None:
                 culprit = step.module if p is None else p.attention_module
                 break
-            for field, plain in p.plain.items():
-                if not plain:
-                    culprit = getattr(p, field)
-                    break
-            if step.key not in layers:
-                layers[step.key] = p
-                modules += [p.query, p.key, p.value, p.dense, p.norm1, p.ffn_in, p.ffn_out, p.norm2]
+            culprit = next((getattr(p, f) for f, plain in p.plain.items() if not plain), None)
+            layers[step.key] = p
         if culprit is not None:
             raise ValueError(
                 f"freeze: {names.get(id(culprit), type(culprit).__name__)} "
@@ -305,6 +300,7 @@ class CoreEncoder:
                 "with its weights, no hooks, wrappers or offloading): the frozen path would not "
                 "compute what calling it computes. Merge adapters (PEFT: merge_and_unload()) or "
                 "remove the hooks first, or run unfrozen")
+        modules = core.frozen_modules(mapping, steps)
         run = kernels.freeze_encoder(mapping, layers)
         self._frozen = core.Frozen(run, tuple(modules), core.weight_signature(modules))
 
@@ -334,7 +330,8 @@ class AlbertAttention(nn.Module):
 
     def __init__(self, config: AlbertConfig):
         super().__init__()
-        self.num_attention_heads, self.attention_head_size = config.num_attention_heads, config.head_dim
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
         self.scaling = self.attention_head_size ** -0.5
         hidden = config.hidden_size
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
