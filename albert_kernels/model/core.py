@@ -106,7 +106,7 @@ def linear(module: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias) if plain else module(x)
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerParts:
     """One encoder layer (post-LN, as ALBERT and BERT):
     ``a = norm1(h + dropout(dense(attention(query(h), key(h), value(h)))))``,
@@ -194,7 +194,7 @@ def run_layer(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
     return ffn_block(p, a, plan)
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One application of a layer in the encoder's schedule. ``parts``: run by the core; None:
     ``module`` is called instead (``module(h, plan)``; a group with ``records_itself``:
@@ -259,25 +259,32 @@ def albert_steps(groups: Sequence[nn.Module], num_layers: int, num_groups: int,
     runs the model's own forward)."""
     group_type, layer_type, attention_type = types
     parts_of: dict = {}
+    group_steps: dict = {}  # a group applied at several depths is laid out once
     steps = []
     for i in range(num_layers):
         group = groups[int(i / (num_layers / num_groups))]
-        if not bare(group, group_type, True):
-            if not call_hooked:
-                return None
-            steps.append(Step(id(group), None, group, records_itself=True))
-            continue
-        layers = group.albert_layers
-        for j, layer in enumerate(layers):
-            key = id(layer)
-            if key not in parts_of:
-                parts = None
-                if bare(layer, layer_type, True):
-                    parts = albert_layer_parts(layer, approximate, attention_type)
-                if (parts is None or parts.attention_module is not None) and not call_hooked:
+        laid_out = group_steps.get(id(group))
+        if laid_out is None:
+            if not bare(group, group_type, True):
+                if not call_hooked:
                     return None
-                parts_of[key] = parts
-            steps.append(Step(key, parts_of[key], layer, group_end=j == len(layers) - 1))
+                laid_out = [Step(id(group), None, group, records_itself=True)]
+            else:
+                laid_out, layers = [], group.albert_layers
+                for j, layer in enumerate(layers):
+                    key = id(layer)
+                    if key not in parts_of:
+                        parts = None
+                        if bare(layer, layer_type, True):
+                            parts = albert_layer_parts(layer, approximate, attention_type)
+                        if (parts is None or parts.attention_module is not None) \
+                                and not call_hooked:
+                            return None
+                        parts_of[key] = parts
+                    laid_out.append(Step(key, parts_of[key], layer,
+                                         group_end=j == len(layers) - 1))
+            group_steps[id(group)] = laid_out
+        steps += laid_out
     return steps
 
 
