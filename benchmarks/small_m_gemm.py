@@ -1,5 +1,5 @@
 """Small-M fp32 matrix products on the CPU: which library path serves one short request best
-(issue 16, point 1; the measurement behind albert_kernels/model/packed.py).
+(issue 16, point 1; the measurement behind albert_kernels/backends/cpp/frozen.py).
 
     python benchmarks/small_m_gemm.py [--min-time 0.5] [--tokens 1 8 32 128] [--loop-only]
                                       [--threads N] [--paths NAME ...] [--no-loop] [--json FILE]
@@ -22,8 +22,8 @@ call of each path per round; medians), in GFLOP/s:
                   with fp32 activations: the WEIGHT is rounded to fp16, so it is listed for its
                   speed only; it is outside the fp32 error budget)
   ours small-M    the cpp backend's kernel (csrc/cpu/small_m.cpp): pack_linear_weight once, then
-                  packed_linear (what albert_kernels/model/packed.py runs); skipped when the cpp
-                  extension does not load
+                  packed_linear (what albert_kernels/backends/cpp/frozen.py runs); skipped when
+                  the cpp extension does not load
 
 (``--paths`` keeps only the named ones), then the whole shared-weight encoder loop (12 applications
 of one layer's four products: fused QKV, attention output, FFN in, FFN out; 28 MB of weights that

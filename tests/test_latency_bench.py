@@ -31,7 +31,7 @@ def test_rows_checked_and_timed_and_absent_runtime_skipped(monkeypatch):
     assert floors["gemm_flop_s"] > 0 and floors["copy_bytes_s"] > 0
     rows = by_name(rows)
     assert {r.batch for r in rows.values()} == {1} and {r.seqlen for r in rows.values()} == {8}
-    for name in ("transformers sdpa", "ours (cpp)"):
+    for name in ("transformers sdpa", "ours (cpp)", "ours (cpp, unfrozen)"):
         r = rows[name]
         assert r.check == "ok", r.check
         assert r.max_abs_diff is not None and r.max_abs_diff <= latency.TOLERANCE

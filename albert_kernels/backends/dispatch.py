@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..errors import BackendUnavailable
 from . import autocast, registry
 from .op_table import OPS, OpSpec
 
@@ -30,6 +31,17 @@ class Kernels:
 
     def __repr__(self) -> str:
         return f"Kernels({self.name!r})"
+
+    def freeze_encoder(self, mapping, layers):
+        """The backend's frozen-weight path (an optional capability; the cpp backend has it):
+        an encoder's weights packed once for inference, see ``backends/cpp/frozen.py``.
+        mapping: the encoder's input ``nn.Linear`` or None; layers: {key: ``LayerParts``}.
+        BackendUnavailable naming the backend if it has no such path."""
+        freeze = getattr(self.module, "freeze_encoder", None)
+        if freeze is None:
+            raise BackendUnavailable(f"backend {self.name!r} has no frozen-weight path "
+                                     "(albert_kernels.freeze): the 'cpp' backend has one")
+        return freeze(mapping, layers)
 
 
 def _kernel_method(op: OpSpec):

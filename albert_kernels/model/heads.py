@@ -113,7 +113,8 @@ class AlbertForMaskedLM(AlbertPreTrainedModel):
         if labels is not None and self.sparse_mlm:
             selected = labels != IGNORE_INDEX
             hidden, targets = hidden[selected], labels[selected]        # [M, hidden], [M]
-        logits = self.predictions(hidden, self.kernels)
+        kernels = self.kernels_for(hidden.device, self._compute_dtype())
+        logits = self.predictions(hidden, kernels)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), targets.reshape(-1))

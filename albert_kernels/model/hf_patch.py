@@ -1,9 +1,22 @@
 """``patch_hf``: run an existing transformers ALBERT model on albert_kernels, in place.
 
-Every transformers ``AlbertTransformer`` (the shared-layer encoder inside each ALBERT class) is
-swapped, by type, for :class:`PatchedAlbertTransformer`: our padding-free encoder holding the very
-same parameter tensors (so state dicts, ``save_pretrained`` and an optimizer built before patching
-keep working). Embeddings, pooler and heads stay transformers' own.
+Every transformers ``AlbertTransformer`` (the shared-layer encoder inside each ALBERT class) keeps
+its identity and every submodule object: only its class is switched to
+:class:`PatchedAlbertTransformer`, a subclass whose ``forward`` runs the encoder core
+(``core.py``) over transformers' own modules, padding-free. So state dicts, ``save_pretrained``,
+an optimizer built before patching, PEFT adapters added before or after, module hooks and
+accelerate's hooks all see the same modules as before. Embeddings, pooler and heads stay
+transformers' own.
+
+The core runs the layers per op, fused where a submodule is plain (``core.is_plain``) and calling
+it where it is not (a PEFT LoRA wrapper, another Linear class, accelerate's device and offload
+hooks): such modules are called on token-major [N, features] tensors, which per-token modules do
+not tell apart from transformers' [B, L, features]. Hooks are another matter: a user's hook sees
+the tensors and may index them by position, so when any module of the encoder has forward,
+forward-pre or backward hooks (transformers' own output capturing aside), torch's global module
+hooks are registered, or a group, layer or attention module is not transformers' own class, the
+encoder runs transformers' own ``AlbertTransformer.forward`` for that call: the hooks then fire
+exactly as in transformers, as often and with its arguments, at transformers' speed.
 """
 from __future__ import annotations
 
@@ -11,48 +24,54 @@ from typing import Optional
 
 import torch
 
+from . import core
 from .config import AlbertConfig
-from .layers import AlbertTransformer, ResolvesKernels, pack_tokens
+from .layers import CoreEncoder, ResolvesKernels, pack_tokens
 from .layout import mask_layout
 from .outputs import Recorder, find_transformers_collector, transformers_collector, warn_not_fused
 
 
-def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Make every parameter of `dst` the same Parameter object as `src`'s of the same name."""
-    own = dict(dst.named_parameters())
-    theirs = dict(src.named_parameters())
-    if set(own) != set(theirs):
-        raise KeyError(f"parameter names differ: {sorted(set(own) ^ set(theirs))}")
-    for name, param in theirs.items():
-        if own[name].shape != param.shape:
-            raise ValueError(f"parameter {name!r}: {list(param.shape)} vs {list(own[name].shape)}")
-        owner, _, attr = name.rpartition(".")
-        setattr(dst.get_submodule(owner), attr, param)
+class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
+    """What ``patch_hf`` adds to a transformers ALBERT encoder: the backend (resolved for where
+    the hidden states are, see ``layers.ResolvesKernels``) and the core's forward. Set on the
+    instance: ``backend`` and ``_ak_config`` (our AlbertConfig of the model)."""
 
+    _hf_class: type = None
+    _hf_types: tuple = ()
 
-class PatchedAlbertTransformer(ResolvesKernels, AlbertTransformer):
-    """Stands in for transformers' AlbertTransformer: same parameters, our kernels, no padding.
-    The backend is resolved here and when the model is moved (see ``layers.ResolvesKernels``)."""
+    def _head_dim(self) -> int:
+        return self._ak_config.head_dim
 
-    def __init__(self, hf_encoder: torch.nn.Module, config: AlbertConfig, backend: Optional[str]):
-        from transformers.modeling_outputs import BaseModelOutput
-        with torch.device("meta"):  # no memory for weights that are replaced at once
-            super().__init__(config)
-        share_parameters(self, hf_encoder)
-        self.hf_config = hf_encoder.config
-        self._output_type = BaseModelOutput  # imported here: forward imports nothing
-        self._use_backend(backend)
+    def _core_types(self) -> tuple:
+        return self._hf_types
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, head_mask=None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                return_dict: bool = True, position_ids=None, **kwargs):
+    def _core_config(self) -> tuple:
+        c = self.config
+        return c.num_hidden_layers, c.num_hidden_groups, self._ak_config.gelu_approximate
+
+    def _hooked(self) -> bool:
+        """Hooks anywhere in the encoder that would see the core's token-major tensors."""
+        if core.global_hooks():
+            return True
+        return any(core.user_hooks(m, True) for m in self.modules())
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
         """transformers' encoder call: hidden_states [B, L, embedding_size]; attention_mask as
         transformers passes it (None, [B, 1, L, L] additive or bool; see ``layout.mask_layout``);
         position_ids (transformers 5 passes them): restarting at 0 inside a row = packed rows.
         Hidden states and attention probabilities go where transformers expects them: the
-        collector of its ``capture_outputs`` (5.x), or this call's output (4.x flags)."""
+        collector of its ``capture_outputs`` (5.x), or this call's output (4.x flags).
+        transformers' own forward runs instead when a layer-level module has hooks (see the
+        module docstring). ValueError for a head_mask (not supported)."""
+        head_mask = kwargs.get("head_mask")
         if head_mask is not None and any(m is not None for m in head_mask):
             raise ValueError("head_mask is not supported by albert_kernels")
+        steps = None if self._hooked() else self._core_steps(call_hooked=False)
+        if steps is None:
+            return self._hf_class.forward(self, hidden_states, attention_mask, **kwargs)
+        output_attentions = kwargs.get("output_attentions", False)
+        output_hidden_states = kwargs.get("output_hidden_states", False)
+        return_dict = kwargs.get("return_dict", True)
         recorder = Recorder.from_collector(transformers_collector())
         legacy = recorder is None and (output_attentions or output_hidden_states)
         if legacy:  # transformers 4: the encoder returns the tuples, one hidden state per group
@@ -62,13 +81,14 @@ class PatchedAlbertTransformer(ResolvesKernels, AlbertTransformer):
         if probs is not None:
             warn_not_fused("patch_hf")
         batch, seqlen, _ = hidden_states.shape
-        layout = mask_layout(attention_mask, batch, seqlen, position_ids)
+        layout = mask_layout(attention_mask, batch, seqlen, kwargs.get("position_ids"))
+        kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
         # Under torch.compile: the padded grid, static shapes for one graph.
         tokens, plan, unpack = pack_tokens(hidden_states, layout, torch.compiler.is_compiling(),
-                                           self.kernels, probs)
+                                           kernels, probs)
         if recorder is not None:
             recorder.unpack = unpack
-        out = unpack(super().forward(tokens, plan, recorder))
+        out = unpack(self._run_core(tokens, plan, steps, recorder))
         extra = {}
         if legacy:
             extra = {k: tuple(v) for k, v in (("hidden_states", recorder.hidden_states),
@@ -78,27 +98,64 @@ class PatchedAlbertTransformer(ResolvesKernels, AlbertTransformer):
         return (out,) + tuple(extra.values())
 
 
+_PATCHED: list = []
+
+
+def _patched_class() -> type:
+    """PatchedAlbertTransformer: transformers' AlbertTransformer with the core's forward (made
+    once, at first use: transformers is imported then)."""
+    if not _PATCHED:
+        from transformers.modeling_outputs import BaseModelOutput
+        from transformers.models.albert import modeling_albert as hf
+        cls = type("PatchedAlbertTransformer", (PatchedEncoderMixin, hf.AlbertTransformer), {
+            "__module__": __name__, "__qualname__": "PatchedAlbertTransformer",
+            "__doc__": "transformers' AlbertTransformer run by albert_kernels' encoder core.",
+            "_hf_class": hf.AlbertTransformer,
+            "_hf_types": (hf.AlbertLayerGroup, hf.AlbertLayer, hf.AlbertAttention),
+            "_output_type": BaseModelOutput})
+        _PATCHED.append(cls)
+    return _PATCHED[0]
+
+
+def __getattr__(name: str):
+    if name == "PatchedAlbertTransformer":  # pickles of patched models name it
+        return _patched_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _albert_models(model: torch.nn.Module) -> list:
+    from transformers.models.albert import modeling_albert as hf
+    if isinstance(model, hf.AlbertPreTrainedModel):
+        return [model]
+    return [m for m in model.modules() if isinstance(m, hf.AlbertPreTrainedModel)]
+
+
 def patch_hf(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.Module:
     """In place: every transformers ALBERT encoder in `model` runs on albert_kernels.
 
-    Works for every transformers ALBERT class (AlbertModel, ...ForPreTraining, ...ForMaskedLM,
+    model: any transformers ALBERT class (AlbertModel, ...ForPreTraining, ...ForMaskedLM,
     ...ForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering,
-    ...ForMultipleChoice). Calling it again on a patched model switches the backend. Returns model.
-    The backend is resolved now, for the parameters' device and dtype and the model's head dim,
-    as ``AlbertModel`` resolves it: BackendUnavailable for an unknown name, TypeError / ValueError
-    for a dtype or head dim it does not support; one that cannot run on the parameters' device
-    (``backend="cuda"`` before ``.cuda()``) raises BackendUnavailable at the first forward.
+    ...ForMultipleChoice), or a module holding one (a PEFT ``PeftModel``). Calling it again on a
+    patched model switches the backend. Returns model. The encoders keep their submodules (see
+    the module docstring). The backend is checked now for the parameters' device and dtype and
+    the model's head dim, as ``AlbertModel`` checks it: BackendUnavailable for an unknown name,
+    TypeError / ValueError for a dtype or head dim it does not support; one that cannot run on
+    the parameters' device (``backend="cuda"`` before ``.cuda()``) raises BackendUnavailable at
+    the first forward. TypeError if `model` holds no transformers ALBERT model.
     """
     from transformers.models.albert import modeling_albert as hf
-    if not isinstance(model, hf.AlbertPreTrainedModel):
+    albert_models = _albert_models(model)
+    if not albert_models:
         raise TypeError(f"patch_hf expects a transformers ALBERT model, got {type(model).__name__}")
-    config = AlbertConfig.from_hf(model.config)
     find_transformers_collector()  # now, not inside a forward torch.compile may trace
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PatchedAlbertTransformer):
-            module._use_backend(backend)
-        elif isinstance(module, hf.AlbertTransformer):
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr,
-                    PatchedAlbertTransformer(module, config, backend).train(module.training))
+    patched = _patched_class()
+    for albert in albert_models:
+        config = AlbertConfig.from_hf(albert.config)
+        for module in albert.modules():
+            if isinstance(module, patched):
+                module._use_backend(backend)
+            elif type(module) is hf.AlbertTransformer and "forward" not in module.__dict__:
+                module.__class__ = patched
+                module._ak_config = config
+                module._use_backend(backend)
     return model

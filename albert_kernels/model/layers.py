@@ -1,5 +1,6 @@
-"""ALBERT's building blocks on the op layer. Module and parameter names are transformers' own, so
-that state-dict keys match ``modeling_albert.py`` exactly.
+"""ALBERT's building blocks, run by the encoder core (``core.py``) on the resolved backend's
+kernels. Module and parameter names are transformers' own, so that state-dict keys match
+``modeling_albert.py`` exactly, and the core reads ours and transformers' modules alike.
 
 Every layer works on token-major tensors [N, hidden]: N is the number of real tokens (packed, no
 padding) on the fast path. How tokens attend to each other is carried by an :class:`AttentionPlan`.
@@ -18,8 +19,8 @@ from ..backends.dispatch import Kernels, resolve
 from ..errors import BackendUnavailable
 from .config import AlbertConfig
 from .layout import MaskLayout, mask_layout, packed_sequences
+from . import core
 from .outputs import Recorder, attention_probs
-from .packed import PackCache, packed_encoder
 
 
 @dataclass
@@ -161,39 +162,71 @@ class ResolvesKernels:
     """Mixin for the modules that pick a backend (``self.backend``: a name, or None for the best)
     and run its kernels: the ALBERT models and the encoder ``patch_hf`` installs.
 
-    The backend is resolved (``backends/dispatch.py`` ``resolve``) for the parameters' device and
-    dtype and ``self.config.head_dim`` when the module is built (``_use_backend`` at the end of
-    ``__init__``), moved or cast (``_apply``: ``.to()``, ``.cuda()``, ``.half()``, ...), switched,
-    copied or unpickled; never in ``forward``, which reads :attr:`kernels`. A backend that cannot
-    run where the parameters are now (``backend="cuda"`` while the model is still on the CPU) is
-    no error until ``forward``; an unknown backend name, or a dtype or head dim the backend does
-    not support, raises at once (BackendUnavailable, TypeError, ValueError).
+    The backend is resolved (``backends/dispatch.py`` ``resolve``) where the computation runs:
+    in ``forward``, for the device of the inputs and the dtype of the parameters
+    (:meth:`kernels_for`), from a cache keyed on (device type, dtype), so that a model built on
+    the meta device and given real weights afterwards (``load_state_dict(assign=True)``,
+    accelerate's ``set_module_tensor_to_device``) runs where its weights are. When the module is
+    built, moved or cast (``_apply``: ``.to()``, ``.cuda()``, ``.half()``, ...), switched, copied
+    or unpickled, the backend is checked for the parameters' device and dtype and the cache is
+    refilled, so that ``forward`` looks nothing up in the usual case (which is what lets
+    ``torch.compile(model, fullgraph=True)`` trace it): an unknown backend name, or a dtype or
+    head dim the backend does not support, raises at once (BackendUnavailable, TypeError,
+    ValueError); a backend that cannot run where the parameters are now (``backend="cuda"``
+    while the model is still on the CPU) is no error until ``forward``.
     """
 
-    _kernels: Optional[Kernels] = None
-    _kernels_error: Optional[Exception] = None
+    _kernels_by: Optional[dict] = None
+
+    def _head_dim(self) -> int:
+        return self.config.head_dim
 
     def _use_backend(self, backend: Optional[str], strict: bool = True) -> None:
         param = next(self.parameters(), None)
-        try:
-            if param is None:
-                raise BackendUnavailable("the module has no parameters to run kernels on")
-            kernels, error = resolve(backend, param.device, param.dtype, self.config.head_dim), None
-        except (BackendUnavailable, TypeError, ValueError) as e:
-            unknown = backend is not None and backend not in backend_names()
-            if strict and (unknown or not isinstance(e, BackendUnavailable)):
-                raise
-            kernels, error = None, e
-        self.backend, self._kernels, self._kernels_error = backend, kernels, error
+        cache, unknown = {}, backend is not None and backend not in backend_names()
+        if param is None or param.is_meta:
+            if strict and unknown:
+                resolve(backend, "cpu", torch.float32)  # raises BackendUnavailable: unknown name
+        else:  # checked now; the first forward resolves where the weights are then
+            try:
+                cache[(param.device.type, param.dtype)] = resolve(backend, param.device,
+                                                                  param.dtype, self._head_dim())
+            except (BackendUnavailable, TypeError, ValueError) as e:
+                if strict and (unknown or not isinstance(e, BackendUnavailable)):
+                    raise  # a failed switch changes nothing
+        self.backend, self._kernels_by = backend, cache
+
+    def kernels_for(self, device: torch.device, dtype: torch.dtype) -> Kernels:
+        """The backend's kernels for tensors of `dtype` on `device` (cached per device type and
+        dtype). BackendUnavailable saying why if the backend cannot run there; TypeError /
+        ValueError for a dtype or head dim it does not support."""
+        cache = self._kernels_by
+        if cache is None:
+            cache = self._kernels_by = {}
+        key = (device.type, dtype)
+        kernels = cache.get(key)
+        if kernels is None:
+            try:
+                kernels = resolve(self.backend, device, dtype, self._head_dim())
+            except BackendUnavailable as e:
+                raise BackendUnavailable(f"this model cannot run on backend {self.backend!r} on "
+                                         f"{device.type} with {dtype}: {e}") from e
+            cache[key] = kernels
+        return kernels
 
     @property
     def kernels(self) -> Kernels:
-        """The resolved backend; BackendUnavailable saying why if it cannot run where the
-        parameters are."""
-        if self._kernels is None:
-            raise BackendUnavailable(f"this model cannot run on backend {self.backend!r} where its "
-                                     f"parameters are: {self._kernels_error}")
-        return self._kernels
+        """The backend resolved for the parameters' device and dtype; BackendUnavailable saying
+        why if it cannot run there (parameters on the meta device included)."""
+        param = next(self.parameters(), None)
+        if param is None:
+            raise BackendUnavailable("the module has no parameters to run kernels on")
+        return self.kernels_for(param.device, param.dtype)
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the kernels run in: the parameters' (a meta parameter has one too)."""
+        param = next(self.parameters(), None)
+        return torch.get_default_dtype() if param is None else param.dtype
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
@@ -202,13 +235,77 @@ class ResolvesKernels:
 
     def __getstate__(self):
         state = dict(self.__dict__)  # a loaded backend module cannot be copied or pickled
-        state.pop("_kernels", None)
-        state.pop("_kernels_error", None)
+        state.pop("_kernels_by", None)
         return state
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._use_backend(self.backend, strict=False)
+
+
+class CoreEncoder:
+    """Mixin for an ALBERT encoder (``embedding_hidden_mapping_in``, ``albert_layer_groups``) run
+    by the core: ours (:class:`AlbertTransformer`) and the one ``patch_hf`` installs. Subclasses
+    give :meth:`_core_types` and :meth:`_core_config` ((num_hidden_layers, num_hidden_groups,
+    GELU approximate))."""
+
+    def _core_types(self) -> tuple:
+        raise NotImplementedError
+
+    def _core_config(self) -> tuple:
+        raise NotImplementedError
+
+    def _core_steps(self, call_hooked: bool):
+        layers, groups, approximate = self._core_config()
+        return core.albert_steps(self.albert_layer_groups, layers, groups, approximate,
+                                 self._core_types(), call_hooked)
+
+    def _run_core(self, x: torch.Tensor, plan: "AttentionPlan", steps,
+                  recorder: Optional[Recorder] = None) -> torch.Tensor:
+        """x [N, embedding_size] -> [N, hidden]: the input mapping, then :func:`core.run_layers`
+        (on the frozen weights when ``core.frozen_for_call`` allows). `recorder` (only when hidden
+        states are asked for) receives the first layer's input and every layer's output, as
+        transformers' hooks on its AlbertLayer record them; the computation continues from what it
+        returns, so the recorded hidden states are on the path to the output."""
+        mapping = self.embedding_hidden_mapping_in
+        frozen = core.frozen_for_call(self, mapping, steps, x, plan)
+        if frozen is not None:
+            h = frozen.mapping_in(x)
+        else:
+            h = core.linear(mapping, x, core.is_plain(mapping))
+        if recorder is not None:
+            h = recorder.hidden(h)
+        return core.run_layers(steps, h, plan, recorder, frozen)
+
+    def _freeze(self, kernels: Kernels, names: dict) -> None:
+        """Pack this encoder's weights for the backend's frozen path (``albert_kernels.freeze``).
+        ValueError naming the first module that is not plain (see ``core.is_plain``)."""
+        mapping = self.embedding_hidden_mapping_in
+        steps = self._core_steps(call_hooked=True)
+        culprit = None if core.is_plain(mapping) else mapping
+        layers = {}
+        for step in steps:
+            if culprit is not None:
+                break
+            p = step.parts
+            if p is None or p.attention_module is not None:
+                culprit = step.module if p is None else p.attention_module
+                break
+            culprit = next((getattr(p, f) for f, plain in p.plain.items() if not plain), None)
+            layers[step.key] = p
+        if culprit is not None:
+            raise ValueError(
+                f"freeze: {names.get(id(culprit), type(culprit).__name__)} "
+                f"({type(culprit).__name__}) is not a plain module (an nn.Linear / nn.LayerNorm "
+                "with its weights, no hooks, wrappers or offloading): the frozen path would not "
+                "compute what calling it computes. Merge adapters (PEFT: merge_and_unload()) or "
+                "remove the hooks first, or run unfrozen")
+        modules = core.frozen_modules(mapping, steps)
+        run = kernels.freeze_encoder(mapping, layers)
+        self._frozen = core.Frozen(run, tuple(modules), core.weight_signature(modules))
+
+    def _unfreeze(self) -> None:
+        self.__dict__.pop("_frozen", None)
 
 
 class AlbertEmbeddings(nn.Module):
@@ -228,45 +325,52 @@ class AlbertEmbeddings(nn.Module):
 
 
 class AlbertAttention(nn.Module):
+    """Self-attention + output product + add & LayerNorm (``core.attention_block``). Attribute
+    names follow transformers' ``AlbertAttention``, so the core reads both alike."""
+
     def __init__(self, config: AlbertConfig):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.eps = config.layer_norm_eps
-        self.attention_dropout_p = config.attention_probs_dropout_prob
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.scaling = self.attention_head_size ** -0.5
         hidden = config.hidden_size
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
         self.dense = nn.Linear(hidden, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        # p only: attention dropout runs inside the fused attention (Philox, every backend)
+        self.attention_dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.approximate = config.gelu_approximate
 
     def forward(self, h: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        heads = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)
-        q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
-        # attention dropout in training, inside the fused attention (Philox, every backend)
-        dropout_p = self.attention_dropout_p if self.training else 0.0
-        ctx = plan.attend(q, k, v, self.scale, dropout_p).reshape(h.shape)
-        out = self.output_dropout(self.dense(ctx))
-        return plan.kernels.add_layer_norm(out, h, self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
+        """h [N, hidden] -> [N, hidden]."""
+        parts = core.albert_layer_parts(_AttentionOnly(self), self.approximate)
+        return core.attention_block(parts, h, plan)
+
+
+class _AttentionOnly:
+    """An attention module seen as a layer whose FFN is never run (core.albert_layer_parts)."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention, self.training = attention, attention.training
+        self.ffn = self.ffn_output = self.full_layer_layer_norm = None
 
 
 class AlbertLayer(nn.Module):
-    """Post-LN: h = LN(h + attn(h)); h = LN(h + ffn_output(gelu(ffn(h))))."""
+    """Post-LN: h = LN(h + attn(h)); h = LN(h + ffn_output(gelu(ffn(h)))) (``core.run_layer``)."""
 
     def __init__(self, config: AlbertConfig):
         super().__init__()
-        self.eps, self.approximate = config.layer_norm_eps, config.gelu_approximate
+        self.approximate = config.gelu_approximate
         self.full_layer_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = AlbertAttention(config)
         self.ffn = nn.Linear(config.hidden_size, config.intermediate_size)
         self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, h: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        a = self.attention(h, plan)
-        f = plan.kernels.gelu_ffn(a, self.ffn.weight, self.ffn.bias, self.ffn_output.weight,
-                        self.ffn_output.bias, self.approximate)
-        ln = self.full_layer_layer_norm
-        return plan.kernels.add_layer_norm(f, a, ln.weight, ln.bias, self.eps)
+        """h [N, hidden] -> [N, hidden]."""
+        parts = core.albert_layer_parts(self, self.approximate, AlbertAttention)
+        return core.run_layer(parts, h, plan)
 
 
 class AlbertLayerGroup(nn.Module):
@@ -274,14 +378,30 @@ class AlbertLayerGroup(nn.Module):
         super().__init__()
         self.albert_layers = nn.ModuleList(AlbertLayer(config) for _ in range(config.inner_group_num))
 
-    def forward(self, h, plan: AttentionPlan):
-        for layer in self.albert_layers:
-            h = layer(h, plan)
-        return h
+    def forward(self, h: torch.Tensor, plan: AttentionPlan,
+                recorder: Optional[Recorder] = None) -> torch.Tensor:
+        """h [N, hidden] -> [N, hidden] through the group's layers (``core.run_layers``);
+        `recorder` records each layer's output."""
+        steps = _group_steps(self)
+        return core.run_layers(steps, h, plan, recorder)
 
 
-class AlbertTransformer(nn.Module):
-    """embedding_size -> hidden_size, then the shared layer groups applied num_hidden_layers times."""
+def _group_steps(group: AlbertLayerGroup) -> list:
+    layers = group.albert_layers
+    out = []
+    for j, layer in enumerate(layers):
+        parts = None
+        if core.bare(layer, AlbertLayer):
+            parts = core.albert_layer_parts(layer, layer.approximate, AlbertAttention)
+        out.append(core.Step(id(layer), parts, layer, group_end=j == len(layers) - 1))
+    return out
+
+
+class AlbertTransformer(CoreEncoder, nn.Module):
+    """embedding_size -> hidden_size, then the shared layer groups applied num_hidden_layers
+    times, by the core (``core.py``): fused where the modules are plain, calls where they are
+    not (a group, layer or attention module with hooks is called at its place, so its hooks fire
+    once per application with (h, plan) as arguments)."""
 
     def __init__(self, config: AlbertConfig):
         super().__init__()
@@ -289,32 +409,69 @@ class AlbertTransformer(nn.Module):
         self.embedding_hidden_mapping_in = nn.Linear(config.embedding_size, config.hidden_size)
         self.albert_layer_groups = nn.ModuleList(
             AlbertLayerGroup(config) for _ in range(config.num_hidden_groups))
-        self._pack_cache = PackCache()  # the small-M inference path's packed weights (packed.py)
+
+    def _core_types(self) -> tuple:
+        return AlbertLayerGroup, AlbertLayer, AlbertAttention
+
+    def _core_config(self) -> tuple:
+        c = self.config
+        return c.num_hidden_layers, c.num_hidden_groups, c.gelu_approximate
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan,
                 recorder: Optional[Recorder] = None) -> torch.Tensor:
-        """x [N, embedding_size] -> [N, hidden]. `recorder` (only when hidden states are asked
-        for) receives the first layer's input and every layer's output, as transformers' hooks
-        on its AlbertLayer record them; the computation continues from what it returns, so the
-        recorded hidden states are on the path to the output (their gradients are the output's)."""
-        packed = packed_encoder(self, x, plan.kernels)  # None unless cpp fp32 inference, few tokens
-        if packed is not None:
-            h, run = packed.mapping_in(x), packed.layer
-        else:
-            h, run = self.embedding_hidden_mapping_in(x), None
-        if recorder is None:
-            for i in range(self.config.num_hidden_layers):
-                group = self.albert_layer_groups[self.config.group_of_layer(i)]
-                if run is None:
-                    h = group(h, plan)
-                else:
-                    for layer in group.albert_layers:
-                        h = run(layer, h, plan)
-            return h
-        h = recorder.hidden(h)
-        for i in range(self.config.num_hidden_layers):
-            layers = self.albert_layer_groups[self.config.group_of_layer(i)].albert_layers
-            for j, layer in enumerate(layers):
-                h = layer(h, plan) if run is None else run(layer, h, plan)
-                h = recorder.hidden(h, group_end=j == len(layers) - 1)
-        return h
+        """x [N, embedding_size] -> [N, hidden] (see ``CoreEncoder._run_core``)."""
+        return self._run_core(x, plan, self._core_steps(call_hooked=True), recorder)
+
+
+def _encoders(model: nn.Module) -> list:
+    """(encoder, owner that resolves its kernels) for every core encoder in `model`."""
+    out, seen = [], set()
+    for module in model.modules():
+        if not isinstance(module, ResolvesKernels):
+            continue
+        encoder = module if isinstance(module, CoreEncoder) else getattr(module, "encoder", None)
+        if isinstance(encoder, CoreEncoder) and id(encoder) not in seen:
+            seen.add(id(encoder))
+            out.append((encoder, module))
+    return out
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Opt in to the frozen-weight path: every ALBERT encoder in `model` (an albert_kernels
+    model, or a transformers model after ``patch_hf``) packs its weights now, and its eval-mode
+    CPU float32 calls that need no autograd graph run on that packed copy (the cpp backend's
+    small-M kernels, ``backends/cpp/frozen.py``; faster for short inputs).
+
+    The weights are frozen from here: call ``freeze(model)`` again after changing them (or
+    :func:`unfreeze`). A change torch records (a new parameter tensor, an optimizer step,
+    ``load_state_dict``, an in-place op outside ``torch.inference_mode``) makes such a call raise
+    RuntimeError; a write through ``.data`` or under ``inference_mode`` is not recorded by torch
+    and is NOT detected: the frozen copy then answers with the old weights. A hook or wrapper
+    added after freezing is honoured (those calls run unfrozen, on the modules). Training-mode
+    calls, calls with autograd, autocast, other dtypes or devices never use the copy.
+
+    Returns model. ValueError if a weight is not float32 on the CPU, or a module is not plain
+    (``core.is_plain``: e.g. an unmerged LoRA adapter, a hook, offloading), naming it;
+    BackendUnavailable if the backend has no frozen path (only 'cpp' has one); TypeError if
+    `model` holds no ALBERT encoder.
+    """
+    encoders = _encoders(model)
+    if not encoders:
+        raise TypeError(f"freeze expects an albert_kernels model or a patched transformers ALBERT "
+                        f"model, got {type(model).__name__}")
+    names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
+    for encoder, owner in encoders:
+        for name, p in encoder.named_parameters():
+            if p.device.type != "cpu" or p.dtype != torch.float32:
+                raise ValueError(f"freeze: the frozen path runs float32 CPU weights; "
+                                 f"{names[id(encoder)]}.{name} is {p.dtype} on {p.device}")
+        encoder._freeze(owner.kernels, names)
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Drop the frozen copies :func:`freeze` made: every call runs on the modules again.
+    Returns model."""
+    for encoder, _ in _encoders(model):
+        encoder._unfreeze()
+    return model

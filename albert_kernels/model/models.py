@@ -4,8 +4,8 @@ AlbertForSequenceClassification. Semantics follow transformers' ``modeling_alber
 The fast path, in AlbertModel.forward: the inputs are validated once, padding is removed once
 (the embeddings are computed for real tokens only), every layer runs on the packed tokens with
 the backend's ``varlen_attention``, and the output is padded once at the end, with zero rows at
-padded positions. The backend is resolved when a model is built, moved or switched
-(``layers.ResolvesKernels``), never in ``forward``.
+padded positions. The backend is resolved for where the inputs and weights are, from a cache
+refilled when a model is built, moved or switched (``layers.ResolvesKernels``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends.dispatch import Kernels
+from . import core
 from .config import AlbertConfig
 from .id_checks import check_id_ranges
 from .layers import AlbertEmbeddings, AlbertTransformer, ResolvesKernels, pack_tokens
@@ -174,7 +175,7 @@ class AlbertModel(AlbertPreTrainedModel):
         layer; under torch.compile, not at all. BackendUnavailable if the backend cannot run on
         the parameters' device.
         """
-        kernels = self.kernels
+        kernels = self.kernels_for(input_ids.device, self._compute_dtype())
         input_ids, layout, token_type_ids, position_ids = self._check_ids(
             input_ids, attention_mask, token_type_ids, position_ids)
         ids = torch.stack([input_ids, token_type_ids, position_ids], dim=-1)     # [B, L, 3]
@@ -243,9 +244,11 @@ class AlbertMLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """hidden [..., hidden_size] (the whole [B, L] grid, or the gathered [M] labelled rows)
         -> logits [..., vocab_size], with the owning model's resolved `kernels`."""
-        x = kernels.linear_gelu(hidden, self.dense.weight, self.dense.bias, self.approximate)
-        x = F.layer_norm(x, x.shape[-1:], self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
-        return self.decoder(x)
+        if core.is_plain(self.dense):
+            x = kernels.linear_gelu(hidden, self.dense.weight, self.dense.bias, self.approximate)
+        else:
+            x = F.gelu(self.dense(hidden), approximate=self.approximate)
+        return self.decoder(self.LayerNorm(x))
 
 
 class AlbertSOPHead(nn.Module):
@@ -296,7 +299,8 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
         if labels is not None and self.sparse_mlm:
             selected = labels != -100
             hidden, targets = hidden[selected], labels[selected]        # [M, hidden], [M]
-        logits = self.predictions(hidden, self.kernels)
+        kernels = self.kernels_for(hidden.device, self._compute_dtype())
+        logits = self.predictions(hidden, kernels)
         sop_logits = self.sop_classifier(out.pooler_output)
         loss = None
         if labels is not None and sentence_order_label is not None:

@@ -3,7 +3,9 @@
 ALBERT fp32 inference on unpadded inputs (batch 1 and 4, L = 8, 32, 128 by default), random
 weights, under torch.inference_mode. Contenders, all on the same weights:
 
-  ours (cpp)                    ak.AlbertModel.from_hf(transformers model, backend="cpp")
+  ours (cpp)                    ak.AlbertModel.from_hf(transformers model, backend="cpp"),
+                                frozen (ak.freeze: weights packed once for the small-M kernel)
+  ours (cpp, unfrozen)          the same model without ak.freeze (the default path)
   transformers sdpa             the baseline of the ratios
   torch.compile(transformers)   dynamic=False; its first call (compilation) reported apart
   onnxruntime                   torch.onnx.export of the transformers model, then the
@@ -42,6 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from ..model import AlbertConfig, AlbertModel
+from ..model.layers import freeze
 from . import timing
 
 TOLERANCE = 1e-3       # max |diff| vs transformers' last_hidden_state, fp32
@@ -163,7 +166,8 @@ def contenders(cfg: AlbertConfig, hf, compile_baseline: bool, runtimes: bool, tm
                say) -> list[Contender]:
     """Every contender on `hf`'s weights (skipped ones carry their reason)."""
     out = [Contender(BASELINE, lambda ids: hf(ids).last_hidden_state)]
-    out.append(_guarded("ours (cpp)", lambda: _ours(hf)))
+    out.append(_guarded("ours (cpp)", lambda: _ours(hf, frozen=True)))
+    out.append(_guarded("ours (cpp, unfrozen)", lambda: _ours(hf, frozen=False)))
     if compile_baseline:
         compiled = torch.compile(hf, dynamic=False)
         out.append(Contender("torch.compile(transformers sdpa)",
@@ -183,9 +187,12 @@ def contenders(cfg: AlbertConfig, hf, compile_baseline: bool, runtimes: bool, tm
     return out
 
 
-def _ours(hf) -> Contender:
+def _ours(hf, frozen: bool) -> Contender:
     model = AlbertModel.from_hf(hf, backend="cpp").eval()
-    return Contender("ours (cpp)", lambda ids: model(ids).last_hidden_state)
+    if frozen:
+        freeze(model)
+    name = "ours (cpp)" if frozen else "ours (cpp, unfrozen)"
+    return Contender(name, lambda ids: model(ids).last_hidden_state)
 
 
 def floor_probes(cfg: AlbertConfig, copy_nbytes: int = 8 << 20

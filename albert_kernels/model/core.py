@@ -1,0 +1,360 @@
+"""The encoder core: one layer loop, fused kernels only where they provably compute what calling
+the modules would.
+
+An encoder layer is described by its **parts** (:class:`LayerParts`): the submodules that hold its
+weights (query, key, value, the attention output ``dense``, the attention LayerNorm, the FFN's
+input and output products, the output LayerNorm) plus the numbers the kernels need (heads, head
+dim, scale, dropout, GELU form). A small per-family adapter extracts them from the model's own
+modules (:func:`albert_layer_parts` for ALBERT, ours and transformers' alike, which use the same
+attribute names); :func:`run_layer` and :func:`run_layers` then run any encoder whose layers are
+shared (ALBERT: one module applied at every depth) or not (BERT: one module per depth) the same
+way.
+
+The rule (:func:`is_plain`): a fused kernel reads a submodule's ``weight`` and ``bias`` directly
+only if calling that submodule would compute exactly ``F.linear`` / ``F.layer_norm`` of them: its
+type is exactly ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding``, it has no hooks (its own, or
+torch's global module hooks), no instance-level ``forward``, no accelerate ``_hf_hook``, and its
+weights are ordinary tensors that are not on the meta device. Every other submodule (a PEFT LoRA
+wrapper, a hooked or parametrized module, a module whose weights accelerate's offload hooks load
+on call) is **called** as a module at its place in the layer, and the rest of the layer stays
+fused: e.g. with a LoRA ``ffn`` the layer runs ``ffn(a)``, GELU, then ``ffn_output`` and the fused
+add + LayerNorm.
+
+Nothing is cached between calls: every forward reads the parameters as they are then. The packed
+weights of the cpp backend's small-M path are an explicit opt-in (``albert_kernels.freeze``,
+:class:`Frozen`), never the default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+_PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.Embedding)
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
+def global_hooks() -> bool:
+    """True when torch's global module hooks (``nn.modules.module.register_module_forward_hook``
+    and its siblings) are registered: they fire on every module call, so no module may be
+    skipped."""
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+def _transformers_capture_hook(hook) -> bool:
+    """transformers 5's output-capturing hook (installed on its layer and attention modules by
+    ``capture_outputs``): inactive unless a collector is active, and then the encoder records the
+    same values itself (``outputs.Recorder``)."""
+    return (getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+            and getattr(hook, "__name__", "") == "output_capturing_hook")
+
+
+def user_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> bool:
+    """True if `module` has forward, forward-pre or backward hooks or a forward set on the
+    instance. transformers' own output-capturing hooks count only without
+    `ignore_transformers_capture`. (Global hooks: :func:`global_hooks`.)"""
+    if "forward" in module.__dict__:
+        return True
+    if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    hooks = module._forward_hooks
+    if not hooks:
+        return False
+    if not ignore_transformers_capture:
+        return True
+    return not all(_transformers_capture_hook(h) for h in hooks.values())
+
+
+def has_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> bool:
+    """True if calling `module` does more than its class's forward: :func:`user_hooks`, torch's
+    global module hooks, or an accelerate hook (``_hf_hook``: device placement, offloading)."""
+    return (global_hooks() or hasattr(module, "_hf_hook")
+            or user_hooks(module, ignore_transformers_capture))
+
+
+def is_plain(module: Optional[nn.Module]) -> bool:
+    """True if a fused kernel may read `module`'s weight and bias instead of calling it: exactly
+    an ``nn.Linear`` (with a bias), ``nn.LayerNorm`` (affine, with a bias) or ``nn.Embedding``;
+    no hooks of any kind (see :func:`has_hooks`); weight and bias plain tensors (not a tensor
+    subclass, not on the meta device). Parametrized modules have another type and are not plain."""
+    if module is None or type(module) not in _PLAIN_TYPES or has_hooks(module):
+        return False
+    weight = module.__dict__["_parameters"].get("weight")
+    if weight is None or type(weight) not in _PLAIN_TENSORS or weight.is_meta:
+        return False
+    if type(module) is nn.Embedding:
+        return True
+    bias = module.__dict__["_parameters"].get("bias")
+    return bias is not None and type(bias) in _PLAIN_TENSORS and not bias.is_meta
+
+
+def bare(module: nn.Module, expected_type: type, ignore_transformers_capture: bool = False) -> bool:
+    """True if `module` is exactly of `expected_type` and calling it runs nothing but that
+    class's forward (no hooks, see :func:`has_hooks`): then the core may run its computation
+    without calling it."""
+    return type(module) is expected_type and not has_hooks(module, ignore_transformers_capture)
+
+
+def linear(module: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
+    """``module(x)``: ``F.linear`` on its weights when `plain` (:func:`is_plain`), else a call."""
+    return F.linear(x, module.weight, module.bias) if plain else module(x)
+
+
+@dataclass(slots=True)
+class LayerParts:
+    """One encoder layer (post-LN, as ALBERT and BERT):
+    ``a = norm1(h + dropout(dense(attention(query(h), key(h), value(h)))))``,
+    ``out = norm2(a + ffn_out(gelu(ffn_in(a))))``.
+
+    The modules are the model's own; ``plain`` holds :func:`is_plain` of each, by field name,
+    taken when the parts are extracted (once per forward). ``attention_module``: the attention
+    submodule to call as a module instead of running the attention block here (it has hooks), or
+    None. ``training``: the layer's mode (dropout)."""
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    dense: nn.Module
+    norm1: nn.Module
+    ffn_in: nn.Module
+    ffn_out: nn.Module
+    norm2: nn.Module
+    output_dropout: Optional[nn.Module]
+    num_heads: int
+    head_dim: int
+    scale: float
+    attention_dropout_p: float
+    approximate: str
+    training: bool
+    plain: dict
+    attention_module: Optional[nn.Module] = None
+
+    @classmethod
+    def make(cls, **fields) -> "LayerParts":
+        plain = {name: is_plain(fields[name]) for name in
+                 ("query", "key", "value", "dense", "norm1", "ffn_in", "ffn_out", "norm2")}
+        return cls(plain=plain, **fields)
+
+    def all_plain(self) -> bool:
+        return self.attention_module is None and all(self.plain.values())
+
+
+def add_norm(norm: nn.Module, plain: bool, x: torch.Tensor, residual: torch.Tensor,
+             kernels) -> torch.Tensor:
+    """``norm(x + residual)``: the backend's fused add + LayerNorm when `norm` is plain."""
+    if plain:
+        return kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    return norm(x + residual)
+
+
+def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
+    """``norm1(h + dropout(dense(attention(...))))`` for tokens h [N, hidden] with the plan's
+    attention (``layers.AttentionPlan``)."""
+    pl = p.plain
+    heads = lambda t: t.view(t.shape[0], p.num_heads, p.head_dim)
+    q = heads(linear(p.query, h, pl["query"]))
+    k = heads(linear(p.key, h, pl["key"]))
+    v = heads(linear(p.value, h, pl["value"]))
+    # attention dropout in training, inside the fused attention (Philox, every backend)
+    dropout_p = p.attention_dropout_p if p.training else 0.0
+    ctx = plan.attend(q, k, v, p.scale, dropout_p).reshape(h.shape[0], -1)
+    out = linear(p.dense, ctx, pl["dense"])
+    if p.output_dropout is not None:
+        out = p.output_dropout(out)
+    return add_norm(p.norm1, pl["norm1"], out, h, plan.kernels)
+
+
+def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
+    """``norm2(a + ffn_out(gelu(ffn_in(a))))``: one fused kernel when both products are plain,
+    the fused product + GELU when only ``ffn_in`` is, else the calls."""
+    pl, kernels = p.plain, plan.kernels
+    if pl["ffn_in"] and pl["ffn_out"]:
+        f = kernels.gelu_ffn(a, p.ffn_in.weight, p.ffn_in.bias, p.ffn_out.weight, p.ffn_out.bias,
+                             p.approximate)
+    else:
+        if pl["ffn_in"]:
+            x = kernels.linear_gelu(a, p.ffn_in.weight, p.ffn_in.bias, p.approximate)
+        else:
+            x = F.gelu(p.ffn_in(a), approximate=p.approximate)
+        f = linear(p.ffn_out, x, pl["ffn_out"])
+    return add_norm(p.norm2, pl["norm2"], f, a, kernels)
+
+
+def run_layer(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
+    """One layer on tokens h [N, hidden] -> [N, hidden]."""
+    if p.attention_module is not None:
+        a = p.attention_module(h, plan)
+    else:
+        a = attention_block(p, h, plan)
+    return ffn_block(p, a, plan)
+
+
+@dataclass(slots=True)
+class Step:
+    """One application of a layer in the encoder's schedule. ``parts``: run by the core; None:
+    ``module`` is called instead (``module(h, plan)``; a group with ``records_itself``:
+    ``module(h, plan, recorder)``, it records its layers' outputs). ``key``: the layer's identity
+    (a shared layer's steps share it; the frozen weights are found by it). ``group_end``: the last
+    layer of a layer group (transformers 4 records hidden states per group)."""
+    key: int
+    parts: Optional[LayerParts]
+    module: Optional[nn.Module] = None
+    group_end: bool = True
+    records_itself: bool = False
+
+
+def run_layers(steps: Sequence[Step], h: torch.Tensor, plan, recorder=None,
+               frozen=None) -> torch.Tensor:
+    """The one layer loop: every step on tokens h [N, hidden]. `recorder` (``outputs.Recorder``,
+    only when hidden states are asked for) records every layer's output; `frozen`: the cpp
+    backend's frozen copy (``Frozen.run``), used for every step (only when
+    :func:`frozen_for_call` returned it)."""
+    for step in steps:
+        if frozen is not None:
+            h = frozen.layer(step.key, h, plan)
+        elif step.parts is not None:
+            h = run_layer(step.parts, h, plan)
+        elif step.records_itself:
+            h = step.module(h, plan, recorder)
+            continue
+        else:
+            h = step.module(h, plan)
+        if recorder is not None:
+            h = recorder.hidden(h, group_end=step.group_end)
+    return h
+
+
+# ------------------------------------------------------------------------------------ ALBERT
+def albert_layer_parts(layer: nn.Module, approximate: str,
+                       attention_type: Optional[type] = None) -> LayerParts:
+    """The parts of an ALBERT layer, ours (``layers.AlbertLayer``) or transformers'
+    (``modeling_albert.AlbertLayer``): both name their submodules and attributes alike.
+    `attention_type`: the attention class the core may run without calling it; an attention
+    module of another type, or with hooks, is called (``attention_module``)."""
+    att = layer.attention
+    call = None if attention_type is None or bare(att, attention_type, True) else att
+    return LayerParts.make(
+        query=att.query, key=att.key, value=att.value, dense=att.dense, norm1=att.LayerNorm,
+        ffn_in=layer.ffn, ffn_out=layer.ffn_output, norm2=layer.full_layer_layer_norm,
+        output_dropout=(att.output_dropout if att.training or has_hooks(att.output_dropout)
+                        else None),
+        num_heads=att.num_attention_heads, head_dim=att.attention_head_size, scale=att.scaling,
+        attention_dropout_p=att.attention_dropout.p, approximate=approximate,
+        training=layer.training, attention_module=call)
+
+
+def albert_steps(groups: Sequence[nn.Module], num_layers: int, num_groups: int,
+                 approximate: str, types: tuple, call_hooked: bool) -> Optional[list]:
+    """The :class:`Step` list of an ALBERT encoder: its layer groups applied ``num_layers``
+    times, group ``int(i / (num_layers / num_groups))`` at depth i, each group's layers in order
+    (a shared layer's parts are extracted once). `types`: (group, layer, attention) classes the
+    core may run without calling them. A group, layer or attention module of another type or
+    with hooks: with `call_hooked`, called as a module at its place (its hooks fire once per
+    application, with the module's own arguments); without, None is returned (the caller then
+    runs the model's own forward)."""
+    group_type, layer_type, attention_type = types
+    parts_of: dict = {}
+    group_steps: dict = {}  # a group applied at several depths is laid out once
+    steps = []
+    for i in range(num_layers):
+        group = groups[int(i / (num_layers / num_groups))]
+        laid_out = group_steps.get(id(group))
+        if laid_out is None:
+            if not bare(group, group_type, True):
+                if not call_hooked:
+                    return None
+                laid_out = [Step(id(group), None, group, records_itself=True)]
+            else:
+                laid_out, layers = [], group.albert_layers
+                for j, layer in enumerate(layers):
+                    key = id(layer)
+                    if key not in parts_of:
+                        parts = None
+                        if bare(layer, layer_type, True):
+                            parts = albert_layer_parts(layer, approximate, attention_type)
+                        if (parts is None or parts.attention_module is not None) \
+                                and not call_hooked:
+                            return None
+                        parts_of[key] = parts
+                    laid_out.append(Step(key, parts_of[key], layer,
+                                         group_end=j == len(layers) - 1))
+            group_steps[id(group)] = laid_out
+        steps += laid_out
+    return steps
+
+
+# ----------------------------------------------------------------------------- frozen weights
+class Frozen:
+    """The opt-in packed weights of one encoder (``albert_kernels.freeze``): ``run``, the
+    backend's frozen copy (what ``Kernels.freeze_encoder`` returns: ``usable(x, plan)``,
+    ``mapping_in(x)``, ``layer(key, h, plan)``; ``backends/cpp/frozen.py``), the modules it was
+    made from and their :func:`weight_signature`. Copies and pickles as None (a copy's
+    parameters are new tensors)."""
+
+    __slots__ = ("run", "modules", "signature")
+
+    def __init__(self, run, modules: tuple, signature: tuple) -> None:
+        self.run, self.modules, self.signature = run, modules, signature
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
+
+
+def _none() -> None:
+    return None
+
+
+def frozen_modules(mapping: nn.Module, steps: Sequence[Step]) -> tuple:
+    """The modules a frozen copy reads, in a fixed order: the input mapping, then per distinct
+    layer (by key) its eight weight-holding parts. Every step must have parts."""
+    out, seen = [mapping], set()
+    for step in steps:
+        if step.key not in seen:
+            seen.add(step.key)
+            p = step.parts
+            out += [p.query, p.key, p.value, p.dense, p.norm1, p.ffn_in, p.ffn_out, p.norm2]
+    return tuple(out)
+
+
+def weight_signature(modules: Sequence[nn.Module]) -> tuple:
+    """(module identity, then each parameter's identity, data_ptr and version) for `modules`:
+    what a frozen copy was made from. An inference tensor has no version counter (-1)."""
+    out = []
+    for m in modules:
+        out.append(id(m))
+        for p in m.parameters(recurse=False):
+            out.append((id(p), p.data_ptr(), -1 if p.is_inference() else p._version))
+    return tuple(out)
+
+
+def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step],
+                    x: torch.Tensor, plan):
+    """The encoder's frozen copy (``Frozen.run``) if this call may run on it, else None: it was
+    frozen, every part is still plain (a hook or wrapper added since is honoured by running the
+    modules), the call needs no autograd graph and is eval-mode inference the backend's frozen
+    path takes (``run.usable``). RuntimeError if the weights were detectably changed since
+    ``freeze`` (a new tensor, an in-place update that bumps the version, another module)."""
+    state = encoder.__dict__.get("_frozen")
+    if state is None or encoder.training or torch.jit.is_tracing():
+        return None
+    if not is_plain(mapping) or any(s.parts is None or not s.parts.all_plain() for s in steps):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in encoder.parameters())):
+        return None
+    if not state.run.usable(x, plan):
+        return None
+    if frozen_modules(mapping, steps) != state.modules or \
+            weight_signature(state.modules) != state.signature:
+        raise RuntimeError(
+            "the encoder's weights changed since albert_kernels.freeze(model): call freeze(model) "
+            "again after changing frozen weights, or albert_kernels.unfreeze(model)")
+    return state.run
