@@ -9,11 +9,13 @@ padded positions. The backend is resolved when a model is built, moved or switch
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..backends.dispatch import Kernels
@@ -25,8 +27,35 @@ from .outputs import Recorder, warn_not_fused
 from .weights import WeightsMixin
 
 
+def _flatten_output(output) -> tuple[list, list]:
+    """(field values, field names): the pytree children of an output and its context."""
+    names = [f.name for f in fields(output)]
+    return [getattr(output, name) for name in names], names
+
+
+def _flatten_output_with_keys(output) -> tuple[list, list]:
+    values, names = _flatten_output(output)
+    return [(pytree.GetAttrKey(name), value) for name, value in zip(names, values)], names
+
+
+def _unflatten_output(cls, values, names):
+    return cls(**dict(zip(names, values)))
+
+
 class _Output:
-    """Like transformers' ModelOutput: fields by name, or by position over the fields that are set."""
+    """Like transformers' ModelOutput: fields by name, or by position over the fields that are set.
+
+    Every subclass is a pytree node (children: its fields in declaration order, None included),
+    so ``torch.export``, ``torch.utils._pytree`` and ``torch.func`` take and return it as they do
+    transformers' outputs; ``serialized_type_name`` (module and class name) lets a program saved
+    by ``torch.export.save`` be loaded again."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls, _flatten_output, functools.partial(_unflatten_output, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+            flatten_with_keys_fn=_flatten_output_with_keys)
 
     def to_tuple(self) -> tuple:
         return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
