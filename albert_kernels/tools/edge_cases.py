@@ -254,8 +254,8 @@ def varlen_inputs(dtype, device, gen, *, lengths: Sequence[int], poisoned: Optio
 
 
 def score_amplitude(dtype, head_dim: int = 32) -> float:
-    """q, k amplitude whose scaled scores reach ~1e3-1e4 while q.k itself (which the reference
-    forms in the dtype) stays well inside it: fp16's 65504 bounds it there."""
+    """q, k amplitude whose scaled scores reach ~1e3-1e4 while q.k itself stays inside the fp16
+    range (65504)."""
     return 25.0 if dtype == torch.float16 else 100.0
 
 

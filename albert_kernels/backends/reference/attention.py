@@ -1,7 +1,10 @@
 """Reference attention: plain PyTorch, the definition of right. Works in float64 too.
 
-Scores, softmax and the weighted sum are computed in the inputs' dtype, exactly as a user of
-plain PyTorch would get them (the error budget's "base"); in float64 they are the "gold".
+For fp16 / bf16 inputs the scores q.k^T and the softmax are computed in fp32 (float32 and
+float64 inputs in their own dtype), so scores beyond the fp16 range (a q.k near 8e4) are no
+overflow: the docs promise fp32 softmax statistics, and every backend keeps them. The
+probabilities are then cast to the inputs' dtype and the weighted sum p.v is formed in it, as
+FlashAttention-style kernels do; in float64 the whole computation is the error budget's "gold".
 
 Dropout (dropout_p > 0) is ``nn.Dropout`` on the softmax probabilities: an entry is dropped
 with probability p and kept entries are scaled by 1 / (1 - p). The mask is the one every backend
@@ -31,13 +34,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key_keep: Optional[torch.Tensor], scale: float, keep: Optional[torch.Tensor],
             dropout_p: float) -> torch.Tensor:
     """q [N, H, Lq, D], k, v [N, H, Lk, D]; key_keep bool [N, Lk] (True = real key) or None;
-    keep: bool [N, H, Lq, Lk] dropout keep mask or None. Returns [N, H, Lq, D]."""
+    keep: bool [N, H, Lq, Lk] dropout keep mask or None. Returns [N, H, Lq, D] in v's dtype;
+    scores and softmax in fp32 for fp16 / bf16 inputs (the module docstring)."""
     if key_keep is not None:
         # Padded key/value slots may hold anything (NaN, inf): select them away before any
         # product, so neither the output nor a gradient of a real row ever multiplies them by 0.
         slot = ~key_keep[:, None, :, None]                              # [N, 1, Lk, 1]
         k, v = k.masked_fill(slot, 0), v.masked_fill(slot, 0)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale              # [N, H, Lq, Lk]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # [N, H, Lq, Lk]
     if key_keep is None:
         probs = torch.softmax(scores, dim=-1)
     else:
@@ -48,7 +53,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         probs = torch.where(real.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
     if keep is not None:
         probs = probs.masked_fill(~keep, 0) * (1.0 / (1.0 - dropout_p))
-    return torch.matmul(probs, v)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
