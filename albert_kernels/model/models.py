@@ -184,8 +184,9 @@ class AlbertModel(AlbertPreTrainedModel):
                 output_attentions: bool = False) -> AlbertOutput:
         """input_ids [B, L] int; attention_mask [B, L] (1/True = real token), a [B, 1, L, L]
         padding or block-diagonal mask, or None; token_type_ids, position_ids [B, L] int or None
-        (zeros; 0..L-1; position_ids restarting at 0 inside a row mark packed sequences). The
-        masks accepted and the layout each gives: ``layout.mask_layout``.
+        (zeros; 0..L-1; position_ids restarting at 0 right after a real token of the same row
+        mark packed sequences, left-padding ids do not). The masks accepted and the layout each
+        gives: ``layout.mask_layout``.
 
         output_hidden_states: also return ``hidden_states``, transformers' tuple (the encoder's
         input after the embedding projection, then every layer's output), each [B, L, hidden].
