@@ -20,14 +20,16 @@ import torch
 from ..dropout import draw_seed_offset, keep_mask
 
 
-def _drop_mask(q: torch.Tensor, dropout_p: float, n_seqs: int, max_q: int,
-               max_k: int) -> Optional[torch.Tensor]:
-    """The keep mask [n_seqs, H, max_q, max_k] of this call, or None at p == 0 (draws nothing)."""
+def _drop_mask(q: torch.Tensor, dropout_p: float, n_seqs: int, max_q: int, max_k: int,
+               seed_offset: Optional[tuple] = None) -> Optional[torch.Tensor]:
+    """The keep mask [n_seqs, H, max_q, max_k] of this call, or None at p == 0 (draws nothing).
+    seed_offset: the (seed, offset) another backend's forward drew, or None to draw them."""
     if dropout_p == 0:
         return None
     heads = q.shape[1]
-    seed, offset = draw_seed_offset(q.device, n_seqs * heads * max_q * max_k)
-    return keep_mask(seed, offset, dropout_p, n_seqs, heads, max_q, max_k, q.device)
+    if seed_offset is None:
+        seed_offset = draw_seed_offset(q.device, n_seqs * heads * max_q * max_k)
+    return keep_mask(*seed_offset, dropout_p, n_seqs, heads, max_q, max_k, q.device)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -61,8 +63,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               dropout_p: float = 0.0) -> torch.Tensor:
     """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None; dropout_p
     in [0, 1) on the probabilities (mask with max_q = max_k = L). Returns [B, H, L, D]."""
+    return attention_with_seed(q, k, v, key_padding_mask, scale, dropout_p, None)
+
+
+def attention_with_seed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: Optional[torch.Tensor], scale: float, dropout_p: float,
+                        seed_offset: Optional[tuple]) -> torch.Tensor:
+    """:func:`attention` with the dropout mask of a given (seed, offset) (None: drawn here), so
+    that another backend's call can be recomputed with its very mask."""
     batch, _, seqlen, _ = q.shape
-    keep = _drop_mask(q, dropout_p, batch, seqlen, seqlen)
+    keep = _drop_mask(q, dropout_p, batch, seqlen, seqlen, seed_offset)
     return _attend(q, k, v, key_padding_mask, scale, keep, dropout_p)
 
 
@@ -72,8 +82,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Packed q [Tq, H, D], k, v [Tk, H, D]: sequence b's queries q[cu_q[b]:cu_q[b+1]] attend to
     keys k[cu_k[b]:cu_k[b+1]] only (FlashAttention's flash_attn_varlen_func). A sequence with
     queries but no keys gives zero rows. Returns [Tq, H, D]."""
+    return varlen_attention_with_seed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, scale, dropout_p, None)
+
+
+def varlen_attention_with_seed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                               max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                               dropout_p: float, seed_offset: Optional[tuple]) -> torch.Tensor:
+    """:func:`varlen_attention` with the dropout mask of a given (seed, offset) (None: drawn)."""
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    keep = _drop_mask(q, dropout_p, len(bounds_q) - 1, max_seqlen_q, max_seqlen_k)
+    keep = _drop_mask(q, dropout_p, len(bounds_q) - 1, max_seqlen_q, max_seqlen_k, seed_offset)
     grid = lambda t: t.transpose(0, 1).unsqueeze(0)                     # [n, H, D] -> [1, H, n, D]
     outs = []
     for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1],
