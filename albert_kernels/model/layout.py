@@ -164,7 +164,8 @@ def packed_sequences(layout: MaskLayout, batch: int, seqlen: int, device):
     [E], cu_extra int32 [B+1]): the query-only tokens, i.e. the flattened position of each row's
     padded first position (left padding, rows with at least one real token) in row order, and
     their prefix count per row (the ``cu_seqlens_q`` beside ``cu_seqlens`` as ``cu_seqlens_k``).
-    Reads the device once or twice (the lengths, the left-padded rows), never per layer.
+    Reads the device a few times (the token positions, the sequence count of packed rows, the
+    longest length, the left-padded rows), never per layer.
     """
     key_mask, segments = layout.key_mask, layout.segments
     if key_mask is None:

@@ -199,10 +199,12 @@ class AlbertModel(AlbertPreTrainedModel):
 
         The inputs are validated once, here (ValueError naming the argument); the layers then
         call the resolved backend's kernels directly, not the public ops, which would check
-        cu_seqlens on the host in every layer. Eagerly, a forward reads the device twice (the
-        0/1 check of a non-bool mask, the longest length when padding is removed), never per
-        layer; under torch.compile, not at all. BackendUnavailable if the backend cannot run on
-        the parameters' device.
+        cu_seqlens on the host in every layer. Eagerly, a forward reads the device a fixed number
+        of times, never per layer: the checks of the mask, position ids and ids
+        (``layout.mask_layout``, ``id_checks.check_id_ranges``) and, when padding is removed,
+        the token positions, the longest length and the left-padded rows
+        (``layout.packed_sequences``); under torch.compile, not at all. BackendUnavailable if the
+        backend cannot run on the parameters' device.
         """
         kernels = self.kernels
         input_ids, layout, token_type_ids, position_ids = self._check_ids(

@@ -41,13 +41,13 @@ from typing import Callable, Optional
 
 import torch
 
+from ..dtypes import DTYPES
 from . import memory
 from .info import machine
 from .model_workloads import AUTOCAST_DTYPES, model_workloads
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         bias_gelu_workloads, linear_gelu_workloads)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

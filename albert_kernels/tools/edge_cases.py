@@ -21,9 +21,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import ops
+from ..dtypes import DTYPES
 from .budget import Budget, check_budget, forward_and_grads, upcast
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FILLS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 

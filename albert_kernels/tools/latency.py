@@ -1,4 +1,4 @@
-"""`albert-kernels bench --latency`: one short request at a time (issue 16, docs/performance.md).
+"""`albert-kernels bench --latency`: one short request at a time (docs/performance.md).
 
 ALBERT fp32 inference on unpadded inputs (batch 1 and 4, L = 8, 32, 128 by default), random
 weights, under torch.inference_mode. Contenders, all on the same weights:

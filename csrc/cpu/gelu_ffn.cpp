@@ -33,7 +33,7 @@
 namespace albert_kernels::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 256;  // rows per GEMM + epilogue block (see bench_cpu_ops.py)
+constexpr int64_t kBlockRows = 256;  // rows per GEMM + epilogue block
 
 // The GEMM's epilogue, for a block of `rows` x N, parallel over rows: z = x + bias and
 // out = gelu(z), with z written to `z_out` when it is not null (linear_gelu passes its GEMM

@@ -1,5 +1,5 @@
 // The small-M path: fp32 inference on packed weights, written for a handful of tokens (one short
-// request; issue 16, docs/performance.md "One short request: the small-M path") and used up to
+// request; docs/performance.md "One short request: the small-M path") and used up to
 // 4096 tokens (model/packed.py MAX_TOKENS), where it also runs ahead of MKL's F.linear.
 //
 // With a few token rows a linear layer reads its whole weight for a few rows of work. ALBERT
