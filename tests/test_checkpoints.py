@@ -1,8 +1,8 @@
 """Checkpoints: any ALBERT checkpoint into any of our heads as transformers loads it, the
 tie_word_embeddings setting both ways, save/load round trips with transformers, and the errors.
 
-Regression tests for issue 17's first two failures: a classifier from a pretraining checkpoint
-(KeyError on the new classifier weights) and an untied MLM decoder (silently re-tied: logits off).
+Also regression tests for two past failures: a classifier from a pretraining checkpoint (KeyError
+on the new classifier weights) and an untied MLM decoder (silently re-tied: logits off).
 """
 import re
 import warnings
@@ -86,7 +86,7 @@ def test_any_checkpoint_into_any_head_as_transformers_loads_it(saved, target):
 
 
 def test_regression_classifier_from_a_pretraining_checkpoint(tmp_path):
-    """Issue 17: AlbertForSequenceClassification.from_hf raised KeyError (classifier.*) for a
+    """AlbertForSequenceClassification.from_hf once raised KeyError (classifier.*) for a
     transformers AlbertForPreTraining / AlbertModel object, its directory, or our save_hf output."""
     pre = _hf("AlbertForPreTraining")
     pre.save_pretrained(tmp_path / "hf")
@@ -107,7 +107,7 @@ def test_regression_classifier_from_a_pretraining_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name", ["AlbertForPreTraining", "AlbertForMaskedLM"])
 def test_regression_untied_decoder(tmp_path, name):
-    """Issue 17: with tie_word_embeddings=False the decoder was re-tied to the word embeddings
+    """With tie_word_embeddings=False the decoder was once re-tied to the word embeddings
     and the checkpoint's own decoder dropped (MLM logits off by 2.5-7, no warning)."""
     hf = _hf(name, tie_word_embeddings=False)
     decoder = hf.predictions.decoder.weight

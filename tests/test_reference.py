@@ -212,7 +212,7 @@ def test_add_layer_norm_constant_row_gives_bias():
 def test_add_layer_norm_low_precision_stats_in_fp32(dtype, shape):
     """fp16/bf16 in -> same dtype out; normalisation as in fp32, then one rounding to dtype.
 
-    The sum x + residual is formed in fp32 (never rounded to the input dtype, issue 14), then
+    The sum x + residual is formed in fp32 (never rounded to the input dtype), then
     the statistics are exact to well under one output ulp, so the result is within one ulp of
     dtype of the float64 formula on the exact sum.
     """
