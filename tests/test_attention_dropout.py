@@ -1,4 +1,4 @@
-"""Attention dropout (issue 13 point 3): the Philox generator of backends/dropout.py, the keep
+"""Attention dropout: the Philox generator of backends/dropout.py, the keep
 rate, reproducibility, and every CPU backend (reference, cpp, triton under the interpreter)
 against an independent dense attention given the mask the call drew, forward and backward."""
 import math

@@ -1,5 +1,5 @@
 """Ids outside the embedding tables: a ValueError naming the argument, the value and the valid
-range (issue 17), instead of torch's bare IndexError on the CPU; no host read on other devices
+range, instead of torch's bare IndexError on the CPU; no host read on other devices
 unless asked (albert_kernels/model/id_checks.py)."""
 import pytest
 import torch

@@ -1,8 +1,8 @@
 """Checkpoints: any ALBERT checkpoint into any of our heads as transformers loads it, the
 tie_word_embeddings setting both ways, save/load round trips with transformers, and the errors.
 
-Regression tests for issue 17's first two failures: a classifier from a pretraining checkpoint
-(KeyError on the new classifier weights) and an untied MLM decoder (silently re-tied: logits off).
+Also regression tests for two past failures: a classifier from a pretraining checkpoint (KeyError
+on the new classifier weights) and an untied MLM decoder (silently re-tied: logits off).
 """
 import re
 import warnings
@@ -86,7 +86,7 @@ def test_any_checkpoint_into_any_head_as_transformers_loads_it(saved, target):
 
 
 def test_regression_classifier_from_a_pretraining_checkpoint(tmp_path):
-    """Issue 17: AlbertForSequenceClassification.from_hf raised KeyError (classifier.*) for a
+    """AlbertForSequenceClassification.from_hf once raised KeyError (classifier.*) for a
     transformers AlbertForPreTraining / AlbertModel object, its directory, or our save_hf output."""
     pre = _hf("AlbertForPreTraining")
     pre.save_pretrained(tmp_path / "hf")
@@ -107,7 +107,7 @@ def test_regression_classifier_from_a_pretraining_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name", ["AlbertForPreTraining", "AlbertForMaskedLM"])
 def test_regression_untied_decoder(tmp_path, name):
-    """Issue 17: with tie_word_embeddings=False the decoder was re-tied to the word embeddings
+    """With tie_word_embeddings=False the decoder was once re-tied to the word embeddings
     and the checkpoint's own decoder dropped (MLM logits off by 2.5-7, no warning)."""
     hf = _hf(name, tie_word_embeddings=False)
     decoder = hf.predictions.decoder.weight
@@ -233,8 +233,8 @@ def test_errors_name_the_key_or_field(tmp_path):
         ak.AlbertModel.from_hf(state, config=config, strict=True, backend="reference")
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         ak.AlbertModel.from_pretrained(tmp_path / "nothing-here")
-    with pytest.raises(FileNotFoundError, match="'albert-base-v2' is not a local directory "
-                       r"\(a hub id must be downloaded first"):
+    with pytest.raises(FileNotFoundError, match="'albert-base-v2' is not a local directory.* hub "
+                       "id .* must be downloaded first"):
         ak.AlbertModel.from_hf("albert-base-v2")
     with pytest.raises(ValueError, match="needs config"):
         ak.AlbertModel.from_hf(state)
@@ -255,3 +255,58 @@ def test_config_to_hf_round_trips():
     back = ak.AlbertConfig.from_hf(hf)
     assert {k: v for k, v in vars(back).items() if k != "extra"} == \
         {k: v for k, v in vars(cfg).items() if k != "extra"}
+
+
+def test_loading_returns_eval_mode_as_transformers(tmp_path):
+    """from_hf / from_pretrained return the model in eval mode, as transformers' from_pretrained:
+    with classifier dropout the first inference already equals transformers' eval-mode logits."""
+    hf = _hf("AlbertForSequenceClassification", classifier_dropout_prob=0.5,
+             hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    hf.save_pretrained(tmp_path / "cls")
+    reloaded = transformers.AlbertForSequenceClassification.from_pretrained(tmp_path / "cls")
+    assert not reloaded.training
+    ids = torch.randint(5, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+    for model in (ak.AlbertForSequenceClassification.from_hf(hf.train(), backend="reference"),
+                  ak.AlbertForSequenceClassification.from_pretrained(tmp_path / "cls",
+                                                                     backend="reference")):
+        assert not any(m.training for m in model.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_loading_keeps_the_source_dtype(tmp_path, dtype):
+    """A float64 or bfloat16 checkpoint gives a model of that dtype with its weights bit for bit
+    (a model object, a state_dict, a saved directory); dtype= picks another one."""
+    hf = _hf("AlbertForMaskedLM").to(dtype)
+    hf.save_pretrained(tmp_path / "mlm")
+    expected = hf.state_dict()
+    sources = {"model": (hf, {}), "state_dict": (expected, {"config": ak.AlbertConfig(**CFG)}),
+               "directory": (str(tmp_path / "mlm"), {})}
+    for what, (src, kwargs) in sources.items():
+        model, _ = _load("AlbertForMaskedLM", src, **kwargs)
+        state = model.to_hf_state_dict()
+        assert {t.dtype for t in state.values() if t.is_floating_point()} == {dtype}, what
+        for key, value in expected.items():
+            if key in state:
+                assert torch.equal(state[key], value), f"{what}: {key}"
+    ids = torch.randint(5, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    model, _ = _load("AlbertForMaskedLM", hf)
+    with torch.no_grad():
+        got, want = model(ids).logits, hf(input_ids=ids).logits
+    assert got.dtype == dtype
+    if dtype == torch.float64:   # float64 end to end: agreement to float64 rounding
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    as32, _ = _load("AlbertForMaskedLM", hf, dtype=torch.float32)
+    assert as32.predictions.dense.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):
+        ak.AlbertForMaskedLM.from_hf(hf, dtype="float16")
+
+
+def test_hub_id_says_to_download_it_first():
+    """A hub id is not a directory: both entry points say it must be downloaded first."""
+    for load in (ak.AlbertModel.from_hf, ak.AlbertModel.from_pretrained):
+        with pytest.raises(FileNotFoundError, match="hub id .* must be downloaded first"):
+            load("albert-base-v2")

@@ -1,4 +1,4 @@
-"""Numerical robustness (issue 14): every op x backend x dtype, forward and backward, on inputs at
+"""Numerical robustness: every op x backend x dtype, forward and backward, on inputs at
 the edges of their valid range, held to the error budget against float64 (tools/budget.py).
 
 - the named cases of albert_kernels/tools/edge_cases.py (also `albert-kernels verify`'s "edge"

@@ -1,4 +1,4 @@
-"""Fine-tuning end to end (issue 17), as examples/finetune_classifier.py does it, small: an
+"""Fine-tuning end to end, as examples/finetune_classifier.py does it, small: an
 ``albert-kernels pretrain`` checkpoint -> AlbertForSequenceClassification.from_pretrained ->
 a few dozen AdamW steps on passages labelled with the bundled book they come from -> the loss
 falls, the held-out accuracy is above chance (25%) -> save_pretrained -> transformers'

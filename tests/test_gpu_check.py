@@ -200,7 +200,7 @@ def test_bench_rows_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_latency_rows_on_the_cpu(tmp_path):
-    """The GPU check's latency rows (issue 16), run here on a tiny model on the CPU: one row per
+    """The GPU check's latency rows, run here on a tiny model on the CPU: one row per
     contender and length, each checked against transformers before it is timed, transformers
     sdpa the baseline, the CUDA-graph contender an error row on the CPU (it needs a GPU), the
     deadline honoured (the compile pass needs COMPILE_RESERVE_S and is skipped without it)."""

@@ -234,8 +234,7 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.slow
 def test_every_head_compiles_before_any_eager_call_in_a_fresh_process():
     """torch.compile(fullgraph=True) on freshly built heads (inference), in a process that never
-    ran them eagerly (issue 17 point 4 for the heads; the encoder and pretraining heads:
-    tests/test_dispatch.py)."""
+    ran them eagerly (the encoder and pretraining heads: tests/test_dispatch.py)."""
     import json
     import os
     import subprocess

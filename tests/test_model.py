@@ -219,3 +219,52 @@ def test_set_backend_keeps_weights():
     assert model.albert.backend is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.predictions.decoder.weight is model.albert.embeddings.word_embeddings.weight
+
+
+def test_segments_from_position_ids_restart_only_after_a_real_token():
+    """A 0 right after a real token of the same row starts a packed sequence; a 0 after a pad
+    (left-padding ids) does not, and neither does a pad's own id."""
+    from albert_kernels.model.layout import segments_from_position_ids
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]).bool()
+    clamped = (mask.long().cumsum(1) - 1).clamp(min=0)      # [0 0 0 0 1 2], ...
+    ones = torch.where(mask, clamped, torch.ones_like(clamped))
+    for ids in (clamped, ones):
+        assert segments_from_position_ids(ids, mask) is None
+    packed = torch.tensor([[0, 0, 0, 0, 1, 0], [0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 0, 0]])
+    expected = torch.tensor([[-1, -1, -1, 0, 0, 1], [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, -1, -1]])
+    assert torch.equal(segments_from_position_ids(packed, mask), expected)
+
+
+@pytest.mark.parametrize("pad_id", ["clamped", "one"])
+def test_left_padding_position_ids_are_not_packing(pad_id, cpu_backend):
+    """transformers' usual left-padding position ids (cumsum(mask) - 1, pads clamped to 0 or set
+    to 1): our models give transformers' logits and hidden states (the left-padded first
+    position the pooler reads included); a packed row still runs as separate sequences."""
+    torch.manual_seed(0)
+    hf = transformers.AlbertForSequenceClassification(_hf_config(
+        embedding_size=16, hidden_size=32, num_attention_heads=2, intermediate_size=48,
+        num_hidden_layers=2, classifier_dropout_prob=0.0)).eval()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (3, 9), generator=gen)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    if pad_id == "one":
+        position_ids = position_ids.masked_fill(mask == 0, 1)
+    for backend in ("reference", cpu_backend):
+        ours = ak.AlbertForSequenceClassification.from_hf(hf, backend=backend).eval()
+        with torch.no_grad():
+            got = ours(ids, mask, position_ids=position_ids).logits
+            expected = hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            hidden = ours.albert(ids, mask, position_ids=position_ids).last_hidden_state
+            hf_hidden = hf.albert(input_ids=ids, attention_mask=mask,
+                                  position_ids=position_ids).last_hidden_state
+            real = mask.bool()
+            torch.testing.assert_close(hidden[real], hf_hidden[real], rtol=1e-5, atol=1e-5)
+            packed_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+            packed = ours.albert(ids[:1], position_ids=packed_ids).last_hidden_state[0]
+            alone = torch.cat([hf.albert(input_ids=ids[:1, :4]).last_hidden_state[0],
+                               hf.albert(input_ids=ids[:1, 4:]).last_hidden_state[0]])
+            torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)

@@ -87,6 +87,33 @@ def test_attention_non_contiguous_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_attention_scores_beyond_fp16_range_are_computed_in_fp32(dtype):
+    """q = k with |q|^2 near 8e4: q.k overflows fp16 (65504) while the scaled scores (~2e4) and
+    the output are well inside it. Scores and softmax are fp32, so output and gradients are
+    finite and agree with float64; forming q.k in fp16 gave NaN."""
+    B, H, L, D = 2, 2, 6, 16
+    q = randn(B, H, L, D, dtype=F64, seed=1, scale=70.0)
+    k = q.clone()
+    v = randn(B, H, L, D, dtype=F64, seed=3)
+    assert float((q * k).sum(-1).max()) > 7e4
+    mask = make_mask("left", B, L)
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    gold = [t.detach().to(dtype).to(F64).requires_grad_() for t in (q, k, v)]
+    out = ak.attention(*low, key_padding_mask=mask, backend=REF)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close64(out, attention_formula(*low, mask), dtype)
+    out64 = ak.attention(*gold, key_padding_mask=mask, backend=REF)
+    grad = randn(B, H, L, D, dtype=F64, seed=4)
+    out.backward(grad.to(dtype))
+    out64.backward(grad)
+    for name, a, b in zip("qkv", low, gold):
+        assert torch.isfinite(a.grad).all(), name
+        scale = float(b.grad.abs().max())
+        tol = 16 * torch.finfo(dtype).eps * max(scale, 1.0)
+        torch.testing.assert_close(a.grad.to(F64), b.grad, rtol=0, atol=tol, msg=name)
+
+
 # varlen_attention
 # ---------------------------------------------------------------------------------------------
 
@@ -185,7 +212,7 @@ def test_add_layer_norm_constant_row_gives_bias():
 def test_add_layer_norm_low_precision_stats_in_fp32(dtype, shape):
     """fp16/bf16 in -> same dtype out; normalisation as in fp32, then one rounding to dtype.
 
-    The sum x + residual is formed in fp32 (never rounded to the input dtype, issue 14), then
+    The sum x + residual is formed in fp32 (never rounded to the input dtype), then
     the statistics are exact to well under one output ulp, so the result is within one ulp of
     dtype of the float64 formula on the exact sum.
     """

@@ -1,6 +1,6 @@
-"""Separate query and key sequences in varlen attention (issue 13 point 5: FlashAttention's
-cu_seqlens_q / cu_seqlens_k), and what masked or out-of-sequence slots may hold (issue 14
-point 3), on every CPU backend, against an independent float64 dense attention."""
+"""Separate query and key sequences in varlen attention (FlashAttention's cu_seqlens_q /
+cu_seqlens_k), and what masked or out-of-sequence slots may hold, on every CPU backend, against
+an independent float64 dense attention."""
 import pytest
 import torch
 
@@ -86,7 +86,7 @@ def _poison(t, where, value):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_masked_key_value_slots_never_reach_real_rows(name, value):
-    """Issue 14 point 3: padded key/value slots (padded layout) and keys of a sequence without
+    """Padded key/value slots (padded layout) and keys of a sequence without
     queries (varlen) hold NaN / inf; real rows' outputs and every real gradient stay finite and
     right, with and without dropout."""
     module = backend_module(name)
@@ -123,7 +123,7 @@ def test_masked_key_value_slots_never_reach_real_rows(name, value):
 @pytest.mark.parametrize("dtype", list(FLOATS))
 @pytest.mark.parametrize("name", BACKENDS)
 def test_huge_scores_stay_finite_and_right(name, dtype):
-    """Issue 14 point 3: q.k in the thousands (softmax saturates to one key per row); the
+    """q.k in the thousands (softmax saturates to one key per row); the
     output and gradients stay finite and within the budget of float64. (triton fp32 dV was
     5.4e-4 off against a budget of 2.6e-4 under the interpreter, whose fp32 dot summed the
     forward's Q K^T and the backward's K Q^T in different orders: backends/triton/common.py.)"""

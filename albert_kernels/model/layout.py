@@ -8,9 +8,11 @@ Three kinds of batch, told apart once per forward by :func:`mask_layout`:
   transformers computes as a query over the row's real keys and the pooler reads: it is carried
   as a *query-only* token (it attends to its row's real keys; no real token attends to it), with
   ``varlen_attention``'s separate ``cu_seqlens_q`` / ``cu_seqlens_k``.
-- **packed rows**: several sequences in one row, given by ``position_ids`` that restart at 0 (as
-  transformers' ``DataCollatorWithFlattening`` produces; transformers' flash-attention path
-  reads them the same way, while its eager/sdpa paths would let the sequences see each other)
+- **packed rows**: several sequences in one row, given by ``position_ids`` that restart at 0
+  right after a real token of the same row (as transformers' ``DataCollatorWithFlattening``
+  produces; transformers' flash-attention path reads them the same way, while its eager/sdpa
+  paths would let the sequences see each other; left-padding position ids, whose 0 follows a
+  pad, are no packing)
   or by a block-diagonal [B, 1, L, L] mask. Each block is a sequence of its own (varlen
   ``cu_seqlens`` over all of them); positions in no block are no tokens (zero rows).
 - anything else (a 4D mask that is neither): ``ValueError`` naming ``attention_mask``.
@@ -79,15 +81,23 @@ def segments_from_allowed(allowed: torch.Tensor) -> Optional[torch.Tensor]:
 
 def segments_from_position_ids(position_ids: torch.Tensor,
                                key_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """int [B, L] position ids -> segments int64 [B, L] when they restart at 0 inside a row
-    (packed sequences), else None. Padded positions (key_mask False) are no tokens (-1)."""
+    """int [B, L] position ids -> segments int64 [B, L] when they mark packed sequences, else
+    None. Padded positions (key_mask False) are no tokens (-1).
+
+    A sequence restarts where a real token has position id 0 right after a real token of the
+    same row, as packed rows are laid out. Position ids of left-padded rows (``cumsum(mask) - 1``
+    with the pads clamped to 0, or pads set to 1 or anything else) have their 0 after a pad, so
+    they are no packing: such a batch is read as a padding batch. In a packed row, the row's
+    first real token starts its first sequence whatever its position id."""
     if position_ids.shape[1] < 2:
         return None
     real = torch.ones_like(position_ids, dtype=torch.bool) if key_mask is None else key_mask
-    start = (position_ids == 0) & real
-    if not bool(start[:, 1:].any()):
+    restart = (position_ids[:, 1:] == 0) & real[:, 1:] & real[:, :-1]       # [B, L - 1]
+    if not bool(restart.any()):
         return None
-    start[:, 0] = real[:, 0]
+    first = real & (torch.cumsum(real.long(), dim=1) == 1)
+    start = first.clone()
+    start[:, 1:] |= restart
     seg = torch.cumsum(start.long(), dim=1) - 1
     return torch.where(real & (seg >= 0), seg, torch.full_like(seg, -1))
 
@@ -99,8 +109,8 @@ def mask_layout(mask, batch: int, seqlen: int,
 
     mask: None; [B, L] bool or 0/1 numbers (1 = real token); or [B, 1, L, L] bool (True = attend)
     or additive float (0 = attend, a large negative value or -inf = masked). position_ids: int
-    [B, L] or None; restarting at 0 inside a row marks packed sequences (ignored when `mask` is
-    4D or under torch.compile). Raises ValueError naming attention_mask for any other mask, and
+    [B, L] or None; a 0 right after a real token of the same row marks packed sequences
+    (:func:`segments_from_position_ids`; ignored when `mask` is 4D or under torch.compile). Raises ValueError naming attention_mask for any other mask, and
     (eagerly: the checks read the mask on the host) for a [B, L] mask with values other than 0
     and 1 and a 4D mask that is neither a padding mask nor block-diagonal. Under torch.compile a
     4D mask is taken as a padding mask (its first query row) and checked on the device.
@@ -154,7 +164,8 @@ def packed_sequences(layout: MaskLayout, batch: int, seqlen: int, device):
     [E], cu_extra int32 [B+1]): the query-only tokens, i.e. the flattened position of each row's
     padded first position (left padding, rows with at least one real token) in row order, and
     their prefix count per row (the ``cu_seqlens_q`` beside ``cu_seqlens`` as ``cu_seqlens_k``).
-    Reads the device once or twice (the lengths, the left-padded rows), never per layer.
+    Reads the device a few times (the token positions, the sequence count of packed rows, the
+    longest length, the left-padded rows), never per layer.
     """
     key_mask, segments = layout.key_mask, layout.segments
     if key_mask is None:

@@ -9,11 +9,13 @@ refilled when a model is built, moved or switched (``layers.ResolvesKernels``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..backends.dispatch import Kernels
@@ -26,8 +28,35 @@ from .outputs import Recorder, warn_not_fused
 from .weights import WeightsMixin
 
 
+def _flatten_output(output) -> tuple[list, list]:
+    """(field values, field names): the pytree children of an output and its context."""
+    names = [f.name for f in fields(output)]
+    return [getattr(output, name) for name in names], names
+
+
+def _flatten_output_with_keys(output) -> tuple[list, list]:
+    values, names = _flatten_output(output)
+    return [(pytree.GetAttrKey(name), value) for name, value in zip(names, values)], names
+
+
+def _unflatten_output(cls, values, names):
+    return cls(**dict(zip(names, values)))
+
+
 class _Output:
-    """Like transformers' ModelOutput: fields by name, or by position over the fields that are set."""
+    """Like transformers' ModelOutput: fields by name, or by position over the fields that are set.
+
+    Every subclass is a pytree node (children: its fields in declaration order, None included),
+    so ``torch.export``, ``torch.utils._pytree`` and ``torch.func`` take and return it as they do
+    transformers' outputs; ``serialized_type_name`` (module and class name) lets a program saved
+    by ``torch.export.save`` be loaded again."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls, _flatten_output, functools.partial(_unflatten_output, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+            flatten_with_keys_fn=_flatten_output_with_keys)
 
     def to_tuple(self) -> tuple:
         return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
@@ -156,8 +185,9 @@ class AlbertModel(AlbertPreTrainedModel):
                 output_attentions: bool = False) -> AlbertOutput:
         """input_ids [B, L] int; attention_mask [B, L] (1/True = real token), a [B, 1, L, L]
         padding or block-diagonal mask, or None; token_type_ids, position_ids [B, L] int or None
-        (zeros; 0..L-1; position_ids restarting at 0 inside a row mark packed sequences). The
-        masks accepted and the layout each gives: ``layout.mask_layout``.
+        (zeros; 0..L-1; position_ids restarting at 0 right after a real token of the same row
+        mark packed sequences, left-padding ids do not). The masks accepted and the layout each
+        gives: ``layout.mask_layout``.
 
         output_hidden_states: also return ``hidden_states``, transformers' tuple (the encoder's
         input after the embedding projection, then every layer's output), each [B, L, hidden].
@@ -170,10 +200,12 @@ class AlbertModel(AlbertPreTrainedModel):
 
         The inputs are validated once, here (ValueError naming the argument); the layers then
         call the resolved backend's kernels directly, not the public ops, which would check
-        cu_seqlens on the host in every layer. Eagerly, a forward reads the device twice (the
-        0/1 check of a non-bool mask, the longest length when padding is removed), never per
-        layer; under torch.compile, not at all. BackendUnavailable if the backend cannot run on
-        the parameters' device.
+        cu_seqlens on the host in every layer. Eagerly, a forward reads the device a fixed number
+        of times, never per layer: the checks of the mask, position ids and ids
+        (``layout.mask_layout``, ``id_checks.check_id_ranges``) and, when padding is removed,
+        the token positions, the longest length and the left-padded rows
+        (``layout.packed_sequences``); under torch.compile, not at all. BackendUnavailable if the
+        backend cannot run on the parameters' device.
         """
         kernels = self.kernels_for(input_ids.device, self._compute_dtype())
         input_ids, layout, token_type_ids, position_ids = self._check_ids(

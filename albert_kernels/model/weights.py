@@ -66,15 +66,30 @@ class LoadReport(NamedTuple):
             "weights on your task); not when it should hold this very model." if parts else "")
 
 
+def _not_a_directory(path: str) -> str:
+    return (f"{path!r} is not a local directory. Checkpoints are read from disk only: a hub id "
+            "(such as 'albert/albert-base-v2') must be downloaded first, e.g. "
+            "huggingface_hub.snapshot_download(repo_id), and the directory it returns passed "
+            "instead")
+
+
+def source_dtype(state: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:
+    """The floating-point dtype a checkpoint's weights are stored in (that of its first
+    floating-point tensor, as transformers' ``dtype="auto"`` takes it), or None if it has none."""
+    for tensor in state.values():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
 def read_hf_directory(path: str) -> tuple[AlbertConfig, dict]:
     """(config, state_dict) from a directory written by transformers' save_pretrained (or ours).
 
-    Raises FileNotFoundError when `path` is not a local directory (a hub id such as
-    "albert-base-v2" is not fetched), when the directory lacks config.json or a weights file;
-    ValueError when config.json is not an ALBERT config (``model_type``)."""
+    Raises FileNotFoundError when `path` is not a local directory (a hub id: the message says to
+    download it first) or lacks config.json or a weights file, ValueError when config.json is
+    not an ALBERT config (``model_type``)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a local directory (a hub id must be downloaded "
-                                "first: huggingface_hub.snapshot_download)")
+        raise FileNotFoundError(_not_a_directory(path))
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path!r} has no config.json")
@@ -151,37 +166,49 @@ class WeightsMixin:
 
     @classmethod
     def from_hf(cls, src, config: Optional[AlbertConfig] = None, *, strict: bool = False,
-                ignore_mismatched_sizes: bool = False, **kwargs):
+                ignore_mismatched_sizes: bool = False, dtype: Optional[torch.dtype] = None,
+                **kwargs):
         """Build this model from a checkpoint of any transformers ALBERT class.
 
         src: a transformers ALBERT model object, a state_dict (then ``config`` is required), or a
         local directory (config.json + model.safetensors / sharded index / pytorch_model.bin).
-        config: an AlbertConfig used instead of the source's. kwargs: AlbertConfig fields
-        override the config (``num_labels=3``, ``problem_type=...``); the rest go to the
-        constructor (``backend=``, ``sparse_mlm=``). Loading follows this module's docstring;
-        weights newly initialised or skipped are listed in one UserWarning.
-        Raises TypeError (src), ValueError (a state_dict without config, a non-ALBERT config,
-        a shape mismatch, no key in common), FileNotFoundError, KeyError (``strict=True``).
+        config: an AlbertConfig used instead of the source's. dtype: the parameters' dtype; None
+        keeps the checkpoint's (a float64 or bfloat16 source gives a float64 or bfloat16 model,
+        as transformers' ``dtype="auto"``), float32 if it holds no floating-point tensor.
+        kwargs: AlbertConfig fields override the config (``num_labels=3``,
+        ``problem_type=...``); the rest go to the constructor (``backend=``, ``sparse_mlm=``).
+        Loading follows this module's docstring; weights newly initialised or skipped are
+        listed in one UserWarning. The model is returned in eval mode, as transformers returns
+        it (call ``.train()`` to fine-tune), on the CPU.
+        Raises TypeError (src, dtype), ValueError (a state_dict without config, a non-ALBERT
+        config, a shape mismatch, no key in common), FileNotFoundError (a path that is not a
+        local directory, such as a hub id, or one without the files), KeyError
+        (``strict=True``), and what the backend raises for a dtype it does not support.
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         config_from_src, state, where = _read_source(src, config)
         names = {f.name for f in dataclasses.fields(AlbertConfig)} - {"extra"}
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         model = cls(_with_overrides(config or config_from_src, overrides), **kwargs)
+        dtype = dtype or source_dtype(state) or torch.float32
+        if dtype != torch.float32:  # cast before loading: no weight is rounded through fp32
+            model.to(dtype)
         report = model.load_hf_state_dict(state, strict=strict,
                                           ignore_mismatched_sizes=ignore_mismatched_sizes)
         if any(report):
             warnings.warn(report.message(f"{cls.__name__}.from_hf({where})"), stacklevel=2)
-        return model
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """``from_hf`` for a local directory, spelled as in transformers (same kwargs). A hub id
-        is not fetched: download it first (``huggingface_hub.snapshot_download(repo_id)``)."""
+        """``from_hf`` for a local directory, spelled as in transformers (same kwargs; eval mode,
+        the checkpoint's dtype). A hub id is not fetched: download it first
+        (``huggingface_hub.snapshot_download(repo_id)``); FileNotFoundError says so."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a directory path, got {type(path).__name__}")
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{os.fspath(path)!r} is not a local directory (a hub id must be "
-                                    "downloaded first: huggingface_hub.snapshot_download)")
+            raise FileNotFoundError(_not_a_directory(os.fspath(path)))
         return cls.from_hf(path, **kwargs)
 
     def load_hf_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = False,

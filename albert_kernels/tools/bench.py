@@ -54,6 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..dtypes import DTYPES
 from . import memory, timing
 from .info import machine
 from .model_workloads import AUTOCAST_DTYPES, model_workloads
@@ -62,7 +63,6 @@ from .timing import measure
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         bias_gelu_workloads, linear_gelu_workloads)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
+from ..dtypes import DTYPES
 from .budget import Budget, compare_op
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

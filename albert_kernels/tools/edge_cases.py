@@ -21,9 +21,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import ops
+from ..dtypes import DTYPES
 from .budget import Budget, check_budget, forward_and_grads, upcast
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FILLS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
@@ -254,8 +254,8 @@ def varlen_inputs(dtype, device, gen, *, lengths: Sequence[int], poisoned: Optio
 
 
 def score_amplitude(dtype, head_dim: int = 32) -> float:
-    """q, k amplitude whose scaled scores reach ~1e3-1e4 while q.k itself (which the reference
-    forms in the dtype) stays well inside it: fp16's 65504 bounds it there."""
+    """q, k amplitude whose scaled scores reach ~1e3-1e4 while q.k itself stays inside the fp16
+    range (65504)."""
     return 25.0 if dtype == torch.float16 else 100.0
 
 

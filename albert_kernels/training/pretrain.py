@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..dtypes import DTYPES as ALL_DTYPES
 from ..model import AlbertConfig, AlbertForPreTraining
 from ..model.weights import read_hf_directory
 from .data import IGNORE_INDEX, TOKENIZER_PATH, PretrainingData, load_tokenizer
@@ -58,7 +59,8 @@ PRETRAIN_SIZES = {
 # Default peak learning rates: the paper's 0.00176 (for its batch of 4096) for base; a larger one
 # for tiny, whose small batches and short runs on a CPU need it to learn within minutes.
 DEFAULT_LR = {"tiny": 1e-2, "base": 1.76e-3}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the dtypes --dtype takes
+DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}
 # Settings that must match the checkpoint's for --resume to continue the same run.
 RUN_KEYS = ("preset", "seq_len", "batch_size", "seed")
 

@@ -33,7 +33,7 @@
 namespace albert_kernels::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 256;  // rows per GEMM + epilogue block (see bench_cpu_ops.py)
+constexpr int64_t kBlockRows = 256;  // rows per GEMM + epilogue block
 // ... for bf16 / fp16: their products go to oneDNN (AMX or AVX512-BF16 where the CPU has them),
 // which reorders the weight on every call, so short blocks cost a reorder each: 1-thread bf16
 // products of 3072x768 / 768x3072 at M = 2048 ran at 342-372 / 317-371 GFLOP/s in 256-row calls

@@ -1,5 +1,5 @@
 // The small-M path: fp32 inference on packed weights, written for a handful of tokens (one short
-// request; issue 16, docs/performance.md "One short request: the small-M path") and used up to
+// request; docs/performance.md "One short request: the small-M path") and used up to
 // the token count where MKL's F.linear catches up, per ISA (backends/cpp/isa.py: 4096 on AVX2,
 // 1024 on AVX-512).
 //

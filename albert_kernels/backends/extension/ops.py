@@ -5,7 +5,8 @@ Importing this module builds (once, cached) and loads the extension, then regist
 calls the matching ``*_bwd`` op (which gets a fake implementation too). The five functions at the
 bottom have the backend signature of ``albert_kernels.backends.registry`` and are device-generic:
 the dispatcher picks the CPU or CUDA kernels by the tensors' device. They only reshape to the
-kernels' layouts (see csrc/registration.cpp) and back.
+kernels' layouts (see csrc/registration.cpp) and back. Double backward and torch.func transforms
+use the reference formulas (backends/higher_order.py).
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from typing import Optional
 
 import torch
 
+from .. import reference
 from ..dropout import draw_seed_offset
 from ..op_table import OP_NAMES
+from ..higher_order import functorch_active, reference_grads
+from ..reference.attention import attention_with_seed, varlen_attention_with_seed
 from .build import build
 
 
@@ -144,37 +148,50 @@ def _(hidden_states, *args):
 
 
 # ---------------------------------------------------------------- autograd
+# Each backward runs the *_bwd kernel; with grad mode on (autograd is recording the backward:
+# create_graph=True) it computes the gradients with the reference formula instead, which can be
+# differentiated again (backends/higher_order.py).
 def _setup_add_ln(ctx, inputs, output):
-    x, residual, weight, _bias, _eps = inputs
-    ctx.save_for_backward(x, residual, weight, output[1], output[2])
+    x, residual, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(x, residual, weight, bias, output[1], output[2])
 
 
 def _bwd_add_ln(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, residual, weight, mean, rstd = ctx.saved_tensors
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return reference_grads(reference.add_layer_norm, (x, residual, weight, bias, ctx.eps),
+                               ctx.needs_input_grad, (grad_out,))
     gx, gw, gb = _ops.add_layer_norm_bwd(grad_out.contiguous(), x, residual, weight, mean, rstd)
     return gx, gx, gw, gb, None  # d residual == d x
 
 
 def _setup_linear_gelu(ctx, inputs, output):
-    x, weight, _bias, approximate = inputs
+    x, weight, bias, approximate = inputs
     ctx.approximate = approximate
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.save_for_backward(x, weight, bias, output[1])
 
 
 def _bwd_linear_gelu(ctx, grad_out, _grad_pre):
-    x, weight, pre = ctx.saved_tensors
+    x, weight, bias, pre = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return reference_grads(reference.linear_gelu, (x, weight, bias, ctx.approximate),
+                               ctx.needs_input_grad, (grad_out,))
     gx, gw, gb = _ops.linear_gelu_bwd(grad_out.contiguous(), x, weight, pre, ctx.approximate)
     return gx, gw, gb, None
 
 
 def _setup_gelu_ffn(ctx, inputs, output):
-    x, w1, _b1, w2, _b2, approximate = inputs
+    x, w1, b1, w2, b2, approximate = inputs
     ctx.approximate = approximate
-    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.save_for_backward(x, w1, b1, w2, b2, output[1])
 
 
 def _bwd_gelu_ffn(ctx, grad_out, _grad_pre):
-    x, w1, w2, pre = ctx.saved_tensors
+    x, w1, b1, w2, b2, pre = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return reference_grads(reference.gelu_ffn, (x, w1, b1, w2, b2, ctx.approximate),
+                               ctx.needs_input_grad, (grad_out,))
     gx, gw1, gb1, gw2, gb2 = _ops.gelu_ffn_bwd(grad_out.contiguous(), x, w1, w2, pre,
                                                ctx.approximate)
     return gx, gw1, gb1, gw2, gb2, None
@@ -188,6 +205,12 @@ def _setup_attention(ctx, inputs, output):
 
 def _bwd_attention(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    scale, dropout_p, seed, offset = ctx.args
+    if torch.is_grad_enabled():  # the reference with the forward's dropout mask
+        fn = lambda q, k, v: attention_with_seed(
+            q, k, v, key_padding_mask, scale, dropout_p, (seed, offset))
+        grads = reference_grads(fn, (q, k, v), ctx.needs_input_grad[:3], (grad_out,))
+        return grads + (None,) * (ctx.n_inputs - 3)
     # the same (seed, offset) as forward: the kernel regenerates the forward's dropout mask
     gq, gk, gv = _ops.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding_mask,
                                     *ctx.args)
@@ -202,6 +225,12 @@ def _setup_varlen(ctx, inputs, output):
 
 def _bwd_varlen(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_q, max_k, scale, dropout_p, seed, offset = ctx.args
+    if torch.is_grad_enabled():
+        fn = lambda q, k, v: varlen_attention_with_seed(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, dropout_p, (seed, offset))
+        grads = reference_grads(fn, (q, k, v), ctx.needs_input_grad[:3], (grad_out,))
+        return grads + (None,) * (ctx.n_inputs - 3)
     gq, gk, gv = _ops.varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q,
                                            cu_seqlens_k, *ctx.args)
     return (gq, gk, gv) + (None,) * (ctx.n_inputs - 3)
@@ -225,7 +254,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """x, residual [..., N] -> LayerNorm(x + residual) [..., N]; kernels see [M, N]."""
+    """x, residual [..., N] -> LayerNorm(x + residual) [..., N]; kernels see [M, N].
+    Inside a torch.func transform: the reference formula (backends/higher_order.py)."""
+    if functorch_active():
+        return reference.add_layer_norm(x, residual, weight, bias, eps)
     out, _, _ = _ops.add_layer_norm_fwd(_rows(x), _rows(residual), weight.contiguous(),
                                         bias.contiguous(), eps)
     return out if x.dim() == 2 else out.reshape(x.shape)
@@ -234,6 +266,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 approximate: str) -> torch.Tensor:
     """gelu(x @ weight.T + bias): x [..., K], weight [N, K] -> [..., N]."""
+    if functorch_active():
+        return reference.linear_gelu(x, weight, bias, approximate)
     out, _ = _ops.linear_gelu_fwd(_rows(x), weight.contiguous(),
                                   bias.contiguous(), approximate)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -242,6 +276,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
              b2: torch.Tensor, approximate: str) -> torch.Tensor:
     """linear_gelu(x, w1, b1) @ w2.T + b2: x [..., H] -> [..., H]."""
+    if functorch_active():
+        return reference.gelu_ffn(x, w1, b1, w2, b2, approximate)
     out, _ = _ops.gelu_ffn_fwd(_rows(x), w1.contiguous(),
                                b1.contiguous(), w2.contiguous(), b2.contiguous(), approximate)
     return out.reshape(*x.shape[:-1], w2.shape[0])
@@ -259,6 +295,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               dropout_p: float = 0.0) -> torch.Tensor:
     """q, k, v [B, H, L, D]; key_padding_mask bool [B, L] (True = real key) or None;
     dropout_p on the probabilities (mask of backends/dropout.py with max_q = max_k = L)."""
+    if functorch_active():
+        return reference.attention(q, k, v, key_padding_mask, scale, dropout_p)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
     batch, heads, seqlen = q.shape[:3]
@@ -273,6 +311,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      max_seqlen_k: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Packed q [Tq, H, D], k, v [Tk, H, D]; cu_seqlens_q / cu_seqlens_k int32 [B+1]; dropout_p
     on the probabilities (mask of backends/dropout.py with max_seqlen_q, max_seqlen_k)."""
+    if functorch_active():
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, scale, dropout_p)
     n_seqs, heads = cu_seqlens_q.shape[0] - 1, q.shape[1]
     seed, offset = _seed_offset(q.device, dropout_p, n_seqs * heads * max_seqlen_q * max_seqlen_k)
     out, _ = _ops.varlen_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(),

@@ -47,12 +47,22 @@ def _gelu_and_grad(z: torch.Tensor, approximate: str, need_grad: bool):
 
 
 class _Gelu(torch.autograd.Function):
+    """GELU with its derivative written out. The backward is itself made of differentiable
+    PyTorch ops (double backward works); ``setup_context`` and the generated vmap rule let
+    torch.func transforms (grad, vjp, jacrev, vmap) run it."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: torch.Tensor, approximate: str) -> torch.Tensor:
+    def forward(z: torch.Tensor, approximate: str) -> torch.Tensor:
         compute = torch.float64 if z.dtype == torch.float64 else torch.float32
+        return _gelu_and_grad(z.to(compute), approximate, False)[0].to(z.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        z, approximate = inputs
         ctx.save_for_backward(z)
         ctx.approximate = approximate
-        return _gelu_and_grad(z.to(compute), approximate, False)[0].to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..higher_order import functorch_active, reference_grads
+from ..reference import add_layer_norm as reference_add_layer_norm
 from .common import ceil_div
 
 
@@ -165,13 +167,17 @@ class _AddLayerNormFunction(torch.autograd.Function):
             _add_ln_fwd_kernel[(ceil_div(m, cfg["BLOCK_M"]),)](
                 x2, r2, weight, bias, y, mean, rstd, m, n, x2.stride(0), r2.stride(0), y.stride(0),
                 eps, **cfg)
-        ctx.save_for_backward(x2, r2, weight, mean, rstd)
-        ctx.shape = shape
+        # x, residual as given too: a double backward differentiates through them
+        ctx.save_for_backward(x, residual, x2, r2, weight, bias, mean, rstd)
+        ctx.shape, ctx.eps = shape, eps
         return y.reshape(shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, r2, weight, mean, rstd = ctx.saved_tensors
+        x, residual, x2, r2, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that differentiates again
+            return reference_grads(reference_add_layer_norm, (x, residual, weight, bias, ctx.eps),
+                                   ctx.needs_input_grad, (dy,))
         m, n = x2.shape
         dy2 = _rows(dy)
         dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -193,6 +199,9 @@ class _AddLayerNormFunction(torch.autograd.Function):
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(x + residual): x, residual [..., N] (same dtype), weight, bias [N]."""
+    """LayerNorm(x + residual): x, residual [..., N] (same dtype), weight, bias [N].
+    Inside a torch.func transform: the reference formula (backends/higher_order.py)."""
+    if functorch_active():
+        return reference_add_layer_norm(x, residual, weight, bias, eps)
     with torch.cuda.device_of(x):  # triton launches on the current device
         return _AddLayerNormFunction.apply(x, residual, weight.contiguous(), bias.contiguous(), eps)

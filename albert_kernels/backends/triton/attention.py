@@ -50,6 +50,10 @@ import torch
 # aot.py finds the kernels among this module's names
 from .attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
                                 _attn_bwd_preprocess_kernel, _attn_fwd_kernel)
+from ..higher_order import functorch_active, reference_grads
+from ..reference import attention as reference_attention
+from ..reference import varlen_attention as reference_varlen_attention
+from ..reference.attention import attention_with_seed, varlen_attention_with_seed
 from .common import ceil_div
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +257,7 @@ def _backward(do, q, k, v, out, out_lo, stats, layout: _Layout, scale: float,
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, dropout_p):
+        given = (q, k, v)  # as given (not copied): a double backward differentiates them
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         layout = _Layout(q, k, key_padding_mask, cu_q, cu_k, max_q, max_k)
         drop = _Dropout(dropout_p, layout, q.device) if dropout_p > 0 else None
@@ -261,13 +266,25 @@ class _AttentionFunction(torch.autograd.Function):
         else:
             out, out_lo, stats = _forward(q, k, v, layout, scale, drop,
                                           for_backward=any(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(q, k, v, out, out_lo, stats)
+        ctx.save_for_backward(*given, q, k, v, out, out_lo, stats)
         ctx.layout, ctx.scale, ctx.drop = layout, scale, drop
+        ctx.call = (key_padding_mask, cu_q, cu_k, max_q, max_k, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, out_lo, stats = ctx.saved_tensors
+        q0, k0, v0, q, k, v, out, out_lo, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the reference with the forward's mask
+            key_padding_mask, cu_q, cu_k, max_q, max_k, dropout_p = ctx.call
+            seed_offset = None if ctx.drop is None else (ctx.drop.seed, ctx.drop.offset)
+            if cu_q is None:
+                fn = lambda q, k, v: attention_with_seed(q, k, v, key_padding_mask, ctx.scale,
+                                                         dropout_p, seed_offset)
+            else:
+                fn = lambda q, k, v: varlen_attention_with_seed(
+                    q, k, v, cu_q, cu_k, max_q, max_k, ctx.scale, dropout_p, seed_offset)
+            grads = reference_grads(fn, (q0, k0, v0), ctx.needs_input_grad[:3], (do,))
+            return (*grads, None, None, None, None, None, None, None)
         if stats is None:
             grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         else:
@@ -283,7 +300,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     dropout_p > 0 drops attention probabilities inside the kernel (Philox mask of element
     (b, h, i, j) at offset philox_offset + ((b * H + h) * L + i) * L + j, see _Dropout).
+    Inside a torch.func transform: the reference formula (backends/higher_order.py).
     """
+    if functorch_active():
+        return reference_attention(q, k, v, key_padding_mask, scale, dropout_p)
     with torch.cuda.device_of(q):  # triton launches on the current device
         return _AttentionFunction.apply(q, k, v, key_padding_mask, None, None, 0, 0, scale,
                                         dropout_p)
@@ -296,7 +316,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q[cu_q[b]:cu_q[b+1]] attend to keys k[cu_k[b]:cu_k[b+1]] only (flash_attn_varlen_func);
     max_seqlen_q/_k bound the blocks and set the dropout offsets (element (b, h, i, j) at
     philox_offset + ((b * H + h) * max_seqlen_q + i) * max_seqlen_k + j). A sequence with no key
-    gives zero rows and zero gradients."""
+    gives zero rows and zero gradients. Inside a torch.func transform: the reference formula."""
+    if functorch_active():
+        return reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, scale, dropout_p)
     with torch.cuda.device_of(q):
         return _AttentionFunction.apply(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, dropout_p)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..higher_order import functorch_active, reference_grads
+from ..reference import gelu_ffn as reference_gelu_ffn, linear_gelu as reference_linear_gelu
 from ..reference.gelu_ffn import _gelu_and_grad
 from .common import INTERPRETING, ceil_div, exp_f32, mma
 
@@ -323,13 +325,17 @@ class _LinearGeluFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, gelu_tanh):
         x2 = _rows(x)
         y, z, _ = matmul(x2, weight.t(), epilogue=EPI_BIAS_GELU, bias=bias, gelu_tanh=gelu_tanh)
-        ctx.save_for_backward(x2, weight, z)
+        ctx.save_for_backward(x, x2, weight, bias, z)  # x as given: for a double backward
         ctx.gelu_tanh, ctx.x_shape = gelu_tanh, x.shape
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, z = ctx.saved_tensors
+        x, x2, weight, bias, z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that differentiates again
+            approximate = "tanh" if ctx.gelu_tanh else "none"
+            return reference_grads(reference_linear_gelu, (x, weight, bias, approximate),
+                                   ctx.needs_input_grad, (dy,))
         dy2 = _rows(dy)
         dx, dz, _ = matmul(dy2, weight, prologue=PRO_GELU_GRAD, z=z, gelu_tanh=ctx.gelu_tanh)
         dw, _, db = matmul(dz.t(), x2, rowsum=True)
@@ -342,13 +348,17 @@ class _GeluFfnFunction(torch.autograd.Function):
         x2 = _rows(x)
         h, z, _ = matmul(x2, w1.t(), epilogue=EPI_BIAS_GELU, bias=b1, gelu_tanh=gelu_tanh)
         y, _, _ = matmul(h, w2.t(), epilogue=EPI_BIAS, bias=b2)
-        ctx.save_for_backward(x2, w1, w2, z, h)
+        ctx.save_for_backward(x, x2, w1, b1, w2, b2, z, h)  # x as given: for a double backward
         ctx.gelu_tanh, ctx.x_shape = gelu_tanh, x.shape
         return y.reshape(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w1, w2, z, h = ctx.saved_tensors
+        x, x2, w1, b1, w2, b2, z, h = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that differentiates again
+            approximate = "tanh" if ctx.gelu_tanh else "none"
+            return reference_grads(reference_gelu_ffn, (x, w1, b1, w2, b2, approximate),
+                                   ctx.needs_input_grad, (dy,))
         dy2 = _rows(dy)
         dw2, _, db2 = matmul(dy2.t(), h, rowsum=True)
         dz, _, _ = matmul(dy2, w2, epilogue=EPI_GELU_GRAD, z=z, gelu_tanh=ctx.gelu_tanh)
@@ -359,14 +369,20 @@ class _GeluFfnFunction(torch.autograd.Function):
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 approximate: str) -> torch.Tensor:
-    """gelu(x @ weight.T + bias): x [..., K], weight [N, K], bias [N]; approximate "tanh"/"none"."""
+    """gelu(x @ weight.T + bias): x [..., K], weight [N, K], bias [N]; approximate "tanh"/"none".
+    Inside a torch.func transform: the reference formula (backends/higher_order.py)."""
+    if functorch_active():
+        return reference_linear_gelu(x, weight, bias, approximate)
     with torch.cuda.device_of(x):  # triton launches on the current device
         return _LinearGeluFunction.apply(x, weight, bias.contiguous(), approximate == "tanh")
 
 
 def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
              b2: torch.Tensor, approximate: str) -> torch.Tensor:
-    """linear_gelu(x, w1, b1) @ w2.T + b2: x [..., H], w1 [I, H], w2 [H, I] -> [..., H]."""
+    """linear_gelu(x, w1, b1) @ w2.T + b2: x [..., H], w1 [I, H], w2 [H, I] -> [..., H].
+    Inside a torch.func transform: the reference formula (backends/higher_order.py)."""
+    if functorch_active():
+        return reference_gelu_ffn(x, w1, b1, w2, b2, approximate)
     with torch.cuda.device_of(x):
         return _GeluFfnFunction.apply(x, w1, b1.contiguous(), w2, b2.contiguous(),
                                       approximate == "tanh")
