@@ -201,8 +201,11 @@ def test_hidden_states_and_attentions(family, cls_name, cpu_backend):
 
 def test_decoder_is_refused():
     decoder = transformers.BertLMHeadModel(_config("bert", is_decoder=True))
-    with pytest.raises(ValueError, match="decoder"):
-        ak.patch_hf(decoder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="decoder"):
+            ak.patch_hf(decoder)
+    assert len(caught) == 1 and "BertLMHeadModel" in str(caught[0].message)
     assert not any(isinstance(m, PatchedFamilyEncoderMixin) for m in decoder.modules())
     both = torch.nn.ModuleDict({"encoder": _model("BertModel"), "decoder": decoder})
     with pytest.warns(UserWarning, match="left unpatched.*decoder"):
@@ -291,3 +294,39 @@ def test_torch_compile_fullgraph(cpu_backend):
     out = compiled(**inputs).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_relative_position_embeddings_not_patched():
+    model = _model("BertModel", position_embedding_type="relative_key")
+    with pytest.warns(UserWarning, match="position_embedding_type"), \
+            pytest.raises(ValueError, match="nothing to patch"):
+        ak.patch_hf(model)
+    assert not isinstance(model.encoder, PatchedFamilyEncoderMixin)
+
+
+def test_gradient_checkpointing_runs_transformers(cpu_backend):
+    """With gradient checkpointing on in training, transformers' layers run (checkpointed):
+    the same gradients as unpatched."""
+    model = _model("BertModel", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs, mask = _inputs("BertModel")
+    ref = model(**inputs).last_hidden_state
+    grads_ref = torch.autograd.grad(ref.sum(), list(model.parameters()), allow_unused=True)
+    ak.patch_hf(model, backend=cpu_backend)
+    calls = []
+    layer = model.encoder.layer[0]
+    # counted on the class: a hook on the module would itself make the call run transformers'
+    original = type(layer).forward
+    type(layer).forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        out = model(**inputs).last_hidden_state
+    finally:
+        type(layer).forward = original
+    assert calls, "transformers' layers ran"
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(grads, grads_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)

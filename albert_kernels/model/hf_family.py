@@ -313,9 +313,9 @@ def patch_family(model: torch.nn.Module, backend: Optional[str]) -> tuple:
     patched_count, skipped = 0, []
     seen = set()
     for family, hf_model in family_models(model):
-        if id(hf_model) in seen:
+        if id(hf_model) in seen:  # a model inside one already handled (BertModel in a head)
             continue
-        seen.add(id(hf_model))
+        seen.update(id(m) for m in hf_model.modules())
         reason = _not_encoder(hf_model.config)
         if reason is not None:
             skipped.append((type(hf_model).__name__, reason))
