@@ -330,3 +330,25 @@ def test_gradient_checkpointing_runs_transformers(cpu_backend):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family,cls_name", [("bert", "BertModel"),
+                                             ("distilbert", "DistilBertModel")])
+def test_hidden_dropout_where_transformers_has_it(family, cls_name, cpu_backend):
+    """Without padding the packed tokens are the grid's positions in order, so the layers' own
+    dropout modules, called in transformers' order on the same number of elements, draw the same
+    masks from the same seed: train-mode outputs match unpatched exactly where they are placed
+    (after the attention output product and after the FFN; attention dropout, which runs in the
+    kernel with its own generator, is off here)."""
+    key = "dropout" if family == "distilbert" else "hidden_dropout_prob"
+    att = "attention_dropout" if family == "distilbert" else "attention_probs_dropout_prob"
+    model = _model(cls_name, family, **{key: 0.3, att: 0.0}).train()
+    ids = _inputs(cls_name, "none")[0]["input_ids"]
+    torch.manual_seed(5)
+    ref = model(input_ids=ids).last_hidden_state
+    ak.patch_hf(model, backend=cpu_backend)
+    torch.manual_seed(5)
+    out = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.manual_seed(6)
+    assert not torch.allclose(model(input_ids=ids).last_hidden_state, ref, atol=1e-3)
