@@ -352,3 +352,48 @@ def test_hidden_dropout_where_transformers_has_it(family, cls_name, cpu_backend)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.manual_seed(6)
     assert not torch.allclose(model(input_ids=ids).last_hidden_state, ref, atol=1e-3)
+
+
+def test_meta_built_then_assigned(cpu_backend):
+    """Built on the meta device, patched, then given real weights: runs where they are."""
+    source = _model("BertModel").eval()
+    with torch.device("meta"):
+        model = transformers.BertModel(_config("bert"))
+    ak.patch_hf(model, backend=cpu_backend)
+    model.load_state_dict(source.state_dict(), assign=True)
+    model.embeddings.position_ids = source.embeddings.position_ids
+    model.embeddings.token_type_ids = source.embeddings.token_type_ids
+    model.eval()
+    inputs, mask = _inputs("BertModel")
+    real = mask.bool()
+    torch.testing.assert_close(model(**inputs).last_hidden_state[real],
+                               source(**inputs).last_hidden_state[real], atol=2e-5, rtol=1e-4)
+
+
+def test_accelerate_offload(cpu_backend):
+    accelerate = pytest.importorskip("accelerate")
+    model = _model("BertModel").eval()
+    inputs, mask = _inputs("BertModel")
+    ref = model(**inputs).last_hidden_state
+    ak.patch_hf(model, backend=cpu_backend)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    real = mask.bool()
+    torch.testing.assert_close(model(**inputs).last_hidden_state[real], ref[real],
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_no_stale_weights(cpu_backend):
+    """Every call reads the parameters as they are then."""
+    model = ak.patch_hf(_model("BertModel").eval(), backend=cpu_backend)
+    inputs, mask = _inputs("BertModel")
+    before = model(**inputs).last_hidden_state
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight.mul_(1.5)
+    after = model(**inputs).last_hidden_state
+    fresh = _model("BertModel").eval()
+    with torch.no_grad():
+        fresh.encoder.layer[1].output.dense.weight.mul_(1.5)
+    real = mask.bool()
+    assert not torch.allclose(before[real], after[real], atol=1e-3)
+    torch.testing.assert_close(after[real], fresh(**inputs).last_hidden_state[real],
+                               atol=2e-5, rtol=1e-4)
