@@ -1,4 +1,6 @@
-"""``patch_hf``: run an existing transformers ALBERT model on albert_kernels, in place.
+"""``patch_hf``: run an existing transformers ALBERT model on albert_kernels, in place (the BERT
+family, BERT, RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT, is patched the same way by
+``hf_family.py``; ``patch_hf`` takes both).
 
 Every transformers ``AlbertTransformer`` (the shared-layer encoder inside each ALBERT class) keeps
 its identity and every submodule object: only its class is switched to
