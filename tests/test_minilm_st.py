@@ -85,3 +85,48 @@ def test_st_bench_groundwork(minilm_path, cpu_backend):   # noqa: F811
     assert all(r.median_s > 0 and r.repeats >= 1 for r in rows)
     table = st_bench.format_rows(rows)
     assert st_bench.OURS in table and "min cos" in table
+
+
+_PATCHED: dict = {}
+
+
+@pytest.mark.parametrize("case", ["single", "ragged32"])
+def test_patch_hf_sentence_transformer(minilm_path, cpu_backend, case, monkeypatch):   # noqa: F811
+    """``ak.patch_hf(st_model)`` patches the BertModel inside a SentenceTransformer: its encoder
+    runs padding-free on the core (every layer, counted), and ``encode`` gives the unpatched
+    embeddings within the float32 error budget, one sentence at a time and a ragged batch of 32."""
+    from albert_kernels.model import core
+    from albert_kernels.model.hf_family import PatchedFamilyEncoderMixin
+    from sentence_transformers import SentenceTransformer
+    if cpu_backend not in _PATCHED:
+        base = SentenceTransformer(str(minilm_path), device="cpu")
+        gold = copy.deepcopy(base).double()
+        ours = ak.patch_hf(copy.deepcopy(base), backend=cpu_backend)
+        _PATCHED[cpu_backend] = base, ours, gold
+    base, ours, gold = _PATCHED[cpu_backend]
+    assert isinstance(ours[0].auto_model.encoder, PatchedFamilyEncoderMixin)
+    assert not isinstance(base[0].auto_model.encoder, PatchedFamilyEncoderMixin)
+    layers = {"n": 0}
+    original = core.run_layer
+
+    def counting(*args, **kwargs):
+        layers["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core, "run_layer", counting)
+    if case == "single":
+        sentences, batch_size = [SENTENCES[0], SENTENCES[6], SENTENCES[24]], 1
+    else:
+        sentences, batch_size = SENTENCES, 32
+    want = _encode(base, sentences, batch_size)
+    assert layers["n"] == 0
+    got = _encode(ours, sentences, batch_size)
+    exact = _encode(gold, sentences, batch_size)
+    assert layers["n"] == 6 * (len(sentences) // batch_size), "every layer ran on the core"
+    assert got.shape == want.shape == (len(sentences), 384)
+    result = check_budget(got, want, exact)
+    assert result.ok, f"embeddings: {result}"
+    cosine = torch.nn.functional.cosine_similarity(got.double(), exact, dim=-1).min().item()
+    cosine_base = torch.nn.functional.cosine_similarity(want.double(), exact, dim=-1).min().item()
+    assert cosine >= 1 - 2 * (1 - cosine_base) - 1e-6, (cosine, cosine_base)
+    assert (got - want).abs().max().item() <= 1e-4

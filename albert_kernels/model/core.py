@@ -110,12 +110,15 @@ def linear(module: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
 class LayerParts:
     """One encoder layer (post-LN, as ALBERT and BERT):
     ``a = norm1(h + dropout(dense(attention(query(h), key(h), value(h)))))``,
-    ``out = norm2(a + ffn_out(gelu(ffn_in(a))))``.
+    ``out = norm2(a + ffn_dropout(ffn_out(act(ffn_in(a)))))``.
 
     The modules are the model's own; ``plain`` holds :func:`is_plain` of each, by field name,
     taken when the parts are extracted (once per forward). ``attention_module``: the attention
     submodule to call as a module instead of running the attention block here (it has hooks), or
-    None. ``training``: the layer's mode (dropout)."""
+    None. ``training``: the layer's mode (attention dropout). ``act``: GELU of the form
+    ``approximate`` when ``activation`` is None, else ``activation`` (a module) is called.
+    ``ffn_dropout``: a dropout module applied to the FFN's output before the residual add (BERT
+    has one, ALBERT not), or None."""
     query: nn.Module
     key: nn.Module
     value: nn.Module
@@ -133,6 +136,8 @@ class LayerParts:
     training: bool
     plain: dict
     attention_module: Optional[nn.Module] = None
+    activation: Optional[nn.Module] = None
+    ffn_dropout: Optional[nn.Module] = None
 
     @classmethod
     def make(cls, **fields) -> "LayerParts":
@@ -141,7 +146,8 @@ class LayerParts:
         return cls(plain=plain, **fields)
 
     def all_plain(self) -> bool:
-        return self.attention_module is None and all(self.plain.values())
+        return (self.attention_module is None and self.activation is None
+                and self.ffn_dropout is None and all(self.plain.values()))
 
 
 def add_norm(norm: nn.Module, plain: bool, x: torch.Tensor, residual: torch.Tensor,
@@ -170,10 +176,13 @@ def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
 
 
 def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
-    """``norm2(a + ffn_out(gelu(ffn_in(a))))``: one fused kernel when both products are plain,
-    the fused product + GELU when only ``ffn_in`` is, else the calls."""
+    """``norm2(a + ffn_dropout(ffn_out(act(ffn_in(a)))))``: one fused kernel when both products
+    are plain and the activation is GELU, the fused product + GELU when only ``ffn_in`` is, else
+    the calls (an ``activation`` module is always called)."""
     pl, kernels = p.plain, plan.kernels
-    if pl["ffn_in"] and pl["ffn_out"]:
+    if p.activation is not None:
+        f = linear(p.ffn_out, p.activation(linear(p.ffn_in, a, pl["ffn_in"])), pl["ffn_out"])
+    elif pl["ffn_in"] and pl["ffn_out"]:
         f = kernels.gelu_ffn(a, p.ffn_in.weight, p.ffn_in.bias, p.ffn_out.weight, p.ffn_out.bias,
                              p.approximate)
     else:
@@ -182,6 +191,8 @@ def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
         else:
             x = F.gelu(p.ffn_in(a), approximate=p.approximate)
         f = linear(p.ffn_out, x, pl["ffn_out"])
+    if p.ffn_dropout is not None:
+        f = p.ffn_dropout(f)
     return add_norm(p.norm2, pl["norm2"], f, a, kernels)
 
 

@@ -1,4 +1,6 @@
-"""``patch_hf``: run an existing transformers ALBERT model on albert_kernels, in place.
+"""``patch_hf``: run an existing transformers ALBERT model on albert_kernels, in place (the BERT
+family, BERT, RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT, is patched the same way by
+``hf_family.py``; ``patch_hf`` takes both).
 
 Every transformers ``AlbertTransformer`` (the shared-layer encoder inside each ALBERT class) keeps
 its identity and every submodule object: only its class is switched to
@@ -131,31 +133,50 @@ def _albert_models(model: torch.nn.Module) -> list:
 
 
 def patch_hf(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.Module:
-    """In place: every transformers ALBERT encoder in `model` runs on albert_kernels.
+    """In place: every transformers ALBERT, BERT, RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT
+    encoder in `model` runs on albert_kernels.
 
-    model: any transformers ALBERT class (AlbertModel, ...ForPreTraining, ...ForMaskedLM,
-    ...ForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering,
-    ...ForMultipleChoice), or a module holding one (a PEFT ``PeftModel``). Calling it again on a
-    patched model switches the backend. Returns model. The encoders keep their submodules (see
-    the module docstring). The backend is checked now for the parameters' device and dtype and
-    the model's head dim, as ``AlbertModel`` checks it: BackendUnavailable for an unknown name,
-    TypeError / ValueError for a dtype or head dim it does not support; one that cannot run on
-    the parameters' device (``backend="cuda"`` before ``.cuda()``) raises BackendUnavailable at
-    the first forward. TypeError if `model` holds no transformers ALBERT model.
+    model: any transformers model class of these families used as an encoder (``AlbertModel``,
+    ``BertModel``, ...ForPreTraining, ...ForMaskedLM, ...ForSequenceClassification,
+    ...ForTokenClassification, ...ForQuestionAnswering, ...ForMultipleChoice,
+    ``BertForNextSentencePrediction``, ``ElectraForPreTraining``, ...), or a module holding such
+    models (a PEFT ``PeftModel``, a sentence-transformers ``SentenceTransformer``): every one
+    inside is patched. Calling it again on a patched model switches the backend. Returns model.
+    The encoders keep their submodules (see the module docstring and ``hf_family.py``). The
+    backend is checked now for the parameters' device and dtype and the model's head dim:
+    BackendUnavailable for an unknown name, TypeError / ValueError for a dtype or head dim it
+    does not support; one that cannot run on the parameters' device (``backend="cuda"`` before
+    ``.cuda()``) raises BackendUnavailable at the first forward.
+
+    A BERT-family model configured as a decoder (``is_decoder``, ``add_cross_attention``) or with
+    a ``position_embedding_type`` other than ``"absolute"`` is left unpatched with a UserWarning
+    (it keeps running transformers' own code); ValueError if that leaves nothing patched.
+    TypeError if `model` holds none of these models.
     """
     from transformers.models.albert import modeling_albert as hf
+    from . import hf_family
     albert_models = _albert_models(model)
-    if not albert_models:
-        raise TypeError(f"patch_hf expects a transformers ALBERT model, got {type(model).__name__}")
+    family = hf_family.family_models(model)
+    if not albert_models and not family:
+        raise TypeError("patch_hf expects a transformers ALBERT, BERT, RoBERTa, XLM-RoBERTa, "
+                        "ELECTRA or DistilBERT model (or a module holding one: a PEFT model, a "
+                        f"SentenceTransformer), got {type(model).__name__}")
     find_transformers_collector()  # now, not inside a forward torch.compile may trace
-    patched = _patched_class()
-    for albert in albert_models:
-        config = AlbertConfig.from_hf(albert.config)
-        for module in albert.modules():
-            if isinstance(module, patched):
-                module._use_backend(backend)
-            elif type(module) is hf.AlbertTransformer and "forward" not in module.__dict__:
-                module.__class__ = patched
-                module._ak_config = config
-                module._use_backend(backend)
+    if albert_models:
+        patched = _patched_class()
+        for albert in albert_models:
+            config = AlbertConfig.from_hf(albert.config)
+            for module in albert.modules():
+                if isinstance(module, patched):
+                    module._use_backend(backend)
+                elif type(module) is hf.AlbertTransformer and "forward" not in module.__dict__:
+                    module.__class__ = patched
+                    module._ak_config = config
+                    module._use_backend(backend)
+    if family:
+        count, skipped = hf_family.patch_family(model, backend)
+        if not albert_models and count == 0:
+            raise ValueError("patch_hf: nothing to patch in " + type(model).__name__ + ": " +
+                             "; ".join(f"{name}: {why}" for name, why in skipped) +
+                             " (those run transformers' own code; use them unpatched)")
     return model
