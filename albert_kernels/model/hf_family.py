@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from . import core
-from .layers import ResolvesKernels, pack_tokens
-from .layout import mask_layout
-from .outputs import Recorder, transformers_collector, warn_not_fused
+from .hf_patch import padding_free_call
+from .layers import ResolvesKernels
 
 
 @dataclass(frozen=True)
@@ -218,30 +217,13 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
         steps = None if self._needs_transformers(args, kwargs) else self._core_steps()
         if steps is None:
             return self._hf_class.forward(self, hidden_states, attention_mask, *args, **kwargs)
-        output_attentions = kwargs.get("output_attentions", False)
-        output_hidden_states = kwargs.get("output_hidden_states", False)
-        recorder = Recorder.from_collector(transformers_collector())
-        legacy = recorder is None and (output_attentions or output_hidden_states)
-        if legacy:  # transformers 4: the encoder returns the tuples
-            recorder = Recorder([] if output_hidden_states else None,
-                                [] if output_attentions else None)
-        probs = recorder.attentions if recorder is not None else None
-        if probs is not None:
-            warn_not_fused("patch_hf")
-        batch, seqlen, _ = hidden_states.shape
-        layout = mask_layout(attention_mask, batch, seqlen, kwargs.get("position_ids"))
         kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
-        tokens, plan, unpack = pack_tokens(hidden_states, layout, torch.compiler.is_compiling(),
-                                           kernels, probs)
-        h = tokens
-        if recorder is not None:
-            recorder.unpack = unpack
-            h = recorder.hidden(h)
-        out = unpack(core.run_layers(steps, h, plan, recorder))
-        extra = {}
-        if legacy:
-            extra = {k: tuple(v) for k, v in (("hidden_states", recorder.hidden_states),
-                                              ("attentions", recorder.attentions)) if v is not None}
+
+        def run(tokens, plan, recorder):
+            h = tokens if recorder is None else recorder.hidden(tokens)
+            return core.run_layers(steps, h, plan, recorder)
+
+        out, extra = padding_free_call(hidden_states, attention_mask, kwargs, kernels, run)
         if kwargs.get("return_dict", True) is False:
             return (out,) + tuple(extra.values())
         return self._output_type(last_hidden_state=out, **extra)

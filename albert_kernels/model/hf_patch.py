@@ -22,7 +22,7 @@ exactly as in transformers, as often and with its arguments, at transformers' sp
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -31,6 +31,43 @@ from .config import AlbertConfig
 from .layers import CoreEncoder, ResolvesKernels, pack_tokens
 from .layout import mask_layout
 from .outputs import Recorder, find_transformers_collector, transformers_collector, warn_not_fused
+
+
+def padding_free_call(hidden_states: torch.Tensor, attention_mask, kwargs: dict, kernels,
+                      run: Callable, per_group: bool = False) -> tuple:
+    """The body of a patched transformers encoder's forward, for every family: lay the batch out
+    padding-free once (``layout.mask_layout``, ``layers.pack_tokens``), run the layers, pad once.
+
+    hidden_states [B, L, hidden]; attention_mask and ``kwargs`` (``position_ids``,
+    ``output_attentions``, ``output_hidden_states``) as transformers passes them to its encoder;
+    kernels: the resolved backend; run(tokens [N, hidden], plan, recorder) -> tokens [N, hidden]
+    (recorder None unless hidden states or attentions are asked for). Hidden states and attention
+    probabilities go where transformers expects them: the collector of its ``capture_outputs``
+    (5.x), or, for 4.x's flags, the returned ``extra`` tuples (one hidden state per layer group
+    with `per_group`, ALBERT's convention). Under torch.compile the padded grid is used (static
+    shapes). Returns (last_hidden_state [B, L, hidden], extra: dict)."""
+    output_attentions = kwargs.get("output_attentions", False)
+    output_hidden_states = kwargs.get("output_hidden_states", False)
+    recorder = Recorder.from_collector(transformers_collector())
+    legacy = recorder is None and (output_attentions or output_hidden_states)
+    if legacy:  # transformers 4: the encoder returns the tuples
+        recorder = Recorder([] if output_hidden_states else None,
+                            [] if output_attentions else None, per_group=per_group)
+    probs = recorder.attentions if recorder is not None else None
+    if probs is not None:
+        warn_not_fused("patch_hf")
+    batch, seqlen, _ = hidden_states.shape
+    layout = mask_layout(attention_mask, batch, seqlen, kwargs.get("position_ids"))
+    tokens, plan, unpack = pack_tokens(hidden_states, layout, torch.compiler.is_compiling(),
+                                       kernels, probs)
+    if recorder is not None:
+        recorder.unpack = unpack
+    out = unpack(run(tokens, plan, recorder))
+    extra = {}
+    if legacy:
+        extra = {k: tuple(v) for k, v in (("hidden_states", recorder.hidden_states),
+                                          ("attentions", recorder.attentions)) if v is not None}
+    return out, extra
 
 
 class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
@@ -71,30 +108,12 @@ class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
         steps = None if self._hooked() else self._core_steps(call_hooked=False)
         if steps is None:
             return self._hf_class.forward(self, hidden_states, attention_mask, **kwargs)
-        output_attentions = kwargs.get("output_attentions", False)
-        output_hidden_states = kwargs.get("output_hidden_states", False)
         return_dict = kwargs.get("return_dict", True)
-        recorder = Recorder.from_collector(transformers_collector())
-        legacy = recorder is None and (output_attentions or output_hidden_states)
-        if legacy:  # transformers 4: the encoder returns the tuples, one hidden state per group
-            recorder = Recorder([] if output_hidden_states else None,
-                                [] if output_attentions else None, per_group=True)
-        probs = recorder.attentions if recorder is not None else None
-        if probs is not None:
-            warn_not_fused("patch_hf")
-        batch, seqlen, _ = hidden_states.shape
-        layout = mask_layout(attention_mask, batch, seqlen, kwargs.get("position_ids"))
         kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
-        # Under torch.compile: the padded grid, static shapes for one graph.
-        tokens, plan, unpack = pack_tokens(hidden_states, layout, torch.compiler.is_compiling(),
-                                           kernels, probs)
-        if recorder is not None:
-            recorder.unpack = unpack
-        out = unpack(self._run_core(tokens, plan, steps, recorder))
-        extra = {}
-        if legacy:
-            extra = {k: tuple(v) for k, v in (("hidden_states", recorder.hidden_states),
-                                              ("attentions", recorder.attentions)) if v is not None}
+        out, extra = padding_free_call(
+            hidden_states, attention_mask, kwargs, kernels,
+            lambda tokens, plan, recorder: self._run_core(tokens, plan, steps, recorder),
+            per_group=True)
         if return_dict:
             return self._output_type(last_hidden_state=out, **extra)
         return (out,) + tuple(extra.values())
