@@ -241,6 +241,13 @@ def run_layers(steps: Sequence[Step], h: torch.Tensor, plan, recorder=None,
 
 
 # ------------------------------------------------------------------------------------ ALBERT
+def attention_scale(att: nn.Module) -> float:
+    """The softmax scale of an attention module: its ``scaling`` (transformers 5, ours), else
+    ``attention_head_size ** -0.5`` (transformers 4 divides the scores by sqrt(head size))."""
+    scaling = getattr(att, "scaling", None)
+    return float(scaling) if scaling is not None else att.attention_head_size ** -0.5
+
+
 def albert_layer_parts(layer: nn.Module, approximate: str,
                        attention_type: Optional[type] = None) -> LayerParts:
     """The parts of an ALBERT layer, ours (``layers.AlbertLayer``) or transformers'
@@ -254,7 +261,8 @@ def albert_layer_parts(layer: nn.Module, approximate: str,
         ffn_in=layer.ffn, ffn_out=layer.ffn_output, norm2=layer.full_layer_layer_norm,
         output_dropout=(att.output_dropout if att.training or has_hooks(att.output_dropout)
                         else None),
-        num_heads=att.num_attention_heads, head_dim=att.attention_head_size, scale=att.scaling,
+        num_heads=att.num_attention_heads, head_dim=att.attention_head_size,
+        scale=attention_scale(att),
         attention_dropout_p=att.attention_dropout.p, approximate=approximate,
         training=layer.training, attention_module=call)
 

@@ -109,7 +109,8 @@ def bert_layer_parts(layer, classes: dict) -> Optional[core.LayerParts]:
         query=sa.query, key=sa.key, value=sa.value, dense=so.dense, norm1=so.LayerNorm,
         ffn_in=inter.dense, ffn_out=out.dense, norm2=out.LayerNorm,
         output_dropout=_dropout_if_active(so.dropout), ffn_dropout=_dropout_if_active(out.dropout),
-        num_heads=sa.num_attention_heads, head_dim=sa.attention_head_size, scale=sa.scaling,
+        num_heads=sa.num_attention_heads, head_dim=sa.attention_head_size,
+        scale=core.attention_scale(sa),
         attention_dropout_p=sa.dropout.p, approximate=approximate, activation=activation,
         training=sa.training)
 
@@ -127,7 +128,8 @@ def distilbert_layer_parts(layer, classes: dict) -> Optional[core.LayerParts]:
         norm1=layer.sa_layer_norm, ffn_in=ffn.lin1, ffn_out=ffn.lin2,
         norm2=layer.output_layer_norm, output_dropout=None,
         ffn_dropout=_dropout_if_active(ffn.dropout), num_heads=att.n_heads,
-        head_dim=att.attention_head_size, scale=att.scaling, attention_dropout_p=att.dropout.p,
+        head_dim=att.attention_head_size, scale=core.attention_scale(att),
+        attention_dropout_p=att.dropout.p,
         approximate=approximate, activation=activation, training=att.training)
 
 
