@@ -26,7 +26,9 @@
 //   pack_linear_weight / packed_linear / packed_albert_layer: the small-M inference path, CPU
 //     float32 only, no autograd (csrc/cpu/small_m.cpp has the packed layout): weight [S*N, K]
 //     -> packed [S * ceil(N / R), K, R], R = packed_panel_width() (the register tile's width for
-//     the build's vector ISA: 24 with AVX2, 48 with AVX-512); packed_linear(x [M, K]) -> [M, N]
+//     the build's vector ISA: 24 with AVX2, 48 with AVX-512; a property of the build with no
+//     tensor to dispatch on, so small_m.cpp declares it beside its kernel);
+//     packed_linear(x [M, K]) -> [M, N]
 //     ([S, M, N] for S > 1 segments), bias and GELU (gelu_approximate "tanh" / "none"; None: no
 //     activation) in the epilogue;
 //     packed_albert_layer(hidden_states [M, H], cu_seqlens int32 [B+1], ...) -> [M, H], one whole
@@ -37,8 +39,6 @@
 //     max_seqlen_k); forward and backward get the same (seed, offset) and regenerate the mask.
 //     dropout_p == 0: seed and offset are ignored.
 #include <torch/library.h>
-
-#include "cpu/ops.h"
 
 TORCH_LIBRARY(albert_kernels, m) {
   m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps)"
@@ -68,7 +68,6 @@ TORCH_LIBRARY(albert_kernels, m) {
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, float dropout_p, int seed, int offset)"
         " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def("packed_panel_width() -> int", &albert_kernels::cpu::packed_panel_width);
   m.def("pack_linear_weight(Tensor weight, int segments=1) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed_weight, int out_features, Tensor? bias=None,"
         " str? gelu_approximate=None, int segments=1) -> Tensor");

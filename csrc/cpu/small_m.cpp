@@ -382,6 +382,12 @@ at::Tensor packed_albert_layer(
 
 int64_t packed_panel_width() { return kNR; }
 
+// No tensor argument to dispatch on: the op is declared with its one kernel here, not in
+// registration.cpp, which declares the schemas of the dispatched ops only.
+TORCH_LIBRARY_FRAGMENT(albert_kernels, m) {
+  m.def("packed_panel_width() -> int", &packed_panel_width);
+}
+
 TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("packed_linear", &packed_linear);
