@@ -1,5 +1,5 @@
 """Small-M fp32 matrix products on the CPU: which library path serves one short request best
-(issue 16, point 1; the measurement behind albert_kernels/backends/cpp/frozen.py).
+(the measurement behind albert_kernels/backends/cpp/frozen.py and backends/cpp/isa.py).
 
     python benchmarks/small_m_gemm.py [--min-time 0.5] [--tokens 1 8 32 128] [--loop-only]
                                       [--threads N] [--paths NAME ...] [--no-loop] [--json FILE]

@@ -17,7 +17,7 @@ row with its error), add+LayerNorm against a copy of the same bytes, linear_gelu
 alone, and the model forward and training step against transformers sdpa. Groups are skipped
 when the deadline is near.
 
-latency (issue 16, docs/performance.md "GPU latency"): one short request, ALBERT-base, batch 1,
+latency (docs/performance.md "GPU latency"): one short request, ALBERT-base, batch 1,
 L = 8, 32, 128, fp16 and fp32, random weights, no padding, under torch.inference_mode: ours
 eager, ours with CUDA graphs (enable_cuda_graphs), transformers sdpa (the baseline) and, in a
 second pass when the deadline leaves COMPILE_RESERVE_S, torch.compile(transformers,
