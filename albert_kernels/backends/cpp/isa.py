@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from ..extension.build import _ISA_NEEDS, _cpu_flags
+
 ENV_VAR = "ALBERT_KERNELS_CPU_GEMM"
 CHOICES = ("small_m", "library")
 ISAS = ("avx512", "avx2", "default")  # the fp32 vector tiers, fastest first
@@ -50,8 +52,8 @@ SMALL_M_MIN_TOKENS = 1
 # /proc/cpuinfo flags each feature needs. "avx512" is the set the extension's AVX-512 build
 # needs (backends/extension/build.py), so the table's ISA is the kernel that was compiled.
 _FLAGS = {
-    "avx2": {"avx2", "fma", "f16c"},
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+    "avx2": _ISA_NEEDS["AVX2"],
+    "avx512": _ISA_NEEDS["AVX512"],
     "avx512_bf16": {"avx512_bf16"},
     "amx": {"amx_tile", "amx_bf16"},
 }
@@ -83,15 +85,10 @@ class CpuIsa:
         return tuple(n for n in ("avx2", "avx512", "avx512_bf16", "amx") if getattr(self, n))
 
 
-def _cpuinfo_flags() -> Optional[set]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags") and ":" in line:
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+def _cpuinfo_flags() -> Optional[frozenset]:
+    """/proc/cpuinfo's flags as the build reads them (``build._cpu_flags``, read once per
+    process), or None where there are none to read."""
+    return _cpu_flags() or None
 
 
 def _torch_probe(name: str) -> Optional[bool]:

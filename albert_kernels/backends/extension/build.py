@@ -23,6 +23,7 @@ of the cache key, so a cache shared between machines never hands one CPU another
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import hashlib
 import os
@@ -69,13 +70,16 @@ def sources(with_cuda: bool) -> list[Path]:
     return files
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once per
+    process: the kernel choice asks on every frozen forward."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
+    return frozenset(match.group(1).split()) if match else frozenset()
 
 
 # The vector ISAs the CPU kernels are built for (ATen's CPU_CAPABILITY names): the flags, and the
