@@ -2,12 +2,11 @@
 import pytest
 
 from albert_kernels.tools.workloads import (add_layer_norm_workloads, attention_workloads,
-                                            bias_gelu_workloads, linear_gelu_workloads)
+                                            linear_gelu_workloads)
 from conftest import DEVICE, DTYPE, workload_id
 
 WORKLOADS = (add_layer_norm_workloads(1024, 768, DTYPE, DEVICE)
              + linear_gelu_workloads(1024, 768, 3072, DTYPE, DEVICE)
-             + bias_gelu_workloads(1024, 3072, DTYPE, DEVICE)
              + attention_workloads(8, 12, 128, 64, "realistic", DTYPE, DEVICE)
              + attention_workloads(8, 12, 128, 64, "none", DTYPE, DEVICE))
 

@@ -8,8 +8,6 @@
 //   x, residual, grad_out of add_layer_norm: [M, N] row-major; mean, rstd: float32 [M].
 //   linear_gelu / gelu_ffn: x [M, K], weights [N, K] (nn.Linear layout); `pre` is the saved
 //     pre-activation x @ W1^T + b1, [M, I], in the input dtype.
-//   bias_gelu: gelu(x + bias), x [M, N]: linear_gelu's epilogue on its own (inference, CPU
-//     only, not differentiable): benchmarks measure its bandwidth against a copy.
 //   attention: q, k, v, out [B, H, L, D] contiguous; key_padding_mask bool [B, L] or None;
 //     lse float32 [B, H, L] (natural log-sum-exp of the scaled scores; -inf for a row with no key);
 //     on CUDA [2, B, H, L]: the row max of the scaled scores and log2 of the row sum kept apart
@@ -54,7 +52,6 @@ TORCH_LIBRARY(albert_kernels, m) {
   m.def("gelu_ffn_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor pre,"
         " str approximate) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2,"
         " Tensor grad_b2)");
-  m.def("bias_gelu(Tensor x, Tensor bias, str approximate) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale,"
         " float dropout_p, int seed, int offset, bool save_residual=False)"
         " -> (Tensor out, Tensor lse)");

@@ -110,12 +110,12 @@ def model_check(backend: str, dtype_name: str, transformers, device: str = "cuda
         cand = ours(batch[0], batch[1]).last_hidden_state[real]
         rows.append(("forward last_hidden_state (real tokens)", "hidden",
                      check_budget(cand, base, gold, dtype)))
-        # the same forward as CUDA graphs (model/cuda_graphs.py): captured, then replayed; on
+        # the same forward as CUDA graphs (backends/cuda_graphs.py): captured, then replayed; on
         # the CPU (the test of this comparison) the same bucketed inputs run eagerly
         if torch.device(device).type == "cuda":
             ours.enable_cuda_graphs(max_tokens=512)
         else:
-            from albert_kernels.model.cuda_graphs import CudaGraphRunner
+            from albert_kernels.backends.cuda_graphs import CudaGraphRunner
             ours.cuda_graphs = CudaGraphRunner(max_tokens=512, capture=False)
         for _ in range(2):
             cand = ours(batch[0], batch[1]).last_hidden_state[real]

@@ -146,6 +146,97 @@ def test_lora_forward_and_gradients(order, backend):
     _close(_logits(merged), _logits(ref))
 
 
+def _count_merges(monkeypatch):
+    from albert_kernels.model import core
+    made = []
+    init = core.Merged.__init__
+
+    def counting(self, base, adapters):
+        made.append(len(adapters))
+        init(self, base, adapters)
+    monkeypatch.setattr(core.Merged, "__init__", counting)
+    return made
+
+
+@pytest.mark.parametrize("adapters", ["one", "two active"])
+def test_lora_merged_weights_without_autograd(adapters, backend, monkeypatch):
+    """A plain LoRA wrapper in a call without autograd runs on its base weight with the
+    adapters added (core.Merged: the fused FFN, F.linear for query/value), made once per
+    forward for the shared layer and made anew after a weight write; with autograd the
+    wrappers are called. Values against transformers + PEFT unpatched."""
+    peft = pytest.importorskip("peft")
+    base = _hf()
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora_config())
+    if adapters == "two active":
+        ref.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                                                 target_modules=["ffn", "value"]))
+        ref.base_model.set_adapter(["default", "other"])
+        ref.eval()
+    ours = ak.patch_hf(copy.deepcopy(ref), backend=backend)
+    made = _count_merges(monkeypatch)
+    _close(_logits(ours), _logits(ref))
+    # query, value, ffn, ffn_output: adapters merged into each
+    per_forward = [1, 2, 2, 1] if adapters == "two active" else [1, 1, 1, 1]
+    assert sorted(made) == sorted(per_forward), made  # 4 wrappers, once for 3 applications
+    with torch.inference_mode():
+        _close(_logits(ours), _logits(ref))
+    assert len(made) == 8
+    _close(_logits(ours, grad=True), _logits(ref, grad=True))
+    assert len(made) == 8, "merged while autograd records"
+    for model in (ref, ours):  # a write that torch does not record (.data)
+        layer = model.base_model.model.albert.encoder.albert_layer_groups[0].albert_layers[0]
+        layer.ffn.lora_B["default"].weight.data.mul_(-2.0)
+        layer.attention.value.lora_A["default"].weight.data.add_(0.3)
+    _close(_logits(ours), _logits(ref))
+    assert len(made) == 12
+
+
+def test_lora_adapters_decides_what_may_merge():
+    """core.lora_adapters answers only for wrappers whose call is base + scaling * B A x: not
+    with active dropout, DoRA, merged or disabled adapters, hooks, or a half-precision base;
+    core.Merged is invalid once a tensor it was made from changes in place."""
+    peft = pytest.importorskip("peft")
+    from albert_kernels.model.core import Merged, lora_adapters
+
+    def wrapper(**kw):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["0"],
+                              **kw)
+        return peft.get_peft_model(net, cfg).base_model.model[0]
+
+    lora = wrapper()
+    adapters = lora_adapters(lora)
+    assert len(adapters) == 1 and adapters[0][2] == 2.0
+    x = torch.randn(3, 6)
+    merged = Merged(lora.base_layer, adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.nn.functional.linear(x, merged.weight, merged.bias),
+                                   lora(x), rtol=1e-6, atol=1e-6)
+        assert merged.valid(lora.base_layer, lora_adapters(lora))
+        lora.lora_A["default"].weight.add_(1.0)
+        assert not merged.valid(lora.base_layer, lora_adapters(lora))
+
+    drop = wrapper(lora_dropout=0.1)
+    assert lora_adapters(drop) is None  # training mode: the dropout draws
+    drop.eval()
+    assert lora_adapters(drop) is not None
+    assert lora_adapters(wrapper(use_dora=True)) is None
+    lora.merge()
+    assert lora_adapters(lora) is None
+    lora.unmerge()
+    lora.enable_adapters(False)
+    assert lora_adapters(lora) is None
+    lora.enable_adapters(True)
+    assert lora_adapters(lora) is not None
+    handle = lora.lora_B["default"].register_forward_hook(lambda *a: None)
+    assert lora_adapters(lora) is None
+    handle.remove()
+    lora.half()
+    assert lora_adapters(lora) is None
+    assert lora_adapters(torch.nn.Linear(3, 3)) is None
+
+
 # -------------------------------------------------------------------------------------- hooks
 HOOKED = ["albert.encoder.albert_layer_groups.0.albert_layers.0",
           "albert.encoder.albert_layer_groups.0.albert_layers.0.attention",

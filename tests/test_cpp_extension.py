@@ -157,7 +157,6 @@ def _op_samples():
         ("varlen_attention_fwd", (qv, kv, vv, cu, cu, 7, 7, 0.2, 0.0, 0, 0, True)),
         ("varlen_attention_bwd", (f(10, 3, 32), *d(qv, kv, vv), vout, vlse, cu, cu, 7, 7, 0.2,
                                   *drop)),
-        ("bias_gelu", (f(6, 24), f(24), "tanh")),  # inference only: no grad inputs
         # the small-M inference ops (no autograd): hidden 48 (4 heads), FFN 40 (a partial panel)
         ("packed_panel_width", ()),
         ("pack_linear_weight", (f(3 * 48, 48), 3)),
@@ -181,22 +180,38 @@ def test_opcheck_every_op(ops):
         torch.library.opcheck(getattr(torch.ops.albert_kernels, name).default, args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_bias_gelu_epilogue(ops, dtype, approximate):
-    """linear_gelu's epilogue on its own (what the benchmark times against a copy): gelu(x + b),
-    odd N (vector tails), large |x| (the exp is clamped; no inf * 0), within the GELU budget."""
+def test_linear_gelu_epilogue(ops, dtype, approximate):
+    """linear_gelu's epilogue (bias + GELU after the bias-free GEMM, the pre-activation written
+    over the GEMM's output): with an identity weight the GEMM is exact, so `pre` must be x + b
+    and `out` gelu(x + b) within the GELU budget, for odd N (vector tails) and large |x| (the
+    exp is clamped; no inf * 0); with a random weight, against float64."""
     from albert_kernels.tools.budget import check_budget
-    torch.manual_seed(0)
-    x = (torch.randn(37, 75, dtype=torch.float64) * 8).to(dtype)
-    x[0, :4] = torch.tensor([-200.0, -60.0, 60.0, 200.0], dtype=dtype)
-    b = torch.randn(75, dtype=torch.float64).to(dtype)
     gelu = torch.nn.functional.gelu
-    out = torch.ops.albert_kernels.bias_gelu(x, b, approximate)
+    torch.manual_seed(0)
+    n = 75
+    x = (torch.randn(37, n, dtype=torch.float64) * 8).to(dtype)
+    big = 60.0 if dtype == torch.float16 else 200.0  # fp16's largest is 65504
+    x[0, :4] = torch.tensor([-big, -60.0, 60.0, big], dtype=dtype)
+    b = torch.randn(n, dtype=torch.float64).to(dtype)
+    eye = torch.eye(n, dtype=dtype)
+    out, pre = torch.ops.albert_kernels.linear_gelu_fwd(x, eye, b, approximate)
     assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(pre, x + b, rtol=0, atol=0)
     result = check_budget(out, gelu(x + b, approximate=approximate),
                           gelu(x.double() + b.double(), approximate=approximate))
-    assert result.ok, f"bias_gelu {approximate} {dtype}: {result}"
+    assert result.ok, f"linear_gelu epilogue {approximate} {dtype}: {result}"
+    w = (torch.randn(n, 48, dtype=torch.float64) / 7).to(dtype)
+    h = torch.randn(37, 48, dtype=torch.float64).to(dtype)
+    out, pre = torch.ops.albert_kernels.linear_gelu_fwd(h, w, b, approximate)
+    gold_pre = torch.nn.functional.linear(h.double(), w.double(), b.double())
+    base_pre = torch.nn.functional.linear(h.float(), w.float(), b.float()).to(dtype)
+    result = check_budget(pre, base_pre, gold_pre)
+    assert result.ok, f"linear_gelu pre-activation {approximate} {dtype}: {result}"
+    result = check_budget(out, gelu(base_pre.float(), approximate=approximate).to(dtype),
+                          gelu(gold_pre, approximate=approximate))
+    assert result.ok, f"linear_gelu {approximate} {dtype}: {result}"
 
 
 def _all_ops(x, r, w, b, w1, b1, w2, b2, q, k, v, mask, qv, kv, vv, cu):

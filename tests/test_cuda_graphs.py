@@ -1,4 +1,4 @@
-"""CUDA graphs for the padding-free encoder (albert_kernels/model/cuda_graphs.py).
+"""CUDA graphs for the padding-free encoder (albert_kernels/backends/cuda_graphs.py).
 
 Everything but the capture is device-independent and proven here on the CPU backends: the
 bucket ladder, the dummy tokens and sequences, the padded cu_seqlens and max_seqlen, the
@@ -9,15 +9,17 @@ max_seqlen above the longest are accepted) is checked on every CPU backend. The 
 runs only on a GPU (skipped here); the CUDA-only parts raise clear errors on the CPU.
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import albert_kernels as ak
 from albert_kernels.backends import available_backends, unavailable_reason
-from albert_kernels.model.cuda_graphs import (CudaGraphRunner, bucket_tokens,
-                                              choose_bucket, fill_bucketed_inputs)
-from albert_kernels.backends.dispatch import resolve
+from albert_kernels.backends.cuda_graphs import (CudaGraphRunner, bucket_tokens, choose_bucket,
+                                                 fill_bucketed_inputs, graph_encoder)
+from albert_kernels.backends.dispatch import Kernels, resolve
+from albert_kernels.errors import BackendUnavailable
 from albert_kernels.model.layers import AttentionPlan
 
 CPU_BACKENDS = [b for b in ("cpp", "reference") if b in available_backends("cpu")]
@@ -257,6 +259,38 @@ def test_errors_on_the_cpu_and_in_training(backend):
         model(ids, mask)
     model.disable_cuda_graphs()
     assert model.cuda_graphs is None
+
+
+class _OnCuda:
+    """What the CUDA-graph checks read of a model (mode and parameters), its parameter claiming
+    a CUDA device, so that the backend check is reached on a machine without one."""
+    training = False
+
+    def parameters(self):
+        yield SimpleNamespace(device=torch.device("cuda", 0), requires_grad=False)
+
+
+def test_graph_encoder_capability():
+    """Kernels.graph_encoder: the backends that export graph_encoder give a capturing runner;
+    the others raise BackendUnavailable naming the backends that have one; max_tokens, the
+    mode and the device are checked first, in that order (the errors of enable_cuda_graphs)."""
+    capable = Kernels("fake", SimpleNamespace(graph_encoder=graph_encoder))
+    runner = capable.graph_encoder(_OnCuda(), 64)
+    assert isinstance(runner, CudaGraphRunner) and runner.capture and runner.max_tokens == 64
+    for backend in CPU_BACKENDS:
+        kernels = resolve(backend, "cpu", torch.float32)
+        with pytest.raises(BackendUnavailable,
+                           match=rf"'cuda' or 'triton' backend, got '{backend}'"):
+            kernels.graph_encoder(_OnCuda(), 64)
+        with pytest.raises(ValueError, match="max_tokens"):
+            kernels.graph_encoder(_OnCuda(), 0)
+        training = _OnCuda()
+        training.training = True
+        with pytest.raises(RuntimeError, match="eval"):
+            kernels.graph_encoder(training, 64)
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            kernels.graph_encoder(_model(backend), 64)
+    assert not hasattr(resolve(CPU_BACKENDS[0], "cpu", torch.float32).module, "graph_encoder")
 
 
 def test_runner_copies_without_graphs():

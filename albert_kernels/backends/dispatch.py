@@ -43,6 +43,19 @@ class Kernels:
                                      "(albert_kernels.freeze): the 'cpp' backend has one")
         return freeze(mapping, layers)
 
+    def graph_encoder(self, model, max_tokens: int = 2048):
+        """The backend's CUDA-graph path (an optional capability; the 'cuda' and 'triton'
+        backends have it, see ``backends/cuda_graphs.py``): a ``CudaGraphRunner`` that runs
+        `model`'s (an nn.Module in eval mode with its parameters on a CUDA device, run on these
+        kernels) embeddings and encoder as CUDA graphs, one per bucket of up to `max_tokens`
+        tokens. ValueError for a max_tokens that is not a positive int; RuntimeError for a
+        model in training mode or not on a CUDA device; BackendUnavailable (a RuntimeError)
+        naming the backends that have the path if this one has none."""
+        from .cuda_graphs import check_max_tokens, check_model
+        check_max_tokens(max_tokens)
+        check_model(model, self)
+        return self.module.graph_encoder(max_tokens)
+
 
 def _kernel_method(op: OpSpec):
     name = op.name

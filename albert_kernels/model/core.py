@@ -18,7 +18,11 @@ weights are ordinary tensors that are not on the meta device. Every other submod
 wrapper, a hooked or parametrized module, a module whose weights accelerate's offload hooks load
 on call) is **called** as a module at its place in the layer, and the rest of the layer stays
 fused: e.g. with a LoRA ``ffn`` the layer runs ``ffn(a)``, GELU, then ``ffn_output`` and the fused
-add + LayerNorm.
+add + LayerNorm. One exception, where it provably computes the same: a PEFT LoRA wrapper whose
+call is exactly ``base(x) + scaling * (x @ A^T) @ B^T`` (:func:`lora_adapters`), in an eager call
+that records no autograd graph, runs as a plain product on ``W + scaling * B @ A``
+(:class:`Merged`, made at most once per forward for a shared layer), so the FFN stays one fused
+kernel.
 
 Nothing is cached between calls: every forward reads the parameters as they are then. The packed
 weights of the cpp backend's small-M path are an explicit opt-in (``albert_kernels.freeze``,
@@ -26,7 +30,7 @@ weights of the cpp backend's small-M path are an explicit opt-in (``albert_kerne
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -106,6 +110,89 @@ def linear(module: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias) if plain else module(x)
 
 
+# ------------------------------------------------------------------------------------- LoRA
+_MERGE_DTYPES = (torch.float32, torch.float64)
+
+
+def _bare_linear(module: nn.Module, bias: bool) -> bool:
+    """Exactly an ``nn.Linear`` without hooks whose weight (and bias if `bias`, else none) are
+    plain tensors off the meta device."""
+    if not bare(module, nn.Linear):
+        return False
+    params = module.__dict__["_parameters"]
+    w, b = params.get("weight"), params.get("bias")
+    if w is None or type(w) not in _PLAIN_TENSORS or w.is_meta:
+        return False
+    return (b is not None and type(b) in _PLAIN_TENSORS and not b.is_meta) if bias else b is None
+
+
+def lora_adapters(module: nn.Module) -> Optional[list]:
+    """The adapters calling `module` adds to its base ``nn.Linear``, as ``(A, B, scaling)``
+    (weights [r, in] and [out, r]: ``base(x) + scaling * (x @ A^T) @ B^T`` each), if `module` is
+    a PEFT ``lora.Linear`` whose call computes exactly that and nothing else; else None.
+
+    Exactly PEFT's ``peft.tuners.lora.layer.Linear`` (no subclass: quantized and other
+    variants differ), no hooks on it or its parts, adapters enabled and not merged into the
+    base weight, every active adapter present a vanilla one (no DoRA or other LoRA variant, no
+    bias on ``lora_B``), its dropout an ``nn.Identity`` or an ``nn.Dropout`` that is inactive
+    (eval mode or p = 0), base and adapter weights plain fp32 / fp64 tensors of one dtype."""
+    cls = type(module)
+    if cls.__name__ != "Linear" or cls.__module__ != "peft.tuners.lora.layer":
+        return None
+    if has_hooks(module) or module.disable_adapters or module.merged \
+            or not is_plain(module.base_layer):
+        return None
+    dtype = module.base_layer.weight.dtype
+    if dtype not in _MERGE_DTYPES:
+        return None
+    out = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue  # PEFT skips an active adapter this layer does not have
+        if name in getattr(module, "lora_variant", {}) or \
+                getattr(module, "use_dora", {}).get(name, False):
+            return None
+        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if not (_bare_linear(a, False) and _bare_linear(b, False)):
+            return None
+        if a.weight.dtype != dtype or b.weight.dtype != dtype:
+            return None
+        if has_hooks(drop) or not (type(drop) is nn.Identity or (
+                type(drop) is nn.Dropout and (not drop.training or drop.p == 0))):
+            return None
+        out.append((a.weight, b.weight, float(module.scaling[name])))
+    return out
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+class Merged:
+    """A LoRA wrapper's base weight with its adapters added, ``W + sum(scaling * B @ A)``, for
+    calls that record no autograd graph, computed at most once per forward for a layer applied
+    many times (ALBERT's shared layer) and recomputed when a tensor it was made from changes
+    (another tensor, or a version bump: :meth:`valid`)."""
+
+    __slots__ = ("weight", "bias", "sources")
+
+    def __init__(self, base: nn.Linear, adapters: list) -> None:
+        w = base.weight
+        for a, b, scaling in adapters:
+            w = torch.addmm(w, b, a, alpha=scaling)
+        self.weight, self.bias = w, base.bias
+        self.sources = self._sources(base, adapters)
+
+    @staticmethod
+    def _sources(base: nn.Linear, adapters: list) -> tuple:
+        ts = [base.weight, base.bias] + [t for a, b, _ in adapters for t in (a, b)]
+        return tuple((id(t), t.data_ptr(), _version(t)) for t in ts) + tuple(
+            s for _, _, s in adapters)
+
+    def valid(self, base: nn.Linear, adapters: list) -> bool:
+        return self._sources(base, adapters) == self.sources
+
+
 @dataclass(slots=True)
 class LayerParts:
     """One encoder layer (post-LN, as ALBERT and BERT):
@@ -138,6 +225,7 @@ class LayerParts:
     attention_module: Optional[nn.Module] = None
     activation: Optional[nn.Module] = None
     ffn_dropout: Optional[nn.Module] = None
+    merged: dict = field(default_factory=dict)
 
     @classmethod
     def make(cls, **fields) -> "LayerParts":
@@ -148,6 +236,30 @@ class LayerParts:
     def all_plain(self) -> bool:
         return (self.attention_module is None and self.activation is None
                 and self.ffn_dropout is None and all(self.plain.values()))
+
+    def weights(self, name: str) -> Optional[tuple]:
+        """(weight, bias) of the product `name` ("query", ..., "ffn_out") that a fused kernel
+        may use in place of calling the module: a plain module's own; for a LoRA wrapper
+        (:func:`lora_adapters`) in an eager call that records no autograd graph, its :class:`Merged`
+        weight (kept in ``merged`` for the other applications of this layer in this forward,
+        while valid). None: call the module."""
+        module = getattr(self, name)
+        if self.plain[name]:
+            return module.weight, module.bias
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        adapters = lora_adapters(module)
+        if adapters is None:
+            return None
+        merged = self.merged.get(name)
+        if merged is None or not merged.valid(module.base_layer, adapters):
+            merged = self.merged[name] = Merged(module.base_layer, adapters)
+        return merged.weight, merged.bias
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The product `name` of x: ``F.linear`` on :meth:`weights`, else a call of the module."""
+        w = self.weights(name)
+        return F.linear(x, *w) if w is not None else getattr(self, name)(x)
 
 
 def add_norm(norm: nn.Module, plain: bool, x: torch.Tensor, residual: torch.Tensor,
@@ -163,13 +275,13 @@ def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
     attention (``layers.AttentionPlan``)."""
     pl = p.plain
     heads = lambda t: t.view(t.shape[0], p.num_heads, p.head_dim)
-    q = heads(linear(p.query, h, pl["query"]))
-    k = heads(linear(p.key, h, pl["key"]))
-    v = heads(linear(p.value, h, pl["value"]))
+    q = heads(p.linear("query", h))
+    k = heads(p.linear("key", h))
+    v = heads(p.linear("value", h))
     # attention dropout in training, inside the fused attention (Philox, every backend)
     dropout_p = p.attention_dropout_p if p.training else 0.0
     ctx = plan.attend(q, k, v, p.scale, dropout_p).reshape(h.shape[0], -1)
-    out = linear(p.dense, ctx, pl["dense"])
+    out = p.linear("dense", ctx)
     if p.output_dropout is not None:
         out = p.output_dropout(out)
     return add_norm(p.norm1, pl["norm1"], out, h, plan.kernels)
@@ -177,20 +289,22 @@ def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
 
 def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
     """``norm2(a + ffn_dropout(ffn_out(act(ffn_in(a)))))``: one fused kernel when both products
-    are plain and the activation is GELU, the fused product + GELU when only ``ffn_in`` is, else
-    the calls (an ``activation`` module is always called)."""
+    have weights a kernel may use (:meth:`LayerParts.weights`) and the activation is GELU, the
+    fused product + GELU when only ``ffn_in`` has, else the calls (an ``activation`` module is
+    always called)."""
     pl, kernels = p.plain, plan.kernels
     if p.activation is not None:
-        f = linear(p.ffn_out, p.activation(linear(p.ffn_in, a, pl["ffn_in"])), pl["ffn_out"])
-    elif pl["ffn_in"] and pl["ffn_out"]:
-        f = kernels.gelu_ffn(a, p.ffn_in.weight, p.ffn_in.bias, p.ffn_out.weight, p.ffn_out.bias,
-                             p.approximate)
+        f = p.linear("ffn_out", p.activation(p.linear("ffn_in", a)))
     else:
-        if pl["ffn_in"]:
-            x = kernels.linear_gelu(a, p.ffn_in.weight, p.ffn_in.bias, p.approximate)
+        w_in, w_out = p.weights("ffn_in"), p.weights("ffn_out")
+        if w_in is not None and w_out is not None:
+            f = kernels.gelu_ffn(a, *w_in, *w_out, p.approximate)
         else:
-            x = F.gelu(p.ffn_in(a), approximate=p.approximate)
-        f = linear(p.ffn_out, x, pl["ffn_out"])
+            if w_in is not None:
+                x = kernels.linear_gelu(a, *w_in, p.approximate)
+            else:
+                x = F.gelu(p.ffn_in(a), approximate=p.approximate)
+            f = F.linear(x, *w_out) if w_out is not None else p.ffn_out(x)
     if p.ffn_dropout is not None:
         f = p.ffn_dropout(f)
     return add_norm(p.norm2, pl["norm2"], f, a, kernels)

@@ -22,7 +22,8 @@ from ..backends.dispatch import Kernels
 from . import core
 from .config import AlbertConfig
 from .id_checks import check_id_ranges
-from .layers import AlbertEmbeddings, AlbertTransformer, ResolvesKernels, pack_tokens
+from .layers import (AlbertEmbeddings, AlbertTransformer, AttentionPlan, ResolvesKernels,
+                     pack_tokens)
 from .layout import mask_layout
 from .outputs import Recorder, warn_not_fused
 from .weights import WeightsMixin
@@ -114,17 +115,16 @@ class AlbertPreTrainedModel(WeightsMixin, ResolvesKernels, nn.Module):
     def enable_cuda_graphs(self, max_tokens: int = 2048) -> "AlbertPreTrainedModel":
         """Run the encoder of every AlbertModel in this model as CUDA graphs, one per bucket of
         token count (up to `max_tokens` real + dummy tokens), captured at a bucket's first use
-        and replayed after (albert_kernels/model/cuda_graphs.py; docs/api.md, "CUDA graphs").
+        and replayed after (the backend's ``Kernels.graph_encoder``; docs/api.md, "CUDA graphs").
         Inference only: the model must be in eval mode, on a CUDA device, on the 'cuda' or
         'triton' backend, and called without autograd (torch.inference_mode() or no_grad()).
-        RuntimeError otherwise (here, and at a forward that breaks one of these); ValueError for
-        a max_tokens that is not a positive int. Returns the model."""
-        from .cuda_graphs import CudaGraphRunner
-        checker = CudaGraphRunner(max_tokens)  # ValueError for a bad max_tokens
-        for module in self._albert_models():
-            checker.check_model(module)
-        for module in self._albert_models():
-            module.cuda_graphs = CudaGraphRunner(max_tokens)
+        RuntimeError otherwise (here, and at a forward that breaks one of these; a backend
+        without CUDA graphs: BackendUnavailable, a RuntimeError); ValueError for a max_tokens
+        that is not a positive int. Returns the model."""
+        runners = [(module, module.kernels.graph_encoder(module, max_tokens))
+                   for module in self._albert_models()]
+        for module, runner in runners:  # installed only once every model passed
+            module.cuda_graphs = runner
         return self
 
     def disable_cuda_graphs(self) -> "AlbertPreTrainedModel":
@@ -168,7 +168,7 @@ class AlbertModel(AlbertPreTrainedModel):
     """
 
     check_ids: bool = False
-    cuda_graphs = None  # a cuda_graphs.CudaGraphRunner once enable_cuda_graphs() is called
+    cuda_graphs = None  # the backend's CUDA-graph runner once enable_cuda_graphs() is called
 
     def __init__(self, config: AlbertConfig, backend: Optional[str] = None,
                  add_pooling_layer: bool = True, unpad: bool = True):
@@ -225,16 +225,23 @@ class AlbertModel(AlbertPreTrainedModel):
         if recorder is not None:
             recorder.unpack = unpack
         encoded = None
-        if self.cuda_graphs is not None and recorder is None:  # cuda_graphs.py; None: eager
-            encoded = self.cuda_graphs.encode(self, tokens, plan)
+        if self.cuda_graphs is not None and recorder is None:  # None: the batch runs eagerly
+            encoded = self.cuda_graphs.encode(self, tokens, plan, self._embed_and_encode,
+                                              self.config.pad_token_id)
         if encoded is None:
-            x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])         # [T, E]
-            encoded = self.encoder(x, plan, recorder)
+            encoded = self._embed_and_encode(tokens, plan, recorder)
         hidden = unpack(encoded)                                                  # [B, L, hidden]
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         as_tuple = lambda v: None if v is None else tuple(v)
         return AlbertOutput(hidden, pooled, as_tuple(recorder and recorder.hidden_states),
                             as_tuple(recorder and recorder.attentions))
+
+    def _embed_and_encode(self, tokens: torch.Tensor, plan: AttentionPlan,
+                          recorder: Optional[Recorder] = None) -> torch.Tensor:
+        """The encoder's output [N, hidden] for token rows [N, 3] (input id, token type,
+        position) laid out by `plan`: what a CUDA graph captures."""
+        x = self.embeddings(tokens[:, 0], tokens[:, 1], tokens[:, 2])             # [N, E]
+        return self.encoder(x, plan, recorder)
 
     def _check_ids(self, input_ids, attention_mask, token_type_ids, position_ids):
         for name, t in (("input_ids", input_ids), ("token_type_ids", token_type_ids),

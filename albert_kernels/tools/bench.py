@@ -61,7 +61,7 @@ from .model_workloads import AUTOCAST_DTYPES, model_workloads
 from .report import RESULTS_DIR, describe_machine, output_paths, write_outputs
 from .timing import measure
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
-                        bias_gelu_workloads, linear_gelu_workloads)
+                        linear_gelu_workloads)
 
 
 
@@ -148,7 +148,6 @@ def collect(args) -> list[Workload]:
         tokens = args.batch * args.seq
         builders += [lambda: add_layer_norm_workloads(tokens, 768, dtype, device),
                      lambda: linear_gelu_workloads(tokens, 768, 3072, dtype, device),
-                     lambda: bias_gelu_workloads(tokens, 3072, dtype, device),
                      lambda: attention_workloads(args.batch, 12, args.seq, 64, "realistic", dtype, device),
                      lambda: attention_workloads(args.batch, 12, args.seq, 64, "none", dtype, device)]
     return builders

@@ -123,25 +123,6 @@ def linear_gelu_workloads(tokens: int, hidden: int, inner: int, dtype, device) -
     return out
 
 
-def bias_gelu_workloads(tokens: int, inner: int, dtype, device) -> list[Workload]:
-    """linear_gelu's epilogue on its own: gelu(x + bias) over the GEMM output [tokens, inner].
-    Bytes that must move: read x, write the result (and the bias once)."""
-    if "cpp" not in ours_backends(device):  # the epilogue is an op of the C++ CPU kernels only
-        return []
-    from ..backends.extension import ops as ext  # noqa: F401 (loads the extension)
-    g = f"bias+GELU [{tokens}, {inner}]"
-    x = torch.randn(tokens, inner, device=device).to(dtype)
-    b = torch.randn(inner, device=device).to(dtype)
-    nbytes = 2 * x.numel() * x.element_size() + b.numel() * b.element_size()
-    expr = lambda: F.gelu(x + b, approximate="tanh")
-    out = [copy_workload(nbytes, device, g),
-           Workload(g, "eager gelu(x + b)", expr, nbytes, "GB/s", baseline=True),
-           Workload(g, "torch.compile(expression)", _compiled(expr), nbytes, "GB/s")]
-    out.append(Workload(g, "ours (cpp)", lambda: torch.ops.albert_kernels.bias_gelu(x, b, "tanh"),
-                        nbytes, "GB/s"))
-    return out
-
-
 def attention_workloads(batch: int, heads: int, seqlen: int, head_dim: int, padding: str, dtype,
                         device) -> list[Workload]:
     lengths = realistic_lengths(batch, seqlen, padding)

@@ -45,9 +45,9 @@ int64_t block_rows(at::ScalarType dtype) {
   return dtype == at::kBFloat16 || dtype == at::kHalf ? kReducedBlockRows : kBlockRows;
 }
 
-// The GEMM's epilogue, for a block of `rows` x N, parallel over rows: z = x + bias and
-// out = gelu(z), with z written to `z_out` when it is not null (linear_gelu passes its GEMM
-// output as both x and z_out: z lands over it as the pre-activation saved for backward). The
+// The GEMM's epilogue, for a block of `rows` x N, parallel over rows: z = x + bias written to
+// `z_out` and out = gelu(z) (fused_forward passes its GEMM output as both x and z_out: z lands
+// over it as the pre-activation saved for backward). The
 // GEMM itself runs without bias (beta = 0), so the bias costs no pass of its own. The GELU
 // kind is a template parameter (no branch per vector) and everything the inner loop reads is
 // a local, so the compiler keeps constants and pointers in registers.
@@ -66,24 +66,18 @@ void bias_gelu_rows_k(const scalar_t* x, const scalar_t* bias, scalar_t* z_out, 
     std::vector<acc> z_buf(n + W, acc(0)), out_buf(n + W);
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (std::is_same_v<scalar_t, acc>) {  // fp32 / fp64: no buffers
-        const acc* __restrict__ p = x + r * n;
-        acc* __restrict__ zr = z_out ? z_out + r * n : nullptr;
+        const acc* p = x + r * n;  // may alias zr (not restrict): fused_forward writes z over x
+        acc* zr = z_out + r * n;
         acc* __restrict__ o = out + r * n;
         int64_t j = 0;
-        if (zr) {
-          for (; j + W <= n; j += W) {
-            const V z = V::loadu(p + j) + V::loadu(bp + j);
-            z.store(zr + j);
-            GeluMath<acc>::forward(K, z).store(o + j);
-          }
-        } else {
-          for (; j + W <= n; j += W) {
-            GeluMath<acc>::forward(K, V::loadu(p + j) + V::loadu(bp + j)).store(o + j);
-          }
+        for (; j + W <= n; j += W) {
+          const V z = V::loadu(p + j) + V::loadu(bp + j);
+          z.store(zr + j);
+          GeluMath<acc>::forward(K, z).store(o + j);
         }
         if (j < n) {
           const V z = V::loadu(p + j, n - j) + V::loadu(bp + j, n - j);
-          if (zr) z.store(zr + j, n - j);
+          z.store(zr + j, n - j);
           GeluMath<acc>::forward(K, z).store(o + j, n - j);
         }
       } else {
@@ -94,7 +88,7 @@ void bias_gelu_rows_k(const scalar_t* x, const scalar_t* bias, scalar_t* z_out, 
           zv.store(z + j);
           GeluMath<acc>::forward(K, zv).store(out_buf.data() + j);
         }
-        if (z_out) store_row<scalar_t>(z, z_out + r * n, n);
+        store_row<scalar_t>(z, z_out + r * n, n);
         store_row<scalar_t>(out_buf.data(), out + r * n, n);
       }
     }
@@ -202,21 +196,6 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
   return {out, pre};
 }
 
-// The epilogue on its own (inference: no saved pre-activation): gelu(x + bias), x [M, N].
-at::Tensor bias_gelu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "bias_gelu: x must be contiguous [M, N]");
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(1) && bias.is_contiguous() &&
-                  bias.scalar_type() == x.scalar_type(),
-              "bias_gelu: bias must be contiguous [N] of x's dtype");
-  const Gelu kind = parse_approximate(std::string_view(approximate.data(), approximate.size()));
-  at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu", [&] {
-    bias_gelu_rows<scalar_t>(kind, x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), nullptr,
-                             out.data_ptr<scalar_t>(), x.size(0), x.size(1));
-  });
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                 const at::Tensor& b1, const at::Tensor& w2,
                                                 const at::Tensor& b2,
@@ -277,7 +256,6 @@ TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {
   m.impl("linear_gelu_bwd", &linear_gelu_bwd);
   m.impl("gelu_ffn_fwd", &gelu_ffn_fwd);
   m.impl("gelu_ffn_bwd", &gelu_ffn_bwd);
-  m.impl("bias_gelu", &bias_gelu);
 }
 
 }  // namespace albert_kernels::cpu

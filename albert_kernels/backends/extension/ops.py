@@ -62,11 +62,6 @@ def _(x, weight, bias, approximate):
     return torch.empty_like(pre), pre
 
 
-@torch.library.register_fake("albert_kernels::bias_gelu")
-def _(x, bias, approximate):
-    return torch.empty_like(x)
-
-
 @torch.library.register_fake("albert_kernels::linear_gelu_bwd")
 def _(grad_out, x, weight, pre, approximate):
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])

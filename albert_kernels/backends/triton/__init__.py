@@ -7,7 +7,9 @@
     gelu_ffn.py        GEMM with bias/GELU prologue and epilogue: linear_gelu and gelu_ffn
     aot.py             ahead-of-time compilation of every kernel for sm_80 / sm_90 (no GPU needed)
 
-It runs on CUDA tensors; on CPU only under ``TRITON_INTERPRET=1`` (set before triton is
+Beyond the op table's ops it has CUDA graphs (``graph_encoder``, shared with the cuda backend in
+``backends/cuda_graphs.py``): the ``Kernels.graph_encoder`` capability behind
+``enable_cuda_graphs``. It runs on CUDA tensors; on CPU only under ``TRITON_INTERPRET=1`` (set before triton is
 imported), which is how these kernels are verified on machines without a GPU.
 """
 import torch
@@ -17,8 +19,9 @@ from ..op_table import OP_NAMES
 from .add_layer_norm import add_layer_norm
 from .attention import attention, varlen_attention
 from .gelu_ffn import gelu_ffn, linear_gelu
+from ..cuda_graphs import graph_encoder
 
 DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 HEAD_DIMS = {32, 64, 128}
 
-__all__ = [*OP_NAMES, "DTYPES", "HEAD_DIMS"]
+__all__ = [*OP_NAMES, "DTYPES", "HEAD_DIMS", "graph_encoder"]

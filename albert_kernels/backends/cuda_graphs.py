@@ -1,4 +1,5 @@
-"""CUDA graphs for the padding-free encoder: one short request is not launch-bound on a GPU.
+"""CUDA graphs for a padding-free encoder, shared by the 'cuda' and 'triton' backends: one short
+request is not launch-bound on a GPU.
 
 An ALBERT-base forward launches a few hundred kernels (12 layers of about 10 each, plus the
 embeddings); for one short request each runs for microseconds, so the GPU waits on the host's
@@ -19,31 +20,39 @@ on the data: the token count T, the number of sequences B, ``cu_seqlens`` and th
   shares the bucket of the lengths just below it), rounded up to a power of two by empty
   sequences (the end offset repeated in ``cu_seqlens``; every backend's varlen kernel gives a
   zero-length sequence no rows).
-- **query-only tokens** (a left-padded first position, ``layers.AttentionPlan.cu_extra``): when
-  the batch has any, every sequence of the bucket gets one query-only slot (``cu_extra`` is then
-  ``0, 1, ..., S``, static): the rows that have such a token put it there, the others hold a
-  dummy whose output is dropped.
+- **query-only tokens** (a left-padded first position, ``model.layers.AttentionPlan.cu_extra``):
+  when the batch has any, every sequence of the bucket gets one query-only slot (``cu_extra`` is
+  then ``0, 1, ..., S``, static): the rows that have such a token put it there, the others hold
+  a dummy whose output is dropped.
 
-:class:`CudaGraphRunner` captures the embeddings and the encoder layers once per bucket (static
-input and output buffers, warm-up on a side stream, one private memory pool shared by all buckets
-of a model, as PyTorch's CUDA-graph documentation prescribes) and replays them; with
-``capture=False`` it runs the same bucketed inputs eagerly, on any device: that is how the CPU
-tests prove the bucketing (tests/test_cuda_graphs.py). ``AlbertPreTrainedModel.enable_cuda_graphs``
-installs it (docs/api.md, "CUDA graphs").
+:class:`CudaGraphRunner` captures what the model gives it to run (the embeddings and the encoder
+layers of the packed tokens) once per bucket (static input and output buffers, warm-up on a side
+stream, one private memory pool shared by all buckets of a model, as PyTorch's CUDA-graph
+documentation prescribes) and replays them; with ``capture=False`` it runs the same bucketed
+inputs eagerly, on any device and backend: that is how the CPU tests prove the bucketing
+(tests/test_cuda_graphs.py). It knows no model: the model hands it the packed batch, its
+``AttentionPlan`` (a dataclass; the bucket's plan is a copy with the bucket's fields) and a
+function running the embeddings and the layers.
+
+The backends that can capture export :func:`graph_encoder`; ``Kernels.graph_encoder``
+(``dispatch.py``) is the capability behind ``AlbertPreTrainedModel.enable_cuda_graphs``
+(docs/api.md, "CUDA graphs").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .layers import AttentionPlan
+from ..errors import BackendUnavailable
 
 MIN_TOKENS = 16        # the smallest token bucket, and the smallest max_seqlen bucket
 WARMUP_CALLS = 3       # eager calls on a side stream before a capture (PyTorch's docs use 3)
+GRAPH_BACKENDS = ("cuda", "triton")  # the backends whose modules export graph_encoder
 
 
 def bucket_tokens(n: int) -> int:
@@ -96,9 +105,10 @@ def choose_bucket(n_tokens: int, n_sequences: int, max_seqlen: int, query_only: 
     return Bucket(tokens, sequences, max_b, query_only)
 
 
-def dummy_row(config, device) -> torch.Tensor:
-    """int64 [3]: (input id, token type, position) of a dummy token."""
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
+def dummy_row(pad_token_id: Optional[int], device) -> torch.Tensor:
+    """int64 [3]: (input id, token type, position) of a dummy token (input id pad_token_id, 0 if
+    None)."""
+    pad = pad_token_id if pad_token_id is not None else 0
     return torch.tensor([pad, 0, 0], dtype=torch.long, device=device)
 
 
@@ -130,13 +140,15 @@ def fill_bucketed_inputs(ids: torch.Tensor, cu_seqlens: torch.Tensor, tokens: to
     return slots
 
 
-def bucket_plan(kernels, cu_seqlens: torch.Tensor, bucket: Bucket) -> AttentionPlan:
-    """The AttentionPlan the layers run a bucket with (cu_seqlens: the bucket's int32 tensor)."""
+def bucket_plan(plan, cu_seqlens: torch.Tensor, bucket: Bucket):
+    """The plan the layers run a bucket with: a copy of the batch's packed ``AttentionPlan``
+    (a dataclass; its kernels kept) with the bucket's cu_seqlens (int32 [bucket.sequences + 1]),
+    max_seqlen, token count and query-only slots."""
     cu_extra = None
     if bucket.query_only:
         cu_extra = torch.arange(bucket.sequences + 1, dtype=torch.int32, device=cu_seqlens.device)
-    return AttentionPlan(kernels, cu_seqlens=cu_seqlens, max_seqlen=bucket.max_seqlen,
-                         n_real=bucket.tokens, cu_extra=cu_extra)
+    return dataclasses.replace(plan, cu_seqlens=cu_seqlens, max_seqlen=bucket.max_seqlen,
+                               n_real=bucket.tokens, cu_extra=cu_extra)
 
 
 def gather_outputs(out: torch.Tensor, n_real: int, bucket: Bucket,
@@ -154,6 +166,34 @@ def _autocast_key(device_type: str):
     return torch.get_autocast_dtype(device_type)
 
 
+def check_max_tokens(max_tokens) -> None:
+    """ValueError unless max_tokens (the largest token bucket) is a positive int."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+
+
+def check_model(model, kernels, capture: bool = True) -> None:
+    """RuntimeError unless `model` (the nn.Module whose parameters the graphs read) can run
+    bucketed on `kernels` (its resolved ``Kernels``): eval mode; for capture, parameters on a
+    CUDA device, and BackendUnavailable (a RuntimeError) naming the backends with CUDA graphs
+    unless `kernels`' backend exports :func:`graph_encoder`."""
+    if model.training:
+        raise RuntimeError("CUDA graphs are for inference: call model.eval() first (in "
+                           "training, attention dropout draws from the RNG at every call, "
+                           "which a graph would replay unchanged), or disable_cuda_graphs()")
+    if not capture:
+        return
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        raise RuntimeError(f"CUDA graphs need the model on a CUDA device; its parameters are "
+                           f"on {param.device} (model.cuda() first)")
+    if getattr(kernels.module, "graph_encoder", None) is None:
+        names = " or ".join(repr(n) for n in GRAPH_BACKENDS)
+        raise BackendUnavailable(
+            f"CUDA graphs need the {names} backend, got {kernels.name!r} (the reference backend "
+            "reads cu_seqlens back to the host, which a graph capture cannot do)")
+
+
 @dataclass
 class _Graph:
     ids: torch.Tensor
@@ -162,23 +202,27 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
 
 
+Run = Callable[[torch.Tensor, object], torch.Tensor]
+
+
 class CudaGraphRunner:
-    """Runs an AlbertModel's embeddings and encoder on bucketed static shapes (module docstring):
-    with ``capture=True`` as one CUDA graph per bucket, captured at the bucket's first use and
-    replayed after; with ``capture=False`` eagerly (any device: the CPU proof of the bucketing).
+    """Runs a model's embeddings and encoder on bucketed static shapes (module docstring): with
+    ``capture=True`` as one CUDA graph per bucket, captured at the bucket's first use and
+    replayed after; with ``capture=False`` eagerly (any device and backend: the CPU proof of the
+    bucketing).
 
     max_tokens: the largest token bucket captured; a batch whose bucket is larger runs eagerly.
-    Installed by ``AlbertPreTrainedModel.enable_cuda_graphs``; ``AlbertModel.forward`` calls
-    :meth:`encode` on the packed fast path. Inference only: it raises RuntimeError in training
-    mode (the dropout RNG would be baked into a graph) and with autograd recording. The graphs
-    follow the parameters: a move, a cast, a new parameter tensor or another backend drops them
-    and the next call captures anew; values changed in place (``load_state_dict``, an optimizer
-    step) are read by the next replay.
+    ValueError for a max_tokens that is not a positive int. Made by :func:`graph_encoder`
+    (``Kernels.graph_encoder``) for ``AlbertPreTrainedModel.enable_cuda_graphs``;
+    ``AlbertModel.forward`` calls :meth:`encode` on the packed fast path. Inference only: it
+    raises RuntimeError in training mode (the dropout RNG would be baked into a graph) and with
+    autograd recording. The graphs follow the parameters: a move, a cast, a new parameter tensor
+    or another backend drops them and the next call captures anew; values changed in place
+    (``load_state_dict``, an optimizer step) are read by the next replay.
     """
 
     def __init__(self, max_tokens: int = 2048, capture: bool = True):
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        check_max_tokens(max_tokens)
         self.max_tokens = max_tokens
         self.capture = capture
         self.graphs: dict = {}          # (Bucket, autocast dtype or None) -> _Graph
@@ -186,7 +230,7 @@ class CudaGraphRunner:
         self.last_bucket: Optional[Bucket] = None  # the bucket of the last call that ran bucketed
         self._pool = None
         self._signature = None
-        self._dummy: dict = {}          # device -> dummy_row
+        self._dummy: dict = {}          # (device, pad_token_id) -> dummy_row
 
     def __getstate__(self):  # graphs and the pool belong to the process: copies capture anew
         return {"max_tokens": self.max_tokens, "capture": self.capture}
@@ -204,28 +248,8 @@ class CudaGraphRunner:
         self._pool = None
         self._signature = None
 
-    # ----------------------------------------------------------------------------------- checks
-    def check_model(self, model) -> None:
-        """RuntimeError unless `model` (an AlbertModel) can run here: eval mode; for capture,
-        parameters on a CUDA device and a backend whose kernels never read the device back."""
-        if model.training:
-            raise RuntimeError("CUDA graphs are for inference: call model.eval() first (in "
-                               "training, attention dropout draws from the RNG at every call, "
-                               "which a graph would replay unchanged), or disable_cuda_graphs()")
-        if not self.capture:
-            return
-        param = next(model.parameters())
-        if param.device.type != "cuda":
-            raise RuntimeError(f"CUDA graphs need the model on a CUDA device; its parameters are "
-                               f"on {param.device} (model.cuda() first)")
-        name = model.kernels.name
-        if name not in ("cuda", "triton"):
-            raise RuntimeError(f"CUDA graphs need the 'cuda' or 'triton' backend, got {name!r} (the "
-                               "reference backend reads cu_seqlens back to the host, which a "
-                               "graph capture cannot do)")
-
-    def _check_call(self, model, device_type: str) -> None:
-        self.check_model(model)
+    def _check_call(self, model, kernels, device_type: str) -> None:
+        check_model(model, kernels, self.capture)
         if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
             raise RuntimeError("CUDA graphs are for inference: run the model under "
                                "torch.inference_mode() or torch.no_grad() (a replay records no "
@@ -237,10 +261,17 @@ class CudaGraphRunner:
                                "would be freed while a graph still reads it), or cast the model")
 
     # ------------------------------------------------------------------------------------- run
-    def encode(self, model, tokens: torch.Tensor, plan: AttentionPlan) -> Optional[torch.Tensor]:
-        """The encoder's output [T + E, hidden] for a packed batch (``pack_tokens``' tokens and
-        plan), or None when the batch is to run eagerly (no token, or a bucket above
-        max_tokens). Raises RuntimeError as the class docstring says."""
+    def encode(self, model, tokens: torch.Tensor, plan, run: Run,
+               pad_token_id: Optional[int]) -> Optional[torch.Tensor]:
+        """The encoder's output [T + E, hidden] for a packed batch, or None when the batch is to
+        run eagerly (no token, or a bucket above max_tokens).
+
+        model: the nn.Module whose parameters ``run`` reads (its mode and parameters are
+        checked); tokens int64 [T + E, 3] and plan (a packed ``AttentionPlan``, its kernels the
+        backend to run): from ``model.layers.pack_tokens``; run(ids [rows, 3], plan) -> [rows,
+        hidden]: the embeddings of (input id, token type, position) rows and the encoder, what
+        a graph captures; pad_token_id: the dummy tokens' input id. Raises RuntimeError as the
+        class docstring says (BackendUnavailable for a backend without CUDA graphs)."""
         n_real = plan.n_real
         if n_real == 0 or plan.cu_seqlens is None or torch.compiler.is_compiling():
             return None
@@ -248,36 +279,37 @@ class CudaGraphRunner:
                                plan.cu_extra is not None)
         if bucket.tokens > self.max_tokens:
             return None
-        self._check_call(model, tokens.device.type)
+        self._check_call(model, plan.kernels, tokens.device.type)
         self.bucket_calls[bucket] += 1
         self.last_bucket = bucket
-        dummy = self._dummy.get(tokens.device)
+        dummy = self._dummy.get((tokens.device, pad_token_id))
         if dummy is None:
-            dummy = self._dummy[tokens.device] = dummy_row(model.config, tokens.device)
+            dummy = self._dummy[(tokens.device, pad_token_id)] = dummy_row(pad_token_id,
+                                                                           tokens.device)
         if not self.capture:
             ids = tokens.new_empty(bucket.rows, 3)
             cu = plan.cu_seqlens.new_empty(bucket.sequences + 1)
             slots = fill_bucketed_inputs(ids, cu, tokens, plan, bucket, dummy)
-            out = _run_layers(model, ids, bucket_plan(plan.kernels, cu, bucket))
+            out = run(ids, bucket_plan(plan, cu, bucket))
             return gather_outputs(out, n_real, bucket, slots)
-        self._follow_parameters(model)
+        self._follow_parameters(model, plan.kernels)
         key = (bucket, _autocast_key(tokens.device.type))
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._capture(model, bucket, dummy)
+            graph = self.graphs[key] = self._capture(run, plan, bucket, dummy)
         slots = fill_bucketed_inputs(graph.ids, graph.cu_seqlens, tokens, plan, bucket, dummy)
         graph.graph.replay()
         return gather_outputs(graph.out, n_real, bucket, slots)
 
-    def _follow_parameters(self, model) -> None:
+    def _follow_parameters(self, model, kernels) -> None:
         """Drop the graphs when they would read stale memory or kernels: another backend, a new
         parameter tensor (a move, a cast, an assignment)."""
-        signature = (model.kernels.name, tuple(p.data_ptr() for p in model.parameters()))
+        signature = (kernels.name, tuple(p.data_ptr() for p in model.parameters()))
         if signature != self._signature:
             self.reset()
             self._signature = signature
 
-    def _capture(self, model, bucket: Bucket, dummy: torch.Tensor) -> _Graph:
+    def _capture(self, run: Run, plan, bucket: Bucket, dummy: torch.Tensor) -> _Graph:
         device = dummy.device
         # normal tensors (not inference tensors), so that any later call may copy into them
         with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(device):
@@ -287,28 +319,30 @@ class CudaGraphRunner:
             # a valid layout for the warm-up: every token a dummy, in max_seqlen-long sequences
             ends = torch.arange(bucket.sequences + 1, device=device, dtype=torch.int32)
             cu = (ends * bucket.max_seqlen).clamp_(max=bucket.tokens)
-            plan = bucket_plan(model.kernels, cu, bucket)
+            static_plan = bucket_plan(plan, cu, bucket)
             try:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):  # caches, autotuning, lazy init: not captured
                     for _ in range(WARMUP_CALLS):
-                        _run_layers(model, ids, plan)
+                        run(ids, static_plan)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
-                    out = _run_layers(model, ids, plan)
+                    out = run(ids, static_plan)
             except Exception as e:
                 raise RuntimeError(f"CUDA graph capture failed for {bucket} on backend "
-                                   f"{model.kernels.name!r}: {type(e).__name__}: {e}") from e
+                                   f"{plan.kernels.name!r}: {type(e).__name__}: {e}") from e
         return _Graph(ids, cu, out, graph)
 
 
-def _run_layers(model, ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """What a graph captures: the embeddings of ids [rows, 3] and the encoder."""
-    x = model.embeddings(ids[:, 0], ids[:, 1], ids[:, 2])
-    return model.encoder(x, plan)
+def graph_encoder(max_tokens: int = 2048) -> CudaGraphRunner:
+    """The CUDA-graph capability the 'cuda' and 'triton' backends export
+    (``Kernels.graph_encoder``): a capturing :class:`CudaGraphRunner`. ValueError for a
+    max_tokens that is not a positive int."""
+    return CudaGraphRunner(max_tokens)
 
 
-__all__ = ["Bucket", "CudaGraphRunner", "bucket_pow2", "bucket_tokens", "choose_bucket",
-           "fill_bucketed_inputs", "gather_outputs", "bucket_plan", "dummy_row"]
+__all__ = ["Bucket", "CudaGraphRunner", "GRAPH_BACKENDS", "bucket_plan", "bucket_pow2",
+           "bucket_tokens", "check_max_tokens", "check_model", "choose_bucket", "dummy_row",
+           "fill_bucketed_inputs", "gather_outputs", "graph_encoder"]
