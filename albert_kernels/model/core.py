@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+from ..backends import autocast
+
 _PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 
@@ -224,7 +226,15 @@ def run_layers(steps: Sequence[Step], h: torch.Tensor, plan, recorder=None,
     """The one layer loop: every step on tokens h [N, hidden]. `recorder` (``outputs.Recorder``,
     only when hidden states are asked for) records every layer's output; `frozen`: the cpp
     backend's frozen copy (``Frozen.run``), used for every step (only when
-    :func:`frozen_for_call` returned it)."""
+    :func:`frozen_for_call` returned it). Under autocast, parameter casts are made once for the
+    whole loop (``autocast.cast_cache``), not once per layer application."""
+    if torch.is_autocast_enabled(h.device.type):
+        with autocast.cast_cache():
+            return _run_steps(steps, h, plan, recorder, frozen)
+    return _run_steps(steps, h, plan, recorder, frozen)
+
+
+def _run_steps(steps, h, plan, recorder, frozen):
     for step in steps:
         if frozen is not None:
             h = frozen.layer(step.key, h, plan)
