@@ -87,6 +87,19 @@ def _cast(x, dtype: torch.dtype):
     return x
 
 
+def activation(x: torch.Tensor) -> torch.Tensor:
+    """`x` as autocast's lower-precision ops (``F.linear``) would receive it: cast to the
+    autocast dtype of its device type when an autocast region is active there and `x` is a
+    floating tensor other than float64; else `x` itself. For an input shared by several
+    products, so that it is cast once instead of once per product."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if x.is_floating_point() and x.dtype not in (torch.float64, dtype):
+        return x.to(dtype)
+    return x
+
+
 def run(op: str, fn: Callable, *args, **kwargs):
     """Call kernel `fn` (op name `op`) on `args` (floating tensors cast) and `kwargs` (passed as
     they are) under the policy above; autocast must be enabled for ``args[0]``'s device type."""

@@ -165,9 +165,13 @@ def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
     attention (``layers.AttentionPlan``)."""
     pl = p.plain
     heads = lambda t: t.view(t.shape[0], p.num_heads, p.head_dim)
-    q = heads(linear(p.query, h, pl["query"]))
-    k = heads(linear(p.key, h, pl["key"]))
-    v = heads(linear(p.value, h, pl["value"]))
+    # Under autocast each F.linear would cast h to the autocast dtype again (autocast caches
+    # parameter casts only): cast it once for the three products (the same values, and the
+    # same autograd graph up to the shared cast).
+    x = autocast.activation(h) if pl["query"] and pl["key"] and pl["value"] else h
+    q = heads(linear(p.query, x, pl["query"]))
+    k = heads(linear(p.key, x, pl["key"]))
+    v = heads(linear(p.value, x, pl["value"]))
     # attention dropout in training, inside the fused attention (Philox, every backend)
     dropout_p = p.attention_dropout_p if p.training else 0.0
     ctx = plan.attend(q, k, v, p.scale, dropout_p).reshape(h.shape[0], -1)

@@ -47,14 +47,14 @@
 //     -> (grad_q, grad_k, grad_v)
 //   Parallel over (sequence, head): a task owns dK, dV of its head slice (fp32 accumulators
 //   [Np, Dp]) and dQ of its rows, so no two tasks write the same memory (deterministic). Per
-//   query block of kBlockM rows it recomputes the [kBlockM, Np] panel P = exp(S - lse)
-//   against all real keys (linear in L, never L x L), normalises each row of it to sum 1
-//   (lse rounds at the scores' magnitude) and masks the zero-padded columns to -inf before the
-//   exp (exp(0 - lse) overflows when every score is below ln(FLT_MIN)), then
+//   query block of kBlockM rows it recomputes the [kBlockM, Np] panel P = exp(S - m)
+//   against all real keys (linear in L, never L x L; m = the row's largest score), normalises
+//   each row of it to sum 1 and masks the zero-padded columns to -inf before the exp, then
 //     dP = dO V^T,  Di = rowsum(P dP),  dS = P (dP - Di) scale,
 //     dV += P^T dO,  dK += dS^T Q,  dQ = dS K.
-//   S = (Q scale) K^T in forward and backward alike: Q is scaled as it is loaded.
-//   (`out` is not read: Di from P dP is more accurate in fp32 than rowsum(dO * O).)
+//   S = (Q scale) K^T (Q is scaled as it is loaded), as in the fp32 forward; the bf16 AMX
+//   forward rounds its scores differently, which is why P is not taken from the forward's lse.
+//   (`out` and `lse` are not read: Di from P dP is more accurate in fp32 than rowsum(dO * O).)
 //   With dropout, Z = keep / (1 - p): dP = (dO V^T) Z, Di = rowsum(P dP), dS as above, and
 //   dV += (P Z)^T dO.
 //   Masked keys get zero gradients; rows with no real key give zero dQ. Keys outside a
@@ -515,22 +515,38 @@ inline void mask_padded_scores(acc* s, int64_t n_keys, int64_t ld) {
   std::fill(s + n_keys, s + ld, -std::numeric_limits<acc>::infinity());
 }
 
+// The largest real score of a backward row (padded columns already -inf): the shift of its
+// exponentials. The forward's lse is not used for it: lse is fp32 at the scores' magnitude
+// (|lse| = 141 is 1.5e-5 from the true value, 3e4 is 2e-3) and was computed from the forward's
+// scores, which round differently from these where the forward ran its products elsewhere (the
+// bf16 AMX kernel: scale (Q K^T) instead of (Q scale) K^T); with the row's own maximum the
+// largest P is exp(0) = 1 exactly, so a one-hot row gives dS = 0 exactly.
+template <typename acc>
+inline acc row_max(const acc* s, int64_t ld) {
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  V vmax(-std::numeric_limits<acc>::infinity());
+  for (int64_t j = 0; j < ld; j += W) vmax = at::vec::maximum(vmax, V::loadu(s + j));
+  return at::vec::vec_reduce_all<acc>(
+      [](const V& a, const V& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
 // One query row of the backward: S (scores) -> P, dp (dO V^T) -> dS / scale.
-// P = exp(S - lse) / rowsum(exp(S - lse)): lse only keeps exp in range, the row is normalised
-// again here. lse is fp32 at the scores' magnitude (|lse| = 141 is 1.5e-5 from the true value,
-// 3e4 is 2e-3), so exp(S - lse) alone sums to 1 + that: sum_j dS_ij = 0 then fails by as much
-// times Di, and dQ = dS K (nearly parallel keys: K ~ its mean) loses it all; dV gets the same
-// relative error. The panel holds the whole row, so the sum costs one reduction.
-// Without dropout: Di = rowsum(P dP), dS = P (dP - Di); S keeps the unnormalised exp(S - lse)
+// P = exp(S - m) / rowsum(exp(S - m)), m = the row's largest real score (row_max): the row is
+// normalised here, so sum_j dS_ij = 0 holds to rounding (with exp(S - lse) alone the row would
+// sum to 1 + lse's error, times Di, and dQ = dS K with nearly parallel keys loses it all; dV
+// gets the same relative error). The panel holds the whole row, so the max and the sum cost
+// one pass each.
+// Without dropout: Di = rowsum(P dP), dS = P (dP - Di); S keeps the unnormalised exp(S - m)
 // and the returned 1 / rowsum scales the row's dO instead (D multiplies, not ld) for
 // dV += P^T dO.
 template <typename acc>
-acc backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
+acc backward_row(acc* s, acc* dp, int64_t n_keys, int64_t ld) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& a, const V& b) { return a + b; };
   mask_padded_scores(s, n_keys, ld);
-  const V vl(lse);
+  const V vl(row_max(s, ld));
   V vsum(acc(0)), vdi(acc(0));
   for (int64_t j = 0; j < ld; j += W) {
     const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
@@ -550,13 +566,13 @@ acc backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
 // above (normalised over every key, dropped or not), dP = (dO V^T) Z, Di = rowsum(P dP),
 // dS = P (dP - Di), and S keeps P Z for dV += (P Z)^T dO.
 template <typename acc>
-void backward_row_dropout(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld, const acc* z,
+void backward_row_dropout(acc* s, acc* dp, int64_t n_keys, int64_t ld, const acc* z,
                           acc keep_scale) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& a, const V& b) { return a + b; };
   mask_padded_scores(s, n_keys, ld);
-  const V vl(lse), vk(keep_scale);
+  const V vl(row_max(s, ld)), vk(keep_scale);
   V vsum(acc(0)), vdi(acc(0));
   for (int64_t j = 0; j < ld; j += W) {
     const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
@@ -605,12 +621,11 @@ void backward_slice(const HeadSlice& hs, const scalar_t* grad_out, const scalar_
     small_gemm<acc>(rows, ld, D, ws.q.data(), Dp, 1, ws.kt.data(), ld, S, ld, false);
     small_gemm<acc>(rows, ld, D, do_buf.data(), Dp, 1, ws.vt.data(), ld, P, ld, false);
     for (int64_t r = 0; r < rows; ++r) {
-      const acc row_lse = lse[hs.lse_offset + q0 + r];
       if (dp.on) {
         dp.keep_row(dp.row_base(hs.index, q0 + r), hs.keys, hs.n_keys, z);
-        backward_row_dropout<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld, z, keep_scale);
+        backward_row_dropout<acc>(S + r * ld, P + r * ld, hs.n_keys, ld, z, keep_scale);
       } else {
-        const acc inv = backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
+        const acc inv = backward_row<acc>(S + r * ld, P + r * ld, hs.n_keys, ld);
         acc* do_row = do_buf.data() + r * Dp;  // dO's last use: dV += P^T dO below
         for (int64_t d = 0; d < D; ++d) do_row[d] *= inv;
       }
