@@ -280,7 +280,7 @@ def _bf16_attention_cases(D):
 
 
 @pytest.mark.parametrize("kernel", ["auto", "fp32"])
-@pytest.mark.parametrize("D", [64, 24, 7])
+@pytest.mark.parametrize("D", [64, 24, 7, 80, 128])
 def test_bf16_attention_kernels_within_budget(ops, monkeypatch, kernel, D):
     """bf16 attention forward, on AMX tiles where the CPU has them (auto) and forced to the fp32
     kernel: within the bf16 budget of the reference backend in bf16 against float64 on the same
