@@ -128,6 +128,89 @@ def test_policy_on_the_ops(dtype, backend):
     assert o.dtype == dtype
 
 
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts float32 -> low-precision copies of tensors with `numel` elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) \
+                and args[0].numel() == self.numel and args[0].dtype == torch.float32:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def _shared_model(backend, layers=6):
+    torch.manual_seed(0)
+    cfg = transformers.AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32,
+                                    num_hidden_layers=layers, num_attention_heads=4,
+                                    intermediate_size=40, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    hf = transformers.AlbertModel(cfg).eval()
+    return hf, ak.AlbertModel.from_hf(hf, backend=backend).eval()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_shared_layer_weights_cast_once_per_forward(grad, backend):
+    """A shared layer applied 6 times: its FFN weight [40, 32] is cast to bfloat16 once per
+    forward (not 6 times), and again on the next forward (the cache does not outlive the call)."""
+    hf, ours = _shared_model(backend)
+    ids, mask, _ = _batch()
+    counter = _CountCasts(40 * 32)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        with counter:
+            ours(input_ids=ids, attention_mask=mask)
+        first = counter.count
+        with counter:
+            ours(input_ids=ids, attention_mask=mask)
+    # the FFN's input weight [40, 32] and output weight [32, 40] have the same size: two casts
+    assert first == 2, f"{first} casts of the FFN weights in one forward of 6 layers"
+    assert counter.count == 4
+
+
+def test_cast_cache_sees_weight_writes(backend):
+    """A weight written between forwards (or between layer applications) is read as it is."""
+    hf, ours = _shared_model(backend, layers=3)
+    ids, mask, _ = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        ffn = ours.encoder.albert_layer_groups[0].albert_layers[0].ffn
+        ffn.weight.mul_(-1.5)
+        hf.encoder.albert_layer_groups[0].albert_layers[0].ffn.weight.mul_(-1.5)
+        after = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (after - before).abs().max() > 0.1
+    valid = mask.bool()
+    torch.testing.assert_close(after[valid].float(), expected[valid].float(), rtol=0.05, atol=0.05)
+    # inside one cache block, an in-place write makes a new cast (the key holds the version)
+    from albert_kernels.backends import autocast as policy
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with torch.no_grad(), policy.cast_cache():
+        a = policy._cast(w, torch.bfloat16)
+        assert policy._cast(w, torch.bfloat16) is a
+        w.add_(1.0)
+        b = policy._cast(w, torch.bfloat16)
+    assert b is not a
+    torch.testing.assert_close(b.float(), (a.float() + 1.0), rtol=0.01, atol=0.02)
+
+
+def test_cast_cache_keeps_grad_and_no_grad_apart():
+    """A cast made under no_grad has no autograd edge: it is never reused with grad enabled."""
+    from albert_kernels.backends import autocast as policy
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with policy.cast_cache():
+        with torch.no_grad():
+            plain = policy._cast(w, torch.bfloat16)
+        tracked = policy._cast(w, torch.bfloat16)
+        again = policy._cast(w, torch.bfloat16)
+    assert plain.grad_fn is None and tracked.grad_fn is not None and again is tracked
+    (tracked.float().sum() + again.float().sum()).backward()
+    torch.testing.assert_close(w.grad, torch.full((4, 4), 2.0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", LOW)
 def test_patched_classifier_under_cuda_autocast(dtype):

@@ -276,3 +276,82 @@ def test_weight_gradients_do_not_depend_on_thread_count(ops):
         torch.set_num_threads(threads)
     for a, c in zip(one, many):
         assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------ bf16 attention kernels
+def _bf16_attention_cases(D):
+    """Padded [B, H, L, D] (two key blocks, left padding, a hole, a row with no key) and packed
+    (an empty sequence, one longer than a key block) bf16 inputs, scaled so that the softmax is
+    peaked (the rounding of P matters)."""
+    gen = torch.Generator().manual_seed(D)
+    B, H, L = 3, 2, 150
+    q, k, v = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    mask = _mask(B, L, [150, 37, 0])
+    mask[0, :9] = False
+    mask[1, 5] = False
+    cu = torch.tensor([0, 150, 187, 187, 200], dtype=torch.int32)
+    qv, kv, vv = (torch.randn(200, H, D, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    return (q, k, v, mask), (qv, kv, vv, cu)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "fp32"])
+@pytest.mark.parametrize("D", [64, 24, 7, 80, 128])
+def test_bf16_attention_kernels_within_budget(ops, monkeypatch, kernel, D):
+    """bf16 attention forward, on AMX tiles where the CPU has them (auto) and forced to the fp32
+    kernel: within the bf16 budget of the reference backend in bf16 against float64 on the same
+    (bf16-rounded) inputs, padded and packed layouts; the two kernels differ where AMX runs."""
+    from albert_kernels.backends.cpp import isa
+    from albert_kernels.tools.budget import check_budget
+    monkeypatch.setenv(isa.BF16_ATTENTION_ENV, kernel)
+    (q, k, v, mask), (qv, kv, vv, cu) = _bf16_attention_cases(D)
+    low = lambda *ts: [t.bfloat16() for t in ts]
+    cases = {
+        "padded": lambda dtype, backend, ts: ak.attention(
+            *(t.to(dtype) for t in ts), key_padding_mask=mask, backend=backend),
+        "varlen": lambda dtype, backend, ts: ak.varlen_attention(
+            *(t.to(dtype) for t in ts), cu, 150, backend=backend),
+    }
+    inputs = {"padded": low(q, k, v), "varlen": low(qv, kv, vv)}
+    for name, run in cases.items():
+        ts = inputs[name]
+        out = run(torch.bfloat16, "cpp", ts)
+        base = run(torch.bfloat16, "reference", ts)
+        gold = run(torch.float64, "reference", ts)
+        result = check_budget(out, base, gold, dtype=torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and result.ok, f"{name} D={D} {kernel}: {result}"
+        if kernel == "auto" and isa.bf16_attention_kernel() == "amx":
+            monkeypatch.setenv(isa.BF16_ATTENTION_ENV, "fp32")
+            fallback = run(torch.bfloat16, "cpp", ts)
+            monkeypatch.setenv(isa.BF16_ATTENTION_ENV, "auto")
+            assert not torch.equal(out, fallback), "AMX and fp32 kernels gave identical bits"
+
+
+def test_bf16_attention_kernels_agree_with_dropout(ops, monkeypatch):
+    """With dropout, the AMX kernel drops the same entries as the fp32 one (one Philox stream):
+    the outputs differ by bf16 rounding only, and the lse (fp32 statistics) agrees closely."""
+    from albert_kernels.backends.cpp import isa
+    (q, k, v, mask), _ = _bf16_attention_cases(64)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    ao = torch.ops.albert_kernels
+    results = {}
+    for kernel in ("auto", "fp32"):
+        monkeypatch.setenv(isa.BF16_ATTENTION_ENV, kernel)
+        results[kernel] = ao.attention_fwd(q, k, v, mask, 0.125, 0.3, 1234, 8)
+    (o_a, lse_a), (o_f, lse_f) = results["auto"], results["fp32"]
+    no_drop = ao.attention_fwd(q, k, v, mask, 0.125, 0.0, 0, 0)[0]
+    scale = o_f.float().abs().max().item()
+    assert (o_a.float() - o_f.float()).abs().max().item() <= 0.02 * scale
+    assert (no_drop.float() - o_f.float()).abs().max().item() > 0.1 * scale
+    finite = torch.isfinite(lse_f)
+    assert torch.equal(finite, torch.isfinite(lse_a))
+    torch.testing.assert_close(lse_a[finite], lse_f[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_attention_env_is_checked(ops, monkeypatch):
+    from albert_kernels.backends.cpp import isa
+    monkeypatch.setenv(isa.BF16_ATTENTION_ENV, "tiles")
+    with pytest.raises(ValueError, match=isa.BF16_ATTENTION_ENV):
+        isa.bf16_attention_kernel()
+    q = torch.randn(1, 1, 4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match=isa.BF16_ATTENTION_ENV):
+        ak.attention(q, q, q, backend="cpp")

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+from ..backends import autocast
+
 _PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 
@@ -275,9 +277,13 @@ def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
     attention (``layers.AttentionPlan``)."""
     pl = p.plain
     heads = lambda t: t.view(t.shape[0], p.num_heads, p.head_dim)
-    q = heads(p.linear("query", h))
-    k = heads(p.linear("key", h))
-    v = heads(p.linear("value", h))
+    # Under autocast each F.linear would cast h to the autocast dtype again (autocast caches
+    # parameter casts only): cast it once for the three products (the same values, and the
+    # same autograd graph up to the shared cast).
+    x = autocast.activation(h) if pl["query"] and pl["key"] and pl["value"] else h
+    q = heads(p.linear("query", x))
+    k = heads(p.linear("key", x))
+    v = heads(p.linear("value", x))
     # attention dropout in training, inside the fused attention (Philox, every backend)
     dropout_p = p.attention_dropout_p if p.training else 0.0
     ctx = plan.attend(q, k, v, p.scale, dropout_p).reshape(h.shape[0], -1)
@@ -338,7 +344,15 @@ def run_layers(steps: Sequence[Step], h: torch.Tensor, plan, recorder=None,
     """The one layer loop: every step on tokens h [N, hidden]. `recorder` (``outputs.Recorder``,
     only when hidden states are asked for) records every layer's output; `frozen`: the cpp
     backend's frozen copy (``Frozen.run``), used for every step (only when
-    :func:`frozen_for_call` returned it)."""
+    :func:`frozen_for_call` returned it). Under autocast, parameter casts are made once for the
+    whole loop (``autocast.cast_cache``), not once per layer application."""
+    if torch.is_autocast_enabled(h.device.type):
+        with autocast.cast_cache():
+            return _run_steps(steps, h, plan, recorder, frozen)
+    return _run_steps(steps, h, plan, recorder, frozen)
+
+
+def _run_steps(steps, h, plan, recorder, frozen):
     for step in steps:
         if frozen is not None:
             h = frozen.layer(step.key, h, plan)

@@ -29,6 +29,16 @@
 //   All products are small_gemm (common.h); running max, sum and the output accumulator are
 //   fp32; exponentials are fast_exp (common.h), the same in forward and backward. Saved for
 //   backward: out and lse.
+//   bf16 inputs on a CPU with AMX-BF16 (in the AVX-512 build): the forward's two products run
+//   on AMX tiles instead (tdpbf16ps: bf16 pairs multiplied exactly, summed into fp32), as
+//   flash-attention does on GPUs: S = scale (Q K^T) from Q and K as they are (bf16) with fp32
+//   accumulation; the softmax statistics (m, l, lse) in fp32 from the fp32 scores; P rounded to
+//   bf16 (relative error <= 2^-9 per entry, the bf16 output's own rounding) for O += P V with
+//   fp32 accumulation, normalised by the fp32 l (the sum of the unrounded P). Keys are gathered
+//   once per slice into the pair-interleaved layout the tiles read (K: [D/2, keys, 2],
+//   V: [keys/2, D, 2]); query rows are padded to 16 and the reductions to 32 with zeros. The
+//   fp32 path above stays the fallback (other builds, CPUs or kernels without AMX, and
+//   ALBERT_KERNELS_CPU_BF16_ATTENTION=fp32, read at each call); the backward is fp32 in both.
 //
 // Backward attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask?, scale, dropout_p, seed,
 //                        offset)
@@ -37,14 +47,14 @@
 //     -> (grad_q, grad_k, grad_v)
 //   Parallel over (sequence, head): a task owns dK, dV of its head slice (fp32 accumulators
 //   [Np, Dp]) and dQ of its rows, so no two tasks write the same memory (deterministic). Per
-//   query block of kBlockM rows it recomputes the [kBlockM, Np] panel P = exp(S - lse)
-//   against all real keys (linear in L, never L x L), normalises each row of it to sum 1
-//   (lse rounds at the scores' magnitude) and masks the zero-padded columns to -inf before the
-//   exp (exp(0 - lse) overflows when every score is below ln(FLT_MIN)), then
+//   query block of kBlockM rows it recomputes the [kBlockM, Np] panel P = exp(S - m)
+//   against all real keys (linear in L, never L x L; m = the row's largest score), normalises
+//   each row of it to sum 1 and masks the zero-padded columns to -inf before the exp, then
 //     dP = dO V^T,  Di = rowsum(P dP),  dS = P (dP - Di) scale,
 //     dV += P^T dO,  dK += dS^T Q,  dQ = dS K.
-//   S = (Q scale) K^T in forward and backward alike: Q is scaled as it is loaded.
-//   (`out` is not read: Di from P dP is more accurate in fp32 than rowsum(dO * O).)
+//   S = (Q scale) K^T (Q is scaled as it is loaded), as in the fp32 forward; the bf16 AMX
+//   forward rounds its scores differently, which is why P is not taken from the forward's lse.
+//   (`out` and `lse` are not read: Di from P dP is more accurate in fp32 than rowsum(dO * O).)
 //   With dropout, Z = keep / (1 - p): dP = (dO V^T) Z, Di = rowsum(P dP), dS as above, and
 //   dV += (P Z)^T dO.
 //   Masked keys get zero gradients; rows with no real key give zero dQ. Keys outside a
@@ -53,8 +63,16 @@
 #include "ops.h"
 #include "philox.h"
 
+#include <ATen/cpu/Utils.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 namespace albert_kernels::cpu {
 namespace {
@@ -250,6 +268,242 @@ void forward_block(const HeadSlice& hs, int64_t q0, int64_t q1, const scalar_t* 
   }
 }
 
+
+// ---------------------------------------------------------------- bf16 forward on AMX tiles
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && defined(__x86_64__)
+#define AK_ATTENTION_AMX 1
+#define AK_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+constexpr int64_t kAmxK = 32;  // bf16 elements of the reduction per tile product
+
+// The bf16 copies a thread works on, zero-padded: the query block Q [kBlockM, Dk] (Dk = D rounded
+// to kAmxK), K in pairs [Dk / 2, ldk] (uint32 = two consecutive head-dim entries of one key),
+// V in pairs [ldk / 2, Dp] (two consecutive keys of one head-dim column), one block of
+// probabilities P [kBlockM, kBlockN] (bf16). ldk: the keys rounded to kAmxK.
+// kraw and kv hold 32-bit words as float, for the fp32 transpose (common.h); they are never
+// used as numbers.
+struct AmxWork {
+  int64_t Dk, Dp, Nk;
+  std::vector<uint16_t> qb, pb;
+  std::vector<float> kraw, kv;
+  std::vector<uint32_t> vv;
+  AmxWork(int64_t D, int64_t Dp_, int64_t max_keys)
+      : Dk(round_up(D, kAmxK)), Dp(Dp_), Nk(round_up(std::max<int64_t>(max_keys, 1), kAmxK)),
+        qb(kBlockM * Dk, 0), pb(kBlockM * kBlockN, 0), kraw(Nk * Dk / 2, 0.0f),
+        kv(Dk / 2 * Nk, 0.0f), vv(Nk / 2 * Dp_, 0) {}
+};
+
+// The tile shapes: every tile 16 rows of 64 bytes (C: 16 x 16 fp32; A: 16 x 32 bf16;
+// B: 16 pairs x 16 columns).
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  AmxConfig() {
+    for (int t = 0; t < 8; ++t) {
+      colsb[t] = 64;
+      rows[t] = 16;
+    }
+  }
+};
+
+// The slice's real keys in the pair layouts (zero beyond n_keys and beyond D). K: each key's row
+// copied as Dk / 2 pairs (32-bit words), then the [ldk, Dk / 2] word matrix transposed with the
+// fp32 transpose (bit moves only, no arithmetic). V: two keys' rows interleaved 16 columns at a
+// time (zero-extended to 32 bits, the second shifted into the high half).
+AK_AMX_TARGET void gather_keys_amx(const HeadSlice& hs, const c10::BFloat16* k,
+                                   const c10::BFloat16* v, int64_t D, AmxWork& w, int64_t ldk) {
+  const int64_t Dp = w.Dp, half = w.Dk / 2;
+  const auto key_off = [&](int64_t j) {
+    return hs.k_offset + (hs.keys ? hs.keys[j] : j) * hs.row_stride;
+  };
+  auto* raw = reinterpret_cast<uint16_t*>(w.kraw.data());
+  for (int64_t j = 0; j < ldk; ++j) {
+    uint16_t* dst = raw + j * w.Dk;
+    if (j < hs.n_keys) {
+      if (j + kPrefetchRows < hs.n_keys) {
+        prefetch_row(k + key_off(j + kPrefetchRows), D * 2);
+        prefetch_row(v + key_off(j + kPrefetchRows), D * 2);
+      }
+      std::memcpy(dst, k + key_off(j), D * 2);
+      std::fill(dst + D, dst + w.Dk, uint16_t(0));
+    } else {
+      std::fill(dst, dst + w.Dk, uint16_t(0));
+    }
+  }
+  transpose(w.kraw.data(), half, w.kv.data(), ldk, ldk, half);
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t j = 0; j < ldk; j += 2) {
+    const bool has0 = j < hs.n_keys, has1 = j + 1 < hs.n_keys;
+    const auto* v0 = has0 ? reinterpret_cast<const uint16_t*>(v + key_off(j)) : nullptr;
+    const auto* v1 = has1 ? reinterpret_cast<const uint16_t*>(v + key_off(j + 1)) : nullptr;
+    uint32_t* dst = w.vv.data() + j / 2 * Dp;
+    for (int64_t d = 0; d < Dp; d += 16) {
+      const __mmask16 m = d + 16 <= D ? __mmask16(0xFFFF)
+                          : d < D    ? __mmask16((1u << (D - d)) - 1)
+                                     : __mmask16(0);
+      const __m256i a = v0 ? _mm256_maskz_loadu_epi16(m, v0 + d) : zero;
+      const __m256i b = v1 ? _mm256_maskz_loadu_epi16(m, v1 + d) : zero;
+      const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(a),
+                                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      _mm512_storeu_si512(dst + d, pairs);
+    }
+  }
+}
+
+// C [16 m_tiles, 16 NT] (+)= A B on tiles: A bf16 rows (a_stride bytes), `kchunks` chunks of
+// kAmxK; B pairs (b_stride bytes per pair row; the next kAmxK chunk 16 rows down, the next
+// column tile 64 bytes right); C fp32 (c_stride bytes), loaded first when `accumulate`.
+// Tiles 0 .. NT-1 hold C, 4 holds A, 5 holds B.
+template <int NT>
+AK_AMX_TARGET inline void amx_tile_row(int64_t kchunks, const char* A, int64_t a_stride,
+                                       const char* B, int64_t b_stride, char* C,
+                                       int64_t c_stride, bool accumulate) {
+#define AK_C_INIT(n)                                        \
+  if constexpr (NT > n) {                                   \
+    if (accumulate) _tile_loadd(n, C + n * 64, c_stride);   \
+    else _tile_zero(n);                                     \
+  }
+#define AK_C_DOT(n)                                         \
+  if constexpr (NT > n) {                                   \
+    _tile_loadd(5, b + n * 64, b_stride);                   \
+    _tile_dpbf16ps(n, 4, 5);                                \
+  }
+#define AK_C_STORE(n) \
+  if constexpr (NT > n) _tile_stored(n, C + n * 64, c_stride);
+  AK_C_INIT(0) AK_C_INIT(1) AK_C_INIT(2) AK_C_INIT(3)
+  for (int64_t kk = 0; kk < kchunks; ++kk) {
+    _tile_loadd(4, A + kk * kAmxK * 2, a_stride);
+    const char* b = B + kk * 16 * b_stride;
+    AK_C_DOT(0) AK_C_DOT(1) AK_C_DOT(2) AK_C_DOT(3)
+  }
+  AK_C_STORE(0) AK_C_STORE(1) AK_C_STORE(2) AK_C_STORE(3)
+#undef AK_C_INIT
+#undef AK_C_DOT
+#undef AK_C_STORE
+}
+
+// C [M16, N] (+)= A B, M16 a multiple of 16 rows, N a multiple of 16 columns.
+AK_AMX_TARGET void amx_gemm(int64_t M16, int64_t N, int64_t kchunks, const void* A,
+                            int64_t a_stride, const void* B, int64_t b_stride, float* C,
+                            int64_t c_stride, bool accumulate) {
+  for (int64_t i = 0; i < M16; i += 16) {
+    const char* a = static_cast<const char*>(A) + i * a_stride;
+    char* c_row = reinterpret_cast<char*>(C) + i * c_stride;
+    for (int64_t j = 0; j < N; j += 64) {
+      const char* b = static_cast<const char*>(B) + j * 4;
+      char* c = c_row + j * 4;
+      switch (std::min<int64_t>(4, (N - j) / 16)) {
+        case 4: amx_tile_row<4>(kchunks, a, a_stride, b, b_stride, c, c_stride, accumulate); break;
+        case 3: amx_tile_row<3>(kchunks, a, a_stride, b, b_stride, c, c_stride, accumulate); break;
+        case 2: amx_tile_row<2>(kchunks, a, a_stride, b, b_stride, c, c_stride, accumulate); break;
+        default: amx_tile_row<1>(kchunks, a, a_stride, b, b_stride, c, c_stride, accumulate);
+      }
+    }
+  }
+}
+
+// P [rows, n] fp32 (row stride n, n a multiple of 16) -> bf16 [rows16, ldp] (round to nearest
+// even), zero in columns n .. ldp and rows rows .. rows16.
+AK_AMX_TARGET void round_probs_bf16(const float* src, int64_t rows, int64_t rows16, int64_t n,
+                                    int64_t ldp, uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + r * n + j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ldp + j), (__m256i)h);
+    }
+    std::fill(dst + r * ldp + n, dst + (r + 1) * ldp, uint16_t(0));
+  }
+  std::fill(dst + rows * ldp, dst + rows16 * ldp, uint16_t(0));
+}
+
+// Forward of query rows [q0, q1) of one head slice, keys already gathered into `w` (ldk).
+AK_AMX_TARGET void forward_block_amx(const HeadSlice& hs, int64_t q0, int64_t q1,
+                                     const c10::BFloat16* q, c10::BFloat16* out, float* lse,
+                                     float scale, const Dropout& dp, Workspace<float>& ws,
+                                     AmxWork& w, int64_t ldk) {
+  const int64_t D = ws.D, Dp = ws.Dp, Dk = w.Dk, rows = q1 - q0, rows16 = round_up(rows, 16);
+  std::vector<float> obuf(Dp);
+  const c10::BFloat16* q_rows = q + hs.q_offset + q0 * hs.row_stride;
+  for (int64_t r = 0; r < rows16; ++r) {
+    uint16_t* dst = w.qb.data() + r * Dk;
+    if (r < rows) {
+      std::memcpy(dst, q_rows + r * hs.row_stride, D * sizeof(c10::BFloat16));
+      std::fill(dst + D, dst + Dk, uint16_t(0));
+      ws.m[r] = -std::numeric_limits<float>::infinity();
+      ws.l[r] = 0.0f;
+    } else {
+      std::fill(dst, dst + Dk, uint16_t(0));
+    }
+  }
+  std::fill(ws.o.begin(), ws.o.end(), 0.0f);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < hs.n_keys; j0 += kBlockN) {
+    const int64_t valid = std::min(kBlockN, hs.n_keys - j0);
+    const int64_t bn_pad = round_up(valid, kGemmNR<float>);
+    const int64_t bk = round_up(valid, kAmxK);  // P's columns, a whole number of tile products
+    float* S = ws.s.data();
+    amx_gemm(rows16, bn_pad, Dk / kAmxK, w.qb.data(), Dk * 2, w.kv.data() + j0, ldk * 4, S,
+             bn_pad * 4, false);
+    for (int64_t i = 0; i < rows * bn_pad; i += 16) {
+      _mm512_storeu_ps(S + i, _mm512_mul_ps(_mm512_loadu_ps(S + i), vscale));
+    }
+    softmax_block<float>(S, rows, bn_pad, valid, ws.m.data(), ws.l.data(), ws.o.data(), Dp);
+    if (dp.on) drop_block<float>(dp, hs, q0, rows, j0, valid, bn_pad, S, ws.z.data());
+    round_probs_bf16(S, rows, rows16, bn_pad, bk, w.pb.data());
+    amx_gemm(rows16, Dp, bk / kAmxK, w.pb.data(), bk * 2, w.vv.data() + j0 / 2 * Dp, Dp * 4,
+             ws.o.data(), Dp * 4, true);
+  }
+  const float keep_scale = dp.on ? static_cast<float>(dp.keep_scale) : 1.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = keep_scale / ws.l[r];
+    for (int64_t d = 0; d < D; ++d) obuf[d] = ws.o[r * Dp + d] * inv;
+    store_row<c10::BFloat16>(obuf.data(), out + hs.q_offset + (q0 + r) * hs.row_stride, D);
+    lse[hs.lse_offset + q0 + r] = ws.m[r] + std::log(ws.l[r]);
+  }
+}
+
+AK_AMX_TARGET void amx_begin() {
+  static const AmxConfig config;
+  _tile_loadconfig(&config);
+}
+
+AK_AMX_TARGET void amx_end() { _tile_release(); }
+
+// AMX-BF16 and AVX512-BF16 (cpuid leaf 7), and the OS's permission to use the tile state
+// (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, through ATen), asked for once.
+bool amx_ready() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    const bool avx512_bf16 = (a >> 5) & 1;
+    return tile && bf16 && avx512_bf16 && at::cpu::init_amx();
+  }();
+  return ready;
+}
+#endif  // CPU_CAPABILITY_AVX512
+
+// Whether bf16 attention forwards run on AMX tiles: an AVX-512 build, a CPU (and OS) with
+// AMX-BF16, and ALBERT_KERNELS_CPU_BF16_ATTENTION unset or "auto" ("fp32": the fp32 path;
+// read at each call, so tests run both in one process).
+bool bf16_amx_enabled() {
+  const char* env = std::getenv("ALBERT_KERNELS_CPU_BF16_ATTENTION");
+  if (env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "auto" || v == "fp32",
+                "ALBERT_KERNELS_CPU_BF16_ATTENTION must be auto or fp32, got '", v, "'");
+    if (v == "fp32") return false;
+  }
+#ifdef AK_ATTENTION_AMX
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
 // The zero-padded key columns n_keys .. ld of a backward score row: -inf, so that
 // P = exp(S - lse) is exactly 0 there *before* it meets dP. Their score is 0 (zero K^T columns),
 // and when every real score is far below 0 (lse <= -89, e.g. q.k ~ -3e4) exp(0 - lse) overflows
@@ -261,22 +515,38 @@ inline void mask_padded_scores(acc* s, int64_t n_keys, int64_t ld) {
   std::fill(s + n_keys, s + ld, -std::numeric_limits<acc>::infinity());
 }
 
+// The largest real score of a backward row (padded columns already -inf): the shift of its
+// exponentials. The forward's lse is not used for it: lse is fp32 at the scores' magnitude
+// (|lse| = 141 is 1.5e-5 from the true value, 3e4 is 2e-3) and was computed from the forward's
+// scores, which round differently from these where the forward ran its products elsewhere (the
+// bf16 AMX kernel: scale (Q K^T) instead of (Q scale) K^T); with the row's own maximum the
+// largest P is exp(0) = 1 exactly, so a one-hot row gives dS = 0 exactly.
+template <typename acc>
+inline acc row_max(const acc* s, int64_t ld) {
+  using V = Vec<acc>;
+  constexpr int64_t W = V::size();
+  V vmax(-std::numeric_limits<acc>::infinity());
+  for (int64_t j = 0; j < ld; j += W) vmax = at::vec::maximum(vmax, V::loadu(s + j));
+  return at::vec::vec_reduce_all<acc>(
+      [](const V& a, const V& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
 // One query row of the backward: S (scores) -> P, dp (dO V^T) -> dS / scale.
-// P = exp(S - lse) / rowsum(exp(S - lse)): lse only keeps exp in range, the row is normalised
-// again here. lse is fp32 at the scores' magnitude (|lse| = 141 is 1.5e-5 from the true value,
-// 3e4 is 2e-3), so exp(S - lse) alone sums to 1 + that: sum_j dS_ij = 0 then fails by as much
-// times Di, and dQ = dS K (nearly parallel keys: K ~ its mean) loses it all; dV gets the same
-// relative error. The panel holds the whole row, so the sum costs one reduction.
-// Without dropout: Di = rowsum(P dP), dS = P (dP - Di); S keeps the unnormalised exp(S - lse)
+// P = exp(S - m) / rowsum(exp(S - m)), m = the row's largest real score (row_max): the row is
+// normalised here, so sum_j dS_ij = 0 holds to rounding (with exp(S - lse) alone the row would
+// sum to 1 + lse's error, times Di, and dQ = dS K with nearly parallel keys loses it all; dV
+// gets the same relative error). The panel holds the whole row, so the max and the sum cost
+// one pass each.
+// Without dropout: Di = rowsum(P dP), dS = P (dP - Di); S keeps the unnormalised exp(S - m)
 // and the returned 1 / rowsum scales the row's dO instead (D multiplies, not ld) for
 // dV += P^T dO.
 template <typename acc>
-acc backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
+acc backward_row(acc* s, acc* dp, int64_t n_keys, int64_t ld) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& a, const V& b) { return a + b; };
   mask_padded_scores(s, n_keys, ld);
-  const V vl(lse);
+  const V vl(row_max(s, ld));
   V vsum(acc(0)), vdi(acc(0));
   for (int64_t j = 0; j < ld; j += W) {
     const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
@@ -296,13 +566,13 @@ acc backward_row(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld) {
 // above (normalised over every key, dropped or not), dP = (dO V^T) Z, Di = rowsum(P dP),
 // dS = P (dP - Di), and S keeps P Z for dV += (P Z)^T dO.
 template <typename acc>
-void backward_row_dropout(acc* s, acc* dp, acc lse, int64_t n_keys, int64_t ld, const acc* z,
+void backward_row_dropout(acc* s, acc* dp, int64_t n_keys, int64_t ld, const acc* z,
                           acc keep_scale) {
   using V = Vec<acc>;
   constexpr int64_t W = V::size();
   const auto sum = [](const V& a, const V& b) { return a + b; };
   mask_padded_scores(s, n_keys, ld);
-  const V vl(lse), vk(keep_scale);
+  const V vl(row_max(s, ld)), vk(keep_scale);
   V vsum(acc(0)), vdi(acc(0));
   for (int64_t j = 0; j < ld; j += W) {
     const V pv = fast_exp<acc>(V::loadu(s + j) - vl);
@@ -351,12 +621,11 @@ void backward_slice(const HeadSlice& hs, const scalar_t* grad_out, const scalar_
     small_gemm<acc>(rows, ld, D, ws.q.data(), Dp, 1, ws.kt.data(), ld, S, ld, false);
     small_gemm<acc>(rows, ld, D, do_buf.data(), Dp, 1, ws.vt.data(), ld, P, ld, false);
     for (int64_t r = 0; r < rows; ++r) {
-      const acc row_lse = lse[hs.lse_offset + q0 + r];
       if (dp.on) {
         dp.keep_row(dp.row_base(hs.index, q0 + r), hs.keys, hs.n_keys, z);
-        backward_row_dropout<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld, z, keep_scale);
+        backward_row_dropout<acc>(S + r * ld, P + r * ld, hs.n_keys, ld, z, keep_scale);
       } else {
-        const acc inv = backward_row<acc>(S + r * ld, P + r * ld, row_lse, hs.n_keys, ld);
+        const acc inv = backward_row<acc>(S + r * ld, P + r * ld, hs.n_keys, ld);
         acc* do_row = do_buf.data() + r * Dp;  // dO's last use: dV += P^T dO below
         for (int64_t d = 0; d < D; ++d) do_row[d] *= inv;
       }
@@ -429,6 +698,36 @@ void run_forward(int64_t n_slices, const std::vector<int64_t>& slice_rows, Slice
                  *vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   acc* lp = lse.data_ptr<acc>();
+#ifdef AK_ATTENTION_AMX
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_amx_enabled()) {
+      at::parallel_for(0, static_cast<int64_t>(task_slice.size()), 1, [&](int64_t t0, int64_t t1) {
+        Workspace<acc> ws(D, max_keys, false);
+        AmxWork w(D, ws.Dp, max_keys);
+        amx_begin();  // the tile configuration is per thread
+        int64_t gathered = -1;
+        for (int64_t t = t0; t < t1; ++t) {
+          const HeadSlice hs = slice_of(task_slice[t]);
+          const int64_t q1 = std::min(task_q0[t] + kBlockM, hs.n_rows);
+          if (hs.n_keys == 0) {  // no real key: the fp32 path writes zeros and lse = -inf
+            forward_block<scalar_t, acc>(hs, task_q0[t], q1, qp, op, lp, static_cast<acc>(scale),
+                                         dp, ws);
+            continue;
+          }
+          const int64_t ldk = round_up(hs.n_keys, kAmxK);
+          if (gathered != task_slice[t]) {
+            gather_keys_amx(hs, kp, vp, D, w, ldk);
+            gathered = task_slice[t];
+          }
+          forward_block_amx(hs, task_q0[t], q1, qp, op, lp, static_cast<float>(scale), dp, ws, w,
+                            ldk);
+        }
+        amx_end();
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, static_cast<int64_t>(task_slice.size()), 1, [&](int64_t t0, int64_t t1) {
     Workspace<acc> ws(D, max_keys, false);
     int64_t gathered = -1;  // consecutive tasks of one slice reuse the gathered keys

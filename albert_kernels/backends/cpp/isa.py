@@ -26,6 +26,12 @@ crossover.
 A choice can be forced, to run the other kernel (tests compare the two within the error budget):
 the ``force`` argument, else the environment variable ``ALBERT_KERNELS_CPU_GEMM`` (``auto``, the
 default, ``small_m`` or ``library``).
+
+bf16 attention (the cpp kernels' forward, ``csrc/cpu/attention.cpp``): on AMX tiles
+(``"amx"``: bf16 products with fp32 accumulation, fp32 softmax statistics, P rounded to bf16 for
+P V) in the AVX-512 build on a CPU with AMX-BF16 and AVX512-BF16, else the fp32-arithmetic kernel
+(``"fp32"``); ``$ALBERT_KERNELS_CPU_BF16_ATTENTION`` = ``fp32`` forces the latter (read by the
+kernel at each call). :func:`bf16_attention_kernel` says which runs.
 """
 from __future__ import annotations
 
@@ -194,3 +200,22 @@ def small_m_max_tokens(dtype: torch.dtype = torch.float32, *, isa=None,
     if forced is not None:
         return sys.maxsize if forced == "small_m" else 0
     return SMALL_M_MAX_TOKENS[vector] if dtype == torch.float32 else 0
+
+
+BF16_ATTENTION_ENV = "ALBERT_KERNELS_CPU_BF16_ATTENTION"
+
+
+def bf16_attention_kernel(*, isa: Optional[CpuIsa] = None) -> str:
+    """Which kernel the cpp backend's bf16 attention forward runs: ``"amx"`` (the AVX-512 build,
+    a CPU with AMX-BF16 and AVX512-BF16, and ``$ALBERT_KERNELS_CPU_BF16_ATTENTION`` unset or
+    ``auto``) or ``"fp32"`` (fp32 arithmetic on the bf16 data; also when the variable is
+    ``fp32``). isa: a :class:`CpuIsa` (default: this CPU's, :func:`cpu_isa`). ValueError naming
+    the variable for another value. (The kernel also needs the OS to grant the tile state; where
+    Linux refuses, it runs fp32 while this says ``"amx"``.)"""
+    value = os.environ.get(BF16_ATTENTION_ENV, "auto").strip() or "auto"
+    if value not in ("auto", "fp32"):
+        raise ValueError(f"{BF16_ATTENTION_ENV} must be 'auto' or 'fp32', got {value!r}")
+    isa = cpu_isa() if isa is None else isa
+    if value == "fp32" or built_vector_isa() != "avx512":
+        return "fp32"
+    return "amx" if isa.amx and isa.avx512_bf16 else "fp32"
