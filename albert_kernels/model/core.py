@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+from .quantized import QuantizedLinear
+
 _PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 
@@ -178,7 +180,8 @@ def attention_block(p: LayerParts, h: torch.Tensor, plan) -> torch.Tensor:
 def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
     """``norm2(a + ffn_dropout(ffn_out(act(ffn_in(a)))))``: one fused kernel when both products
     are plain and the activation is GELU, the fused product + GELU when only ``ffn_in`` is, else
-    the calls (an ``activation`` module is always called)."""
+    the calls (an ``activation`` module is always called). An int8 ``ffn_in``
+    (``quantized.QuantizedLinear``, no hooks) applies GELU in its own epilogue."""
     pl, kernels = p.plain, plan.kernels
     if p.activation is not None:
         f = linear(p.ffn_out, p.activation(linear(p.ffn_in, a, pl["ffn_in"])), pl["ffn_out"])
@@ -188,6 +191,8 @@ def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
     else:
         if pl["ffn_in"]:
             x = kernels.linear_gelu(a, p.ffn_in.weight, p.ffn_in.bias, p.approximate)
+        elif bare(p.ffn_in, QuantizedLinear):
+            x = p.ffn_in.linear_gelu(a, p.approximate)   # GELU in the int8 product's epilogue
         else:
             x = F.gelu(p.ffn_in(a), approximate=p.approximate)
         f = linear(p.ffn_out, x, pl["ffn_out"])
