@@ -29,6 +29,7 @@ default, ``small_m`` or ``library``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -206,6 +207,16 @@ INT8_KERNELS = ("vnni", "avx2", "portable", "library")
 INT8_VNNI_MAX_TOKENS = 64
 
 
+@functools.lru_cache(maxsize=None)
+def _int8_machine(isa_env: Optional[str]) -> tuple:
+    """(AVX-512 VNNI, AVX2, the built vector tier) for a value of ``$ALBERT_KERNELS_CPU_ISA``:
+    read once (every int8 product asks; uncached it cost ~20 us per call)."""
+    flags = _cpuinfo_flags() or frozenset()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return (x86 and {"avx512_vnni", "avx512bw"} <= flags, x86 and "avx2" in flags,
+            built_vector_isa())
+
+
 def int8_kernel(m: int, *, force: Optional[str] = None) -> str:
     """Which kernel runs an int8 product (``torch.ops.albert_kernels.int8_linear``) on `m` rows:
 
@@ -228,17 +239,13 @@ def int8_kernel(m: int, *, force: Optional[str] = None) -> str:
         value = os.environ.get(INT8_ENV_VAR, "auto").strip().lower() or "auto"
     if value != "auto" and value not in INT8_KERNELS:
         raise ValueError(f"{source} must be 'auto' or one of {INT8_KERNELS}, got {value!r}")
-    flags = _cpuinfo_flags() or frozenset()
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    has_vnni = x86 and {"avx512_vnni", "avx512bw"} <= flags
-    has_avx2 = x86 and "avx2" in flags
+    has_vnni, has_avx2, vector = _int8_machine(os.environ.get("ALBERT_KERNELS_CPU_ISA"))
     if value == "vnni" and not has_vnni:
         raise ValueError(f"{source}='vnni': this CPU has no AVX-512 VNNI")
     if value == "avx2" and not has_avx2:
         raise ValueError(f"{source}='avx2': this CPU has no AVX2")
     if value != "auto":
         return value
-    vector = built_vector_isa()
     if has_vnni and vector == "avx512":
         return "vnni" if m <= INT8_VNNI_MAX_TOKENS else "library"
     return "avx2" if has_avx2 and vector in ("avx512", "avx2") else "portable"
