@@ -136,9 +136,13 @@ def main(argv=None) -> None:
     contenders = {
         "transformers sdpa (fp32)": _torch_contender(base),
         "ours (fp32)": _torch_contender(patched),
-        "ours int8 (q, k, attn-out: default)": _torch_contender(ak.quantize_dynamic(patched)),
+        "ours int8 (default: all but FFN-out)": _torch_contender(ak.quantize_dynamic(patched)),
         "ours int8 (all six products)": _torch_contender(
             ak.quantize_dynamic(patched, products="all")),
+        "ours int8 (q, k, attn-out)": _torch_contender(
+            ak.quantize_dynamic(patched, products=("query", "key", "dense"))),
+        "ours int8 (all six, no outlier channels)": _torch_contender(
+            ak.quantize_dynamic(patched, products="all", outlier_channels=0)),
     }
     if not args.no_onnx:
         try:

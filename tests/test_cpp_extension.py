@@ -175,6 +175,8 @@ def _op_samples():
                        "portable")),
         ("int8_linear", (f(5, 30), ao.int8_pack_weight(wq), wq, torch.rand(20) / 50,
                          wq.sum(1, dtype=torch.int32), f(20), None, "tanh", "portable")),
+        ("int8_linear", (f(5, 30), ao.int8_pack_weight(wq), wq, torch.rand(20) / 50,
+                         wq.sum(1, dtype=torch.int32), None, f(30), None, "portable", f(5, 20))),
     ]
 
 

@@ -18,9 +18,10 @@
 //     AMX-INT8 / VNNI where the CPU has them; on a CPU without VNNI oneDNN's int8 product
 //     saturates, so the Python side never picks it there).
 //   int8_linear(x fp32 [M, K], weight_packed, weight_q, weight_scale fp32 [N], weight_sums int32
-//     [N], bias fp32 [N]?, input_scale fp32 [K]?, gelu_approximate?, kernel) -> fp32 [M, N]:
-//     quantize_rows, gemm, then out = (acc - zero_point[m] * weight_sums[n]) * (scale[m] *
-//     weight_scale[n]) + bias[n] in fp32, GELU ("none" / "tanh", as F.gelu) when asked.
+//     [N], bias fp32 [N]?, input_scale fp32 [K]?, gelu_approximate?, kernel, addend fp32 [M, N]?)
+//     -> fp32 [M, N]: quantize_rows, gemm, then out = (acc - zero_point[m] * weight_sums[n]) *
+//     (scale[m] * weight_scale[n]) + bias[n] + addend[m, n] in fp32, GELU ("none" / "tanh", as
+//     F.gelu) when asked. (addend: the fp32 product of the input channels kept out of int8.)
 //
 // Inference only (no autograd), CPU only. The work is split over blocks of 64 output channels
 // and tiles of 4 rows; each thread owns whole output tiles, so the result does not depend on the
@@ -212,6 +213,15 @@ Kernel parse_kernel(std::string_view name) {
 #ifndef ALBERT_KERNELS_X86
     TORCH_CHECK(false, "int8 kernel '", name, "' needs an x86-64 build");
 #endif
+#ifdef ALBERT_KERNELS_X86
+    // never run an instruction the CPU lacks (SIGILL): a clear error instead
+    if (name == "vnni") {
+      TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"),
+                  "int8 kernel 'vnni': this CPU has no AVX-512 VNNI");
+    } else {
+      TORCH_CHECK(__builtin_cpu_supports("avx2"), "int8 kernel 'avx2': this CPU has no AVX2");
+    }
+#endif
     return name == "vnni" ? Kernel::Vnni : Kernel::Avx2;
   }
   if (name == "portable") return Kernel::Portable;
@@ -341,7 +351,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight_packed,
                        const at::Tensor& weight_sums, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& input_scale,
                        std::optional<c10::string_view> gelu_approximate,
-                       c10::string_view kernel_name) {
+                       c10::string_view kernel_name, const std::optional<at::Tensor>& addend) {
   const Kernel kernel = parse_kernel(std::string_view(kernel_name.data(), kernel_name.size()));
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "x must be a CPU float32 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
@@ -367,6 +377,15 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight_packed,
     s_in = input_scale->contiguous();
     TORCH_CHECK(s_in.scalar_type() == at::kFloat && s_in.numel() == k,
                 "input_scale must be float32 [K], K = ", k);
+  }
+  const float* add_p = nullptr;
+  at::Tensor add;
+  if (addend.has_value()) {
+    add = addend->contiguous();
+    TORCH_CHECK(add.scalar_type() == at::kFloat && add.dim() == 2 && add.size(0) == m &&
+                    add.size(1) == n,
+                "addend must be float32 [M, N] = [", m, ", ", n, "], got ", add.sizes());
+    add_p = add.data_ptr<float>();
   }
   std::optional<Gelu> gelu;
   if (gelu_approximate.has_value()) {
@@ -405,6 +424,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight_packed,
         const int32_t v = a[j] - off * sums[j];
         orow[j] = static_cast<float>(v) * (sx * ws[j]) + (bias_p ? bias_p[j] : 0.f);
       }
+      if (add_p != nullptr) {
+        const float* arow = add_p + r * n;
+        for (int64_t j = 0; j < n; ++j) orow[j] += arow[j];
+      }
       if (gelu.has_value()) {
         int64_t j = 0;
         for (; j + W <= n; j += W) GeluMath<float>::forward(*gelu, V::loadu(orow + j)).store(orow + j);
@@ -424,7 +447,7 @@ TORCH_LIBRARY_FRAGMENT(albert_kernels, m) {
   m.def("int8_gemm(Tensor q, Tensor weight_packed, Tensor weight_q, str kernel) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight_packed, Tensor weight_q, Tensor weight_scale,"
         " Tensor weight_sums, Tensor? bias=None, Tensor? input_scale=None,"
-        " str? gelu_approximate=None, str kernel=\"portable\") -> Tensor");
+        " str? gelu_approximate=None, str kernel=\"portable\", Tensor? addend=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(albert_kernels, CPU, m) {

@@ -169,7 +169,7 @@ def _(q, weight_packed, weight_q, kernel):
 
 @torch.library.register_fake("albert_kernels::int8_linear")
 def _(x, weight_packed, weight_q, weight_scale, weight_sums, bias=None, input_scale=None,
-      gelu_approximate=None, kernel="portable"):
+      gelu_approximate=None, kernel="portable", addend=None):
     return x.new_empty((x.shape[0], weight_q.shape[0]))
 
 
