@@ -14,6 +14,7 @@ from .model import (AlbertConfig, AlbertForMaskedLM, AlbertForMultipleChoice, Al
 from .model.hf_patch import patch_hf
 from . import ops
 from .model.layers import freeze, unfreeze
+from .model.quantized import quantize_dynamic
 from .ops import *  # noqa: F401,F403  the op table's ops, unpad, pad (ops.__all__)
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ __all__ = [
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM",
     "AlbertForSequenceClassification", "AlbertForTokenClassification", "AlbertForQuestionAnswering",
     "AlbertForMultipleChoice",
-    "patch_hf", "register_hf_attention", "freeze", "unfreeze", *ops.__all__,
+    "patch_hf", "register_hf_attention", "freeze", "unfreeze", "quantize_dynamic", *ops.__all__,
 ]

@@ -141,6 +141,7 @@ def _op_samples():
     vout, vlse = ao.varlen_attention_fwd(qv.detach(), kv.detach(), vv.detach(), cu, cu, 7, 7, 0.2,
                                          *drop)
     d = lambda *ts: [t.detach() for t in ts]
+    wq = torch.randint(-127, 128, (20, 30), dtype=torch.int8)
     return [
         ("add_layer_norm_fwd", (x, r, w, b, 1e-5)),
         ("add_layer_norm_bwd", (f(6, 16), *d(x, r, w), mean, rstd)),
@@ -166,6 +167,15 @@ def _op_samples():
             ao.pack_linear_weight(f(48, 48)), f(48), f(48), f(48), 1e-12,
             ao.pack_linear_weight(f(40, 48)), f(40), ao.pack_linear_weight(f(48, 40)), f(48),
             f(48), f(48), 1e-12, 4, 0.25, "tanh")),
+        # the int8 inference ops: N = 20, K = 30 (partial panels and groups)
+        ("int8_pack_weight", (wq,)),
+        ("int8_quantize_rows", (f(5, 30), f(30))),
+        ("int8_gemm", (ao.int8_quantize_rows(f(5, 30))[0], ao.int8_pack_weight(wq), wq,
+                       "portable")),
+        ("int8_linear", (f(5, 30), ao.int8_pack_weight(wq), wq, torch.rand(20) / 50,
+                         wq.sum(1, dtype=torch.int32), f(20), None, "tanh", "portable")),
+        ("int8_linear", (f(5, 30), ao.int8_pack_weight(wq), wq, torch.rand(20) / 50,
+                         wq.sum(1, dtype=torch.int32), None, f(30), None, "portable", f(5, 20))),
     ]
 
 

@@ -57,6 +57,22 @@ CHECK = textwrap.dedent("""
     y = ak.add_layer_norm(x.float(), r, w, bb, backend="cpp")
     z = ak.add_layer_norm(x.float(), r, w, bb, backend="reference")
     assert (y - z).abs().max().item() < 1e-5
+    # int8: this build's choice (avx2 / portable) sums exactly; quantize_dynamic runs on it
+    expected_int8 = {"AVX2": "avx2", "DEFAULT": "portable"}.get(EXPECTED)
+    if expected_int8 is not None:
+        assert isa.int8_kernel(5) == expected_int8, isa.int8_kernel(5)
+    for m, k, n in ((3, 101, 33), (40, 384, 64)):
+        xq = torch.randn(m, k)
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        q, _, _ = ops.int8_quantize_rows(xq)
+        sums = ops.int8_gemm(q, ops.int8_pack_weight(wq), wq, isa.int8_kernel(m))
+        assert torch.equal(sums.long(), q.long() @ wq.long().t()), (m, k, n)
+    qmodel = ak.quantize_dynamic(model, products="all")
+    with torch.no_grad():
+        model.set_backend("cpp")
+        qgot = qmodel(ids, mask).last_hidden_state
+    real = mask.bool()
+    assert (qgot - got)[real].abs().max().item() < 0.05 * got[real].abs().max().item()
     print("ok", build.build_isa())
 """)
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from ..backends import autocast
+from .quantized import QuantizedLinear
 
 _PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
@@ -297,7 +298,8 @@ def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
     """``norm2(a + ffn_dropout(ffn_out(act(ffn_in(a)))))``: one fused kernel when both products
     have weights a kernel may use (:meth:`LayerParts.weights`) and the activation is GELU, the
     fused product + GELU when only ``ffn_in`` has, else the calls (an ``activation`` module is
-    always called)."""
+    always called). An int8 ``ffn_in`` (``quantized.QuantizedLinear``, no hooks) applies GELU
+    in its own epilogue."""
     pl, kernels = p.plain, plan.kernels
     if p.activation is not None:
         f = p.linear("ffn_out", p.activation(p.linear("ffn_in", a)))
@@ -308,6 +310,8 @@ def ffn_block(p: LayerParts, a: torch.Tensor, plan) -> torch.Tensor:
         else:
             if w_in is not None:
                 x = kernels.linear_gelu(a, *w_in, p.approximate)
+            elif bare(p.ffn_in, QuantizedLinear):
+                x = p.ffn_in.linear_gelu(a, p.approximate)   # GELU in the int8 product's epilogue
             else:
                 x = F.gelu(p.ffn_in(a), approximate=p.approximate)
             f = F.linear(x, *w_out) if w_out is not None else p.ffn_out(x)

@@ -35,6 +35,7 @@ kernel at each call). :func:`bf16_attention_kernel` says which runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -219,3 +220,57 @@ def bf16_attention_kernel(*, isa: Optional[CpuIsa] = None) -> str:
     if value == "fp32" or built_vector_isa() != "avx512":
         return "fp32"
     return "amx" if isa.amx and isa.avx512_bf16 else "fp32"
+
+
+# ------------------------------------------------------------------------------------- int8
+INT8_ENV_VAR = "ALBERT_KERNELS_CPU_INT8"
+INT8_KERNELS = ("vnni", "avx2", "portable", "library")
+# AVX-512 VNNI machines: our vpdpbusd kernel up to this many rows (tokens), the library's
+# (torch._int_mm: oneDNN, on AMX-INT8 where present) above. Measured on an Intel Xeon (Sapphire
+# Rapids class, AMX-INT8), 1 thread, all-MiniLM-L6-v2's shapes (N, K) in {(384, 384),
+# (1536, 384), (384, 1536)}, 2026-12-05 (docs/performance.md, "int8 products").
+INT8_VNNI_MAX_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_machine(isa_env: Optional[str]) -> tuple:
+    """(AVX-512 VNNI, AVX2, the built vector tier) for a value of ``$ALBERT_KERNELS_CPU_ISA``:
+    read once (every int8 product asks; uncached it cost ~20 us per call)."""
+    flags = _cpuinfo_flags() or frozenset()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return (x86 and {"avx512_vnni", "avx512bw"} <= flags, x86 and "avx2" in flags,
+            built_vector_isa())
+
+
+def int8_kernel(m: int, *, force: Optional[str] = None) -> str:
+    """Which kernel runs an int8 product (``torch.ops.albert_kernels.int8_linear``) on `m` rows:
+
+    - ``"vnni"`` (our AVX-512 VNNI kernel) for m <= :data:`INT8_VNNI_MAX_TOKENS`, ``"library"``
+      (``torch._int_mm``, oneDNN: AMX-INT8 / VNNI) above, on a CPU with AVX-512 VNNI when the
+      extension is built for AVX-512;
+    - ``"avx2"`` (our widening AVX2 kernel) on any other AVX2 CPU or build: oneDNN's int8
+      product is not exact there (its u8 x s8 pair sums saturate in int16: measured on this
+      Xeon with oneDNN limited to AVX2, errors of millions in the int32 sums), so the library is
+      never chosen without VNNI;
+    - ``"portable"`` (plain loops) elsewhere.
+
+    force, else ``$ALBERT_KERNELS_CPU_INT8``: ``auto`` (default) or one of
+    :data:`INT8_KERNELS`. ValueError for another value, or for ``vnni`` / ``avx2`` on a CPU that
+    lacks the instructions (``library`` is honoured as asked: exact only with VNNI or AMX)."""
+    if force is not None:
+        source, value = "force", force
+    else:
+        source = INT8_ENV_VAR
+        value = os.environ.get(INT8_ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in INT8_KERNELS:
+        raise ValueError(f"{source} must be 'auto' or one of {INT8_KERNELS}, got {value!r}")
+    has_vnni, has_avx2, vector = _int8_machine(os.environ.get("ALBERT_KERNELS_CPU_ISA"))
+    if value == "vnni" and not has_vnni:
+        raise ValueError(f"{source}='vnni': this CPU has no AVX-512 VNNI")
+    if value == "avx2" and not has_avx2:
+        raise ValueError(f"{source}='avx2': this CPU has no AVX2")
+    if value != "auto":
+        return value
+    if has_vnni and vector == "avx512":
+        return "vnni" if m <= INT8_VNNI_MAX_TOKENS else "library"
+    return "avx2" if has_avx2 and vector in ("avx512", "avx2") else "portable"

@@ -142,6 +142,32 @@ def _(hidden_states, *args):
     return torch.empty_like(hidden_states)
 
 
+# the int8 inference ops (csrc/cpu/int8_linear.cpp; no autograd): weights packed as
+# [ceil(N / 16), ceil(K / 4), 16, 4] int8
+@torch.library.register_fake("albert_kernels::int8_pack_weight")
+def _(weight_q):
+    n, k = weight_q.shape
+    return weight_q.new_empty((-(-n // 16), -(-k // 4), 16, 4))
+
+
+@torch.library.register_fake("albert_kernels::int8_quantize_rows")
+def _(x, input_scale=None):
+    m = x.shape[0]
+    return (x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((m,)),
+            x.new_empty((m,), dtype=torch.int32))
+
+
+@torch.library.register_fake("albert_kernels::int8_gemm")
+def _(q, weight_packed, weight_q, kernel):
+    return q.new_empty((q.shape[0], weight_q.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake("albert_kernels::int8_linear")
+def _(x, weight_packed, weight_q, weight_scale, weight_sums, bias=None, input_scale=None,
+      gelu_approximate=None, kernel="portable", addend=None):
+    return x.new_empty((x.shape[0], weight_q.shape[0]))
+
+
 # ---------------------------------------------------------------- autograd
 # Each backward runs the *_bwd kernel; with grad mode on (autograd is recording the backward:
 # create_graph=True) it computes the gradients with the reference formula instead, which can be
