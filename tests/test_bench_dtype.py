@@ -102,7 +102,7 @@ def test_latency_perturbed_contender_shows_its_error(dtype):
     table = latency.format_latency(list(rows.values()), FLOORS, dtype)
     line = next(t for t in table.splitlines() if t.startswith("perturbed"))
     assert "over budget" in line and f"{bad.err_max_abs:.2e}" in line
-    assert f"{str(dtype)[6:]} error budget of docs/correctness.md" in table
+    assert f"{str(dtype)[6:]} error budget (docs/correctness.md)" in table
     if dtype == torch.bfloat16:
         assert "ours (cpp, unfrozen)" not in rows        # one unfrozen model in bf16
         assert ours.precision == "bfloat16" and "budget" in bad.check

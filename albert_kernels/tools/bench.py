@@ -11,8 +11,8 @@ many rows are trustworthy.
 
 Without --json / --plot, the JSON and the plot go to --results-dir (benchmarks/results) in a
 folder named after the machine and the date, e.g.
-`cpu_intel-xeon-platinum-8480_amx_2core_2026-12-04/ops-model-forward_233012.json`; the paths are
-the last lines printed. The JSON holds {"machine", "date", "config", "noisy_spread", "results"}
+`cpu_intel-xeon-platinum-8480_amx_2core_2026-12-04/ops-model-forward-float32_233012.json`; the
+paths are the last lines printed. The JSON holds {"machine", "date", "config", "noisy_spread", "results"}
 (machine: CPU model, `cpu_isa` (its AVX2 / AVX-512 / AMX instruction sets), core count, torch
 and its threads, GPUs; config: the options, --dropout and --autocast included, which the model
 rows' group names also carry); each result row has:

@@ -437,7 +437,7 @@ def format_latency(rows: list[Row], floors: dict,
              f"cache-resident copy {floors['copy_bytes_s'] / 1e9:.1f} GB/s (medians over the "
              "shapes; each shape's floors use the rates timed in its own rounds)",
              f"max |err|, min cos: last_hidden_state vs float64 transformers (eager, the float32 "
-             f"weights), all tokens; budget: the {name} error budget of docs/correctness.md, "
+             f"weights), all tokens; budget: the {name} error budget (docs/correctness.md): "
              f"2 x max|transformers sdpa {name} - float64| + 4 eps({name}) max|float64|, per shape",
              f"{'contender':40s} {'precision':>18s} {'B':>2s} {'L':>4s} {'median ms':>10s} "
              f"{'min-max ms':>17s} {'spread':>6s} {'x sdpa':>8s} {'vs floor':>8s} "
@@ -524,7 +524,7 @@ def main(args) -> int:
                       "min_time": min_time, "padding": "none"},
            "notes": [note] if note else [],
            "error_reference": "float64 transformers (eager) on the float32 weights; budget: "
-                              f"docs/correctness.md's for {dtype_name(precision)}",
+                              f"the {dtype_name(precision)} one of docs/correctness.md",
            "noisy_spread": timing.NOISY_SPREAD, "floors": floors,
            "results": [asdict(r) for r in rows]}
     what = dtype_arg + (f", autocast {autocast_arg}" if autocast_arg else "")

@@ -34,8 +34,8 @@ def dtype_note(precision: str) -> Optional[str]:
     if isa.avx512_bf16 or isa.amx:
         return None
     return ("note: this CPU has no bf16 instructions (no AVX512-BF16, no AMX-BF16): bf16 matrix "
-            "products run without hardware support, several times slower than float32 (about 5x "
-            "on an AVX2 AMD EPYC; docs/performance.md), so float32 is the faster choice here")
+            "products run without hardware support, far slower than float32 "
+            "(docs/performance.md), so float32 is the faster choice here")
 
 
 def plot(rows: list[dict], machine_info: dict, path: str, title: str = "albert_kernels bench"
