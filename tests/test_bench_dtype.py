@@ -205,3 +205,15 @@ def test_latency_rejects_float16_and_dropout(capsys):
     assert main(["bench", "--latency", "--quick", "--dtype", "bfloat16", "--autocast",
                  "bfloat16", "--no-save"]) == 1
     assert "--dtype must be float32" in capsys.readouterr().err
+
+
+def test_runtime_precision_names_what_each_runtime_computes_in():
+    def precision(name, **kw):
+        return latency.runtime_precision(Contender(name, None, **kw))
+    assert precision("ours (cpp)", precision="bfloat16") == "bfloat16"
+    assert precision("onnxruntime (bert fusions)") == "float32"
+    assert precision("onnxruntime (dynamic int8)") == "int8"
+    assert precision("openvino (forced f32)") == "float32"
+    ov = pytest.importorskip("openvino")
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    assert precision("openvino") == f"{hint} (its default)"

@@ -244,14 +244,17 @@ def torch_contenders(hf, compile_baseline: bool, dtype: torch.dtype = torch.floa
 
 
 def runtime_precision(c: Contender) -> str:
-    """What contender `c` computes in: its own `precision` when set, else, for a runtime, the
-    precision it runs a float32 model at by default (ONNX Runtime's CPU provider: float32;
-    OpenVINO's CPU plugin: its INFERENCE_PRECISION_HINT, bf16 on CPUs with AVX512-BF16/AMX)."""
+    """What contender `c` computes in: its own `precision` when set, else what its name says
+    ("int8", "f32"), else, for a runtime, the precision it runs a float32 model at by default
+    (ONNX Runtime's CPU provider: float32; OpenVINO's CPU plugin: its INFERENCE_PRECISION_HINT,
+    bf16 on CPUs with AVX512-BF16/AMX)."""
     if c.precision is not None:
         return c.precision
     name = c.name.lower()
     if "int8" in name:
         return "int8"
+    if any(word in name for word in ("f32", "fp32", "float32")):
+        return "float32"
     if name.startswith("openvino"):
         try:
             import openvino as ov
