@@ -179,7 +179,7 @@ def test_bench_writes_json_and_plot_into_the_machine_folder(tmp_path, monkeypatc
     png_path = Path(plot_line.removeprefix("plot:    "))
     folder = f"cpu_{info.machine_slug(info.machine())}_{time.strftime('%Y-%m-%d')}"
     assert json_path.parent == png_path.parent == tmp_path / folder
-    assert json_path.name.startswith("ops_") and png_path.suffix == ".png"
+    assert json_path.name.startswith("ops-float32_") and png_path.suffix == ".png"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(json_path.read_text())
     assert [r["name"] for r in doc["results"]] == [w.name for w in ws] == drawn[0]

@@ -116,7 +116,7 @@ def test_cli_latency_quick_writes_json_and_plot(monkeypatch, tmp_path, capsys):
     json_path, png_path = (p for p in capsys.readouterr().out.splitlines()[-2:])
     assert json_path.startswith("results: ") and png_path.startswith("plot:    ")
     out = Path(json_path.split(None, 1)[1])
-    assert out.parent.parent == tmp_path and out.name.startswith("latency_")
+    assert out.parent.parent == tmp_path and out.name.startswith("latency-float32_")
     assert Path(png_path.split(None, 1)[1]).stat().st_size > 0
     doc = json.loads(out.read_text())
     assert doc["machine"]["cpu_isa"] == info.cpu_isa()

@@ -11,8 +11,8 @@ many rows are trustworthy.
 
 Without --json / --plot, the JSON and the plot go to --results-dir (benchmarks/results) in a
 folder named after the machine and the date, e.g.
-`cpu_intel-xeon-platinum-8480_amx_2core_2026-12-04/ops-model-forward_233012.json`; the paths are
-the last lines printed. The JSON holds {"machine", "date", "config", "noisy_spread", "results"}
+`cpu_intel-xeon-platinum-8480_amx_2core_2026-12-04/ops-model-forward-float32_233012.json`; the
+paths are the last lines printed. The JSON holds {"machine", "date", "config", "noisy_spread", "results"}
 (machine: CPU model, `cpu_isa` (its AVX2 / AVX-512 / AMX instruction sets), core count, torch
 and its threads, GPUs; config: the options, --dropout and --autocast included, which the model
 rows' group names also carry); each result row has:
@@ -43,6 +43,15 @@ rows' group names also carry); each result row has:
                              the model rows: the target, docs/performance.md, is <= 0.75 for
                              ours (cpp) in training)
   own_mem_vs_baseline        (peak_mem_mb - base_mem_mb) / the same for the group's baseline
+  err_max_abs, err_min_cos   forward model rows: last_hidden_state against float64 transformers
+                             on the same weights and inputs, over the real tokens: max |err| and
+                             the smallest per-token cosine (tools/accuracy.py; null elsewhere)
+  err_budget, over_budget    the budget of the run's dtype (docs/correctness.md: 2 x the error of
+                             transformers sdpa in that dtype + 4 ulps of max |gold|) and whether
+                             err_max_abs exceeds it (the table marks such a row "over budget")
+The file names carry the dtype (e.g. ``model-forward-bfloat16_<time>.json``), and with
+``--dtype bfloat16`` on an x86-64 CPU without bf16 instructions the JSON's "notes" and the
+screen say that bf16 products have no hardware path there.
 """
 from __future__ import annotations
 
@@ -58,7 +67,8 @@ from ..dtypes import DTYPES
 from . import memory, timing
 from .info import machine
 from .model_workloads import AUTOCAST_DTYPES, model_workloads
-from .report import RESULTS_DIR, describe_machine, output_paths, write_outputs
+from . import accuracy
+from .report import RESULTS_DIR, describe_machine, dtype_note, output_paths, write_outputs
 from .timing import measure
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         linear_gelu_workloads)
@@ -78,6 +88,7 @@ class Result:
     base_mem_mb: Optional[float] = None
     q1_s: Optional[float] = None
     q3_s: Optional[float] = None
+    error: Optional[accuracy.Error] = None   # forward model rows: vs float64 transformers
 
     @classmethod
     def timed(cls, w: Workload, times: list[float], first: float) -> "Result":
@@ -104,14 +115,16 @@ class Result:
         return self.peak_mem_mb - self.base_mem_mb
 
     def as_dict(self) -> dict:
-        w = self.workload
+        w, e = self.workload, self.error
         return {"group": w.group, "name": w.name, "unit": w.unit, "work_per_call": w.work,
                 "median_s": self.median_s, "min_s": self.min_s, "max_s": self.max_s,
                 "q1_s": self.q1_s, "q3_s": self.q3_s, "spread": self.spread,
                 "repeats": self.repeats, "first_call_s": self.first_call_s,
                 "throughput": self.throughput, "baseline": w.baseline, "ceiling": w.ceiling,
                 "ceiling_max": w.ceiling_max,
-                "peak_mem_mb": self.peak_mem_mb, "base_mem_mb": self.base_mem_mb}
+                "peak_mem_mb": self.peak_mem_mb, "base_mem_mb": self.base_mem_mb,
+                "err_max_abs": e.max_abs if e else None, "err_min_cos": e.min_cos if e else None,
+                "err_budget": e.budget if e else None, "over_budget": bool(e and e.over_budget)}
 
 
 def run_workload(w: Workload, device: str, min_time_s: float) -> Result:
@@ -209,6 +222,7 @@ def format_table(results: list[Result]) -> str:
     figures cannot be trusted."""
     rat = ratios(results)
     mem = any(r.peak_mem_mb is not None for r in results)
+    err = any(r.error is not None for r in results)
     marks = {id(r): " (ceiling)" if r.workload.ceiling else (" (baseline)" if r.workload.baseline
                                                                else "") for r in results}
     width = max([len(r.workload.name) + len(marks[id(r)]) for r in results] + [20])
@@ -226,10 +240,15 @@ def format_table(results: list[Result]) -> str:
             if base_mem is not None:
                 lines.append(f"  [memory: a process with the imports and inputs alone peaks at "
                              f"{base_mem:.0f} MiB]")
+            checked = next((y for y in results if y.workload.group == group
+                            and y.error is not None), None)
+            if checked is not None:
+                lines.append(f"  [{accuracy.budget_text(checked.workload.check.precision, checked.error.budget)}]")
             lines.append(f"  {'':{width}s} {'median':>10s} {'min-max':>21s} {'spread':>6s} "
                          f"{'throughput':>16s} {'vs base':>8s} {'of ceil':>8s} {'1st call':>9s}"
                          + (f" {'peak MiB':>9s} {'own MiB':>8s} {'peak/base':>9s} "
-                            f"{'own/base':>8s}" if mem else "") + "  note")
+                            f"{'own/base':>8s}" if mem else "")
+                         + (f" {'max |err|':>9s} {'min cos':>9s}" if err else "") + "  note")
         ceil = x["fraction_of_ceiling"]
         spread = (f"{_ms(r.min_s):9.4g}-{_ms(r.max_s):9.4g}ms" if r.median_s is not None
                   else f"{'-':>21s}")
@@ -243,8 +262,13 @@ def format_table(results: list[Result]) -> str:
             line += (f" {_fmt(r.peak_mem_mb, '.0f', 9)} {_fmt(r.own_mem_mb, '.0f', 8)} "
                      f"{_fmt(x['mem_vs_baseline'], '.2f', 9, 'x')} "
                      f"{_fmt(x['own_mem_vs_baseline'], '.2f', 8, 'x')}")
-        if x["noisy"]:
-            line += f"  {timing.NOISY} ({'; '.join(x['flags'])})"
+        if err:
+            e = r.error
+            line += (f" {_fmt(e and e.max_abs, '.2e', 9)} {_fmt(e and e.min_cos, '.6f', 9)}")
+        notes = ([accuracy.flag_text(r.error)] if r.error and r.error.over_budget else []) \
+            + ([f"{timing.NOISY} ({'; '.join(x['flags'])})"] if x["noisy"] else [])
+        if notes:
+            line += "  " + "; ".join(notes)
         lines.append(line)
     return "\n".join(lines)
 
@@ -324,8 +348,10 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines, just the table")
     p.add_argument("--latency", action="store_true",
                    help="one short request at a time instead (tools/latency.py): batch 1 and 4, "
-                   "L = 8, 32, 128, fp32 on CPU, ours vs transformers sdpa, torch.compile, "
-                   "ONNX Runtime, OpenVINO (the `bench` extra), and the floors; uses --preset, "
+                   "L = 8, 32, 128 on CPU, in --dtype float32 (default) or bfloat16 or under "
+                   "--autocast, ours vs transformers sdpa, torch.compile, ONNX Runtime, OpenVINO "
+                   "(the `bench` extra; at their own precision), and the floors, every row with "
+                   "its error against float64 transformers; uses --preset, --dtype, --autocast, "
                    "--min-time, --no-compile, --quick, --quiet and the output options")
 
 
@@ -375,7 +401,9 @@ def _model_options(args) -> Optional[str]:
     if not asked:
         return None
     if getattr(args, "latency", False):
-        return f"{' and '.join(asked)}: --latency runs float32 inference only"
+        if args.dropout:
+            return "--dropout: --latency runs inference only (no dropout)"
+        return None         # --autocast: tools/latency.py checks it against --dtype
     if args.ops and not args.model:
         return f"{' and '.join(asked)} set the model benchmarks: add --model (the ops run neither)"
     if args.ops:
@@ -411,6 +439,10 @@ def main(args) -> int:
     if conflict:
         print(conflict, file=sys.stderr)
         return 1
+    note = (dtype_note(args.autocast or args.dtype)
+            if torch.device(args.device).type == "cpu" else None)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     results, base_mem = [], {}
     builders = collect(args)
     for i, build in enumerate(builders, 1):
@@ -418,6 +450,10 @@ def main(args) -> int:
         progress = lambda tag: (lambda what: None) if args.quiet else (
             lambda what: print(f"{tag} {what}", file=sys.stderr, flush=True))
         timed = [None] * len(workloads)
+        errors = {}
+        if workloads and not args.memory_only:
+            errors = accuracy.workload_errors(workloads, progress(
+                f"[{i}/{len(builders)}] {workloads[0].group[:90]} ::"))
         # CPU model benchmarks: calls of seconds each, on a noisy shared machine: round-robin
         if (workloads and not args.memory_only and torch.device(args.device).type == "cpu"
                 and all(w.unit == "tokens/s" for w in workloads)):
@@ -429,17 +465,28 @@ def main(args) -> int:
                            f"({j}/{len(workloads)})")
             if not args.memory_only and timed[j - 1] is None:
                 say("timing")
-            results.append(_run(w, args, base_mem, say, timed[j - 1]))
+            r = _run(w, args, base_mem, say, timed[j - 1])
+            if id(w) in errors:
+                # the error's call came first: it is the first call (compilation included)
+                r.error, r.first_call_s = errors[id(w)]
+            results.append(r)
     m = machine()
     rat = ratios(results)
     rows = [{**r.as_dict(), **rat[id(r)]} for r in results]
     print(describe_machine(m))
+    if note:
+        print(note)
     print(format_table(results))
     print("\n" + timing.summary([x["noisy"] for r, x in zip(results, rows)
                                  if r.median_s is not None]))
+    over = [f"{r.workload.name} ({r.workload.group.split(' (')[0]})" for r in results
+            if r.error is not None and r.error.over_budget]
+    if over:
+        print(f"over their dtype's error budget: {', '.join(over)}")
     kind = "-".join(([] if not args.ops else ["ops"])
                     + ([] if not args.model else [f"model-{args.mode}"
-                                                   + ("-memory" if args.memory_only else "")]))
+                                                   + ("-memory" if args.memory_only else "")])
+                    + [args.dtype] + ([f"autocast-{args.autocast}"] if args.autocast else []))
     json_path, plot_path = output_paths(args, kind, m)
     if args.memory_only and plot_path and not args.plot:
         plot_path = None    # memory only: no time ratios to draw
@@ -448,6 +495,7 @@ def main(args) -> int:
                                                      "padding", "mode", "dropout", "autocast",
                                                      "min_time", "quick", "no_compile",
                                                      "memory", "memory_only")},
+           "notes": [note] if note else [],
            "noisy_spread": timing.NOISY_SPREAD, "results": rows}
     for line in write_outputs(doc, rows, json_path, plot_path,
                               f"albert_kernels bench {kind} ({args.device}, {args.dtype})"):

@@ -47,7 +47,8 @@ def cpu_flags() -> set[str]:
 # machines by: (name in the summary, the /proc/cpuinfo flags it needs).
 _ISA = (("AVX2", ("avx2",)), ("FMA", ("fma",)),
         ("AVX-512", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
-        ("AVX-512 VNNI", ("avx512_vnni",)), ("AVX-512 BF16", ("avx512_bf16",)),
+        ("AVX-512 VNNI", ("avx512_vnni",)), ("AVX-VNNI", ("avx_vnni",)),
+        ("AVX-512 BF16", ("avx512_bf16",)),
         ("AVX-512 FP16", ("avx512_fp16",)), ("AMX-BF16", ("amx_bf16", "amx_tile")),
         ("AMX-INT8", ("amx_int8", "amx_tile")), ("NEON", ("asimd",)), ("SVE", ("sve",)))
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..model import AlbertConfig, AlbertForPreTraining, AlbertModel
 from ..model.config import PRESETS
 from ..model.layers import freeze
+from .accuracy import OutputCheck
 from .timing import GEMM_CEILING_MAX
 from .workloads import Rebuild, Workload, ours_backends, padding_mask, realistic_lengths
 
@@ -138,6 +139,9 @@ def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: st
     with these names (in this order); an empty list builds the inputs and nothing else. Every
     workload returned carries the `Rebuild` that builds it alone in a fresh process.
 
+    Forward workloads (not the GEMM floor) carry a `check` (tools/accuracy.py OutputCheck): the
+    float64 transformers output on the same weights and inputs their error is measured against.
+
     dropout: probability in [0, 1) set as both ``hidden_dropout_prob`` and
     ``attention_probs_dropout_prob`` of every contender's config (transformers' and ours; the v2
     presets have 0). It acts in train mode only (forward mode is inference). autocast: None or
@@ -172,12 +176,28 @@ def model_workloads(preset: str, batch: int, seqlen: int, padding: str, mode: st
     rebuild = dict(preset=preset, batch=batch, seqlen=seqlen, padding=padding, mode=mode,
                    dtype=str(dtype).replace("torch.", ""), device=str(device),
                    compile_baseline=compile_baseline, dropout=dropout, autocast=autocast)
+    check = None
+    if mode == "forward" and _transformers() is not None:
+        check = OutputCheck(lambda: _gold_output(cfg, batch_tensors, device),
+                            batch_tensors[1], getattr(torch, autocast) if autocast else dtype)
     out = []
     for name in names:
         w = builders[name]()
         w.rebuild = Rebuild(f"{__name__}:model_workloads", rebuild)
+        if not w.ceiling:
+            w.check = check
         out.append(w)
     return out
+
+
+def _gold_output(cfg: AlbertConfig, batch_tensors, device) -> torch.Tensor:
+    """last_hidden_state of transformers' AlbertModel in float64 (eager attention), built as the
+    contenders' (seed 0, float32) then upcast: the same weights, before any rounding to a lower
+    dtype."""
+    model = _hf_model(_transformers(), cfg, "eager", "forward", torch.float64, device)
+    ids, mask = batch_tensors[:2]
+    with torch.inference_mode():
+        return model(ids, attention_mask=mask).last_hidden_state
 
 
 def _builders(cfg: AlbertConfig, batch_tensors, tokens: int, group: str, mode: str, dtype, device,

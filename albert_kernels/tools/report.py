@@ -22,6 +22,22 @@ def describe_machine(m: dict) -> str:
             f"{m['torch_threads']} threads; figures hold for this machine only")
 
 
+def dtype_note(precision: str) -> Optional[str]:
+    """One line for a bfloat16 run on an x86-64 CPU without bf16 instructions (neither
+    AVX512-BF16 nor AMX-BF16, from ``backends/cpp/isa.py``'s cpu_isa): its bf16 products have no
+    hardware path, so its figures say little about a bf16-capable CPU. None otherwise."""
+    import platform
+    if precision != "bfloat16" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    from ..backends.cpp.isa import cpu_isa
+    isa = cpu_isa()
+    if isa.avx512_bf16 or isa.amx:
+        return None
+    return ("note: this CPU has no bf16 instructions (no AVX512-BF16, no AMX-BF16): bf16 matrix "
+            "products run without hardware support, far slower than float32 "
+            "(docs/performance.md), so float32 is the faster choice here")
+
+
 def plot(rows: list[dict], machine_info: dict, path: str, title: str = "albert_kernels bench"
          ) -> None:
     """Bar chart of each row's speed-up over its group's baseline, on a log scale, one block per

@@ -45,6 +45,9 @@ class Workload:
     # library's GEMM can beat); a row above it is flagged (tools/timing.py)
     ceiling_max: Optional[float] = None
     rebuild: Optional[Rebuild] = None   # to build it alone in a fresh process (its CPU memory)
+    # forward model workloads (fn returns the model's output): the float64 reference their
+    # last_hidden_state is measured against before timing (tools/accuracy.py OutputCheck)
+    check: Optional[Any] = None
 
 
 def realistic_lengths(batch: int, seqlen: int, padding: str, seed: int = 0) -> torch.Tensor:
