@@ -147,7 +147,8 @@ class LayerParts:
 
     def all_plain(self) -> bool:
         return (self.attention_module is None and self.activation is None
-                and self.ffn_dropout is None and all(self.plain.values()))
+                and self.ffn_dropout is None and self.output_dropout is None
+                and all(self.plain.values()))
 
 
 def add_norm(norm: nn.Module, plain: bool, x: torch.Tensor, residual: torch.Tensor,
@@ -331,9 +332,10 @@ def _none() -> None:
     return None
 
 
-def frozen_modules(mapping: nn.Module, steps: Sequence[Step]) -> tuple:
-    """The modules a frozen copy reads, in a fixed order: the input mapping, then per distinct
-    layer (by key) its eight weight-holding parts. Every step must have parts."""
+def frozen_modules(mapping: Optional[nn.Module], steps: Sequence[Step]) -> tuple:
+    """The modules a frozen copy reads, in a fixed order: the input mapping (None for an encoder
+    without one, e.g. BERT's), then per distinct layer (by key) its eight weight-holding parts.
+    Every step must have parts."""
     out, seen = [mapping], set()
     for step in steps:
         if step.key not in seen:
@@ -349,22 +351,25 @@ def weight_signature(modules: Sequence[nn.Module]) -> tuple:
     out = []
     for m in modules:
         out.append(id(m))
+        if m is None:
+            continue
         for p in m.parameters(recurse=False):
             out.append((id(p), p.data_ptr(), -1 if p.is_inference() else p._version))
     return tuple(out)
 
 
-def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step],
+def frozen_for_call(encoder: nn.Module, mapping: Optional[nn.Module], steps: Sequence[Step],
                     x: torch.Tensor, plan):
     """The encoder's frozen copy (``Frozen.run``) if this call may run on it, else None: it was
-    frozen, every part is still plain (a hook or wrapper added since is honoured by running the
+    frozen, the input mapping (None: the encoder has none) and every part are still plain (a hook or wrapper added since is honoured by running the
     modules), the call needs no autograd graph and is eval-mode inference the backend's frozen
     path takes (``run.usable``). RuntimeError if the weights were detectably changed since
     ``freeze`` (a new tensor, an in-place update that bumps the version, another module)."""
     state = encoder.__dict__.get("_frozen")
     if state is None or encoder.training or torch.jit.is_tracing():
         return None
-    if not is_plain(mapping) or any(s.parts is None or not s.parts.all_plain() for s in steps):
+    if (mapping is not None and not is_plain(mapping)) or any(
+            s.parts is None or not s.parts.all_plain() for s in steps):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in encoder.parameters())):
@@ -377,3 +382,49 @@ def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step
             "the encoder's weights changed since albert_kernels.freeze(model): call freeze(model) "
             "again after changing frozen weights, or albert_kernels.unfreeze(model)")
     return state.run
+
+
+def freeze_steps(encoder: nn.Module, mapping: Optional[nn.Module], steps: Optional[Sequence[Step]],
+                 kernels, names: dict) -> None:
+    """Pack an encoder's weights for the backend's frozen path (``albert_kernels.freeze``) and
+    keep them on `encoder` (``_frozen``): `mapping`, its input ``nn.Linear`` or None; `steps`,
+    its layer schedule (None: a layer the core cannot run). A shared layer is packed once, each
+    unshared layer once. `names`: module id -> name, for the errors. ValueError naming the first
+    module the frozen path cannot compute exactly: one that is not plain (:func:`is_plain`),
+    called as a module (hooks, another class), an active dropout, or an activation that is not
+    GELU (erf or tanh form, as ``F.gelu``)."""
+    name = lambda m: f"{names.get(id(m), type(m).__name__)} ({type(m).__name__})"
+    problem = None
+    if mapping is not None and not is_plain(mapping):
+        problem = f"{name(mapping)} is not a plain module"
+    elif steps is None:
+        problem = (f"a layer of {name(encoder)} is not its model's own layer class (or is "
+                   "configured for cross-attention)")
+    layers = {}
+    for step in steps or ():
+        if problem is not None:
+            break
+        p = step.parts
+        if p is None or p.attention_module is not None:
+            problem = f"{name(step.module if p is None else p.attention_module)} has hooks"
+        elif p.activation is not None:
+            problem = (f"{name(p.activation)} is not GELU as F.gelu computes it (the frozen "
+                       "kernel has erf GELU, hidden_act 'gelu', and tanh GELU, "
+                       "'gelu_pytorch_tanh'), so freezing would change the model's numbers")
+        elif p.output_dropout is not None or p.ffn_dropout is not None:
+            problem = (f"{name(p.output_dropout or p.ffn_dropout)} is a dropout that is active "
+                       "or has hooks")
+        else:
+            culprit = next((getattr(p, f) for f, ok in p.plain.items() if not ok), None)
+            if culprit is not None:
+                problem = f"{name(culprit)} is not a plain module"
+        layers[step.key] = p
+    if problem is not None:
+        raise ValueError(
+            f"freeze: {problem}: the frozen path would not compute what calling the modules "
+            "computes (it needs plain nn.Linear / nn.LayerNorm modules with their weights, no "
+            "hooks, wrappers or offloading, and GELU). Merge adapters (PEFT: merge_and_unload()) "
+            "or remove the hooks first, or run unfrozen")
+    modules = frozen_modules(mapping, steps)
+    run = kernels.freeze_encoder(mapping, layers)
+    encoder._frozen = Frozen(run, modules, weight_signature(modules))

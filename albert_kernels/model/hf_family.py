@@ -190,6 +190,22 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
             steps.append(core.Step(id(layer), parts, layer))
         return steps
 
+    def _freeze(self, kernels, names: dict) -> None:
+        """Pack every layer's weights for the backend's frozen path (``albert_kernels.freeze``,
+        ``core.freeze_steps``; the layers are unshared: one packed copy each). ValueError naming
+        the first module it cannot run frozen (not plain, hooks, an activation other than
+        ``F.gelu``'s erf or tanh form)."""
+        if self._hooked():
+            hooked = next((m for m in self.modules() if core.user_hooks(m, True)), self)
+            raise ValueError(
+                f"freeze: {names.get(id(hooked), type(hooked).__name__)} has hooks (or torch's "
+                "global module hooks are set): a hooked encoder runs transformers' own forward, "
+                "which the frozen path would bypass. Remove the hooks first, or run unfrozen")
+        core.freeze_steps(self, None, self._core_steps(), kernels, names)
+
+    def _unfreeze(self) -> None:
+        self.__dict__.pop("_frozen", None)
+
     def _needs_transformers(self, args, kwargs) -> bool:
         config = self._ak_model_config
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
@@ -222,8 +238,9 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
         kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
 
         def run(tokens, plan, recorder):
+            frozen = core.frozen_for_call(self, None, steps, tokens, plan)
             h = tokens if recorder is None else recorder.hidden(tokens)
-            return core.run_layers(steps, h, plan, recorder)
+            return core.run_layers(steps, h, plan, recorder, frozen)
 
         out, extra = padding_free_call(hidden_states, attention_mask, kwargs, kernels, run)
         if kwargs.get("return_dict", True) is False:
