@@ -73,9 +73,61 @@ def user_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> 
 
 def has_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> bool:
     """True if calling `module` does more than its class's forward: :func:`user_hooks`, torch's
-    global module hooks, or an accelerate hook (``_hf_hook``: device placement, offloading)."""
-    return (global_hooks() or hasattr(module, "_hf_hook")
+    global module hooks, or an accelerate hook (``_hf_hook``, set on the instance: device
+    placement, offloading)."""
+    return (global_hooks() or "_hf_hook" in module.__dict__
             or user_hooks(module, ignore_transformers_capture))
+
+
+def module_state(root: nn.Module) -> Optional[list]:
+    """One pass over `root` and its submodules: None when one of them has hooks
+    (:func:`user_hooks`, transformers' output capturing aside) or torch's global module hooks
+    are set; else a key of what decides the layer parts: per module its identity, class and
+    training flag, its parameters' identities, a dropout's probability. Equal keys (while the
+    modules and parameters of the first are kept alive, so identities are not reused:
+    :class:`StepsCache`) mean equal layer parts, given that the attributes the adapters read
+    besides these (attention scaling, decoder flags, the activation) are set at construction."""
+    if global_hooks():
+        return None
+    key, stack = [], [root]
+    append, extend, push, pop = key.append, key.extend, stack.extend, stack.pop
+    dropout = nn.Dropout
+    while stack:
+        m = pop()
+        if m is None:
+            continue
+        d = m.__dict__
+        if "forward" in d or d["_forward_pre_hooks"] or d["_backward_hooks"] \
+                or d["_backward_pre_hooks"] or (d["_forward_hooks"] and user_hooks(m, True)):
+            return None
+        append(id(m))
+        append(type(m))
+        append(d["training"])
+        params = d["_parameters"]
+        if params:
+            extend(map(id, params.values()))
+        if type(m) is dropout:
+            append(d["p"])
+        push(d["_modules"].values())
+    return key
+
+
+class StepsCache:
+    """An encoder's layer schedule (``steps``) kept between calls while :func:`module_state`
+    returns the same ``key``; ``refs`` keeps the modules and parameters the key names alive.
+    Copies and pickles as None."""
+
+    __slots__ = ("key", "steps", "refs")
+
+    def __init__(self, key: list, steps, root: nn.Module) -> None:
+        self.key, self.steps = key, steps
+        self.refs = [*root.modules(), *root.parameters()]
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
 
 
 def is_plain(module: Optional[nn.Module]) -> bool:
@@ -353,8 +405,9 @@ def weight_signature(modules: Sequence[nn.Module]) -> tuple:
         out.append(id(m))
         if m is None:
             continue
-        for p in m.parameters(recurse=False):
-            out.append((id(p), p.data_ptr(), -1 if p.is_inference() else p._version))
+        for p in m.__dict__["_parameters"].values():
+            if p is not None:
+                out.append((id(p), p.data_ptr(), -1 if p.is_inference() else p._version))
     return tuple(out)
 
 

@@ -180,6 +180,21 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
             return True
         return any(core.user_hooks(m, True) for m in self.modules())
 
+    def _steps_for_call(self) -> Optional[list]:
+        """The layer schedule for this call, or None when transformers' forward must run (a
+        module has hooks, see ``core.module_state``, or a layer is not the family's own). Kept
+        between calls while ``core.module_state`` is unchanged (no module, parameter, mode or
+        adapter-read attribute changed), so a call does not extract the parts again."""
+        key = core.module_state(self)
+        if key is None:
+            return None
+        cache = self.__dict__.get("_ak_steps")
+        if cache is not None and cache.key == key:
+            return cache.steps
+        steps = self._core_steps()
+        self._ak_steps = core.StepsCache(key, steps, self)
+        return steps
+
     def _core_steps(self) -> Optional[list]:
         """One :class:`core.Step` per layer, or None when a layer cannot run on the core."""
         steps = []
@@ -214,10 +229,8 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
             return True
         if any(kwargs.get(k) is not None for k in _DECODER_ARGS):
             return True
-        if self.training and any(getattr(m, "gradient_checkpointing", False)
-                                 for m in self.modules()):
-            return True
-        return self._hooked()
+        return self.training and any(getattr(m, "gradient_checkpointing", False)
+                                     for m in self.modules())
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
         """transformers' encoder call: hidden_states [B, L, hidden] (float); attention_mask as
@@ -232,7 +245,7 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
         head_mask = kwargs.get("head_mask")
         if head_mask is not None and any(m is not None for m in head_mask):
             raise ValueError("head_mask is not supported by albert_kernels")
-        steps = None if self._needs_transformers(args, kwargs) else self._core_steps()
+        steps = None if self._needs_transformers(args, kwargs) else self._steps_for_call()
         if steps is None:
             return self._hf_class.forward(self, hidden_states, attention_mask, *args, **kwargs)
         kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
