@@ -269,3 +269,50 @@ def test_sentence_transformers_minilm(minilm_path, cpu_backend, layer_calls):  #
               f"min cosine vs fp64 {cos:.9f}, {result}")
         assert result.ok, result
         assert cos > 1 - 1e-6
+
+
+def test_kept_layer_parts_follow_changes(cpu_backend):
+    """The patched forward keeps its layer parts between calls while nothing they depend on
+    changed: a module or parameter replaced, a hook added, a dropout's p or the mode changed
+    after a first call are all seen by the next call (unfrozen, against transformers with the
+    same change)."""
+    model = _model("bert")
+    gold_model = copy.deepcopy(model)
+    ak.patch_hf(model, backend=cpu_backend)
+    inputs, mask = _inputs()
+    close = lambda: (_out(model, inputs, mask) - _out(gold_model, inputs, mask)).abs().max() < 1e-4
+    assert close()
+
+    def replace_module(m):
+        new = copy.deepcopy(m.encoder.layer[1].output.dense)
+        with torch.no_grad():
+            new.weight.mul_(2)
+        m.encoder.layer[1].output.dense = new
+
+    def replace_parameter(m):
+        query = m.encoder.layer[0].attention.self.query
+        query.weight = torch.nn.Parameter(query.weight.detach() * 0.5)
+
+    for change in (replace_module, replace_parameter):
+        before = _out(model, inputs, mask)
+        change(model)
+        change(gold_model)
+        assert close(), change
+        assert (_out(model, inputs, mask) - before).abs().max() > 1e-3, change
+    handles = [m.encoder.layer[0].intermediate.register_forward_hook(lambda mod, a, out: out * 0)
+               for m in (model, gold_model)]
+    assert close()
+    for h in handles:
+        h.remove()
+    assert close()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        no_dropout = model(**inputs).last_hidden_state[mask]
+    assert (no_dropout - _out(gold_model, inputs, mask)).abs().max() < 1e-4
+    model.encoder.layer[0].attention.self.dropout.p = 0.5
+    with torch.no_grad():
+        dropped = model(**inputs).last_hidden_state[mask]
+    assert (dropped - no_dropout).abs().max() > 1e-3, "the new attention dropout p was not used"

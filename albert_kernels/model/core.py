@@ -20,9 +20,11 @@ on call) is **called** as a module at its place in the layer, and the rest of th
 fused: e.g. with a LoRA ``ffn`` the layer runs ``ffn(a)``, GELU, then ``ffn_output`` and the fused
 add + LayerNorm.
 
-Nothing is cached between calls: every forward reads the parameters as they are then. The packed
-weights of the cpp backend's small-M path are an explicit opt-in (``albert_kernels.freeze``,
-:class:`Frozen`), never the default.
+No weight is cached between calls: every forward reads the parameters as they are then. A patched
+BERT-family encoder keeps its layer parts (which modules, which of them plain) between calls while
+:func:`module_state` is unchanged, a check of every module that costs less than extracting them
+again. The packed weights of the cpp backend's small-M path are an explicit opt-in
+(``albert_kernels.freeze``, :class:`Frozen`), never the default.
 """
 from __future__ import annotations
 
