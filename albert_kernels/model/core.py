@@ -24,9 +24,11 @@ that records no autograd graph, runs as a plain product on ``W + scaling * B @ A
 (:class:`Merged`, made at most once per forward for a shared layer), so the FFN stays one fused
 kernel.
 
-Nothing is cached between calls: every forward reads the parameters as they are then. The packed
-weights of the cpp backend's small-M path are an explicit opt-in (``albert_kernels.freeze``,
-:class:`Frozen`), never the default.
+No weight is cached between calls: every forward reads the parameters as they are then. A patched
+BERT-family encoder keeps its layer parts (which modules, which of them plain) between calls while
+:func:`module_state` is unchanged, a check of every module that costs less than extracting them
+again. The packed weights of the cpp backend's small-M path are an explicit opt-in
+(``albert_kernels.freeze``, :class:`Frozen`), never the default.
 """
 from __future__ import annotations
 
@@ -80,9 +82,61 @@ def user_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> 
 
 def has_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> bool:
     """True if calling `module` does more than its class's forward: :func:`user_hooks`, torch's
-    global module hooks, or an accelerate hook (``_hf_hook``: device placement, offloading)."""
-    return (global_hooks() or hasattr(module, "_hf_hook")
+    global module hooks, or an accelerate hook (``_hf_hook``, set on the instance: device
+    placement, offloading)."""
+    return (global_hooks() or "_hf_hook" in module.__dict__
             or user_hooks(module, ignore_transformers_capture))
+
+
+def module_state(root: nn.Module) -> Optional[list]:
+    """One pass over `root` and its submodules: None when one of them has hooks
+    (:func:`user_hooks`, transformers' output capturing aside) or torch's global module hooks
+    are set; else a key of what decides the layer parts: per module its identity, class and
+    training flag, its parameters' identities, a dropout's probability. Equal keys (while the
+    modules and parameters of the first are kept alive, so identities are not reused:
+    :class:`StepsCache`) mean equal layer parts, given that the attributes the adapters read
+    besides these (attention scaling, decoder flags, the activation) are set at construction."""
+    if global_hooks():
+        return None
+    key, stack = [], [root]
+    append, extend, push, pop = key.append, key.extend, stack.extend, stack.pop
+    dropout = nn.Dropout
+    while stack:
+        m = pop()
+        if m is None:
+            continue
+        d = m.__dict__
+        if "forward" in d or d["_forward_pre_hooks"] or d["_backward_hooks"] \
+                or d["_backward_pre_hooks"] or (d["_forward_hooks"] and user_hooks(m, True)):
+            return None
+        append(id(m))
+        append(type(m))
+        append(d["training"])
+        params = d["_parameters"]
+        if params:
+            extend(map(id, params.values()))
+        if type(m) is dropout:
+            append(d["p"])
+        push(d["_modules"].values())
+    return key
+
+
+class StepsCache:
+    """An encoder's layer schedule (``steps``) kept between calls while :func:`module_state`
+    returns the same ``key``; ``refs`` keeps the modules and parameters the key names alive.
+    Copies and pickles as None."""
+
+    __slots__ = ("key", "steps", "refs")
+
+    def __init__(self, key: list, steps, root: nn.Module) -> None:
+        self.key, self.steps = key, steps
+        self.refs = [*root.modules(), *root.parameters()]
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
 
 
 def is_plain(module: Optional[nn.Module]) -> bool:
@@ -238,7 +292,8 @@ class LayerParts:
 
     def all_plain(self) -> bool:
         return (self.attention_module is None and self.activation is None
-                and self.ffn_dropout is None and all(self.plain.values()))
+                and self.ffn_dropout is None and self.output_dropout is None
+                and all(self.plain.values()))
 
     def weights(self, name: str) -> Optional[tuple]:
         """(weight, bias) of the product `name` ("query", ..., "ffn_out") that a fused kernel
@@ -463,9 +518,10 @@ def _none() -> None:
     return None
 
 
-def frozen_modules(mapping: nn.Module, steps: Sequence[Step]) -> tuple:
-    """The modules a frozen copy reads, in a fixed order: the input mapping, then per distinct
-    layer (by key) its eight weight-holding parts. Every step must have parts."""
+def frozen_modules(mapping: Optional[nn.Module], steps: Sequence[Step]) -> tuple:
+    """The modules a frozen copy reads, in a fixed order: the input mapping (None for an encoder
+    without one, e.g. BERT's), then per distinct layer (by key) its eight weight-holding parts.
+    Every step must have parts."""
     out, seen = [mapping], set()
     for step in steps:
         if step.key not in seen:
@@ -481,22 +537,26 @@ def weight_signature(modules: Sequence[nn.Module]) -> tuple:
     out = []
     for m in modules:
         out.append(id(m))
-        for p in m.parameters(recurse=False):
-            out.append((id(p), p.data_ptr(), -1 if p.is_inference() else p._version))
+        if m is None:
+            continue
+        for p in m.__dict__["_parameters"].values():
+            if p is not None:
+                out.append((id(p), p.data_ptr(), -1 if p.is_inference() else p._version))
     return tuple(out)
 
 
-def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step],
+def frozen_for_call(encoder: nn.Module, mapping: Optional[nn.Module], steps: Sequence[Step],
                     x: torch.Tensor, plan):
     """The encoder's frozen copy (``Frozen.run``) if this call may run on it, else None: it was
-    frozen, every part is still plain (a hook or wrapper added since is honoured by running the
+    frozen, the input mapping (None: the encoder has none) and every part are still plain (a hook or wrapper added since is honoured by running the
     modules), the call needs no autograd graph and is eval-mode inference the backend's frozen
     path takes (``run.usable``). RuntimeError if the weights were detectably changed since
     ``freeze`` (a new tensor, an in-place update that bumps the version, another module)."""
     state = encoder.__dict__.get("_frozen")
     if state is None or encoder.training or torch.jit.is_tracing():
         return None
-    if not is_plain(mapping) or any(s.parts is None or not s.parts.all_plain() for s in steps):
+    if (mapping is not None and not is_plain(mapping)) or any(
+            s.parts is None or not s.parts.all_plain() for s in steps):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in encoder.parameters())):
@@ -509,3 +569,49 @@ def frozen_for_call(encoder: nn.Module, mapping: nn.Module, steps: Sequence[Step
             "the encoder's weights changed since albert_kernels.freeze(model): call freeze(model) "
             "again after changing frozen weights, or albert_kernels.unfreeze(model)")
     return state.run
+
+
+def freeze_steps(encoder: nn.Module, mapping: Optional[nn.Module], steps: Optional[Sequence[Step]],
+                 kernels, names: dict) -> None:
+    """Pack an encoder's weights for the backend's frozen path (``albert_kernels.freeze``) and
+    keep them on `encoder` (``_frozen``): `mapping`, its input ``nn.Linear`` or None; `steps`,
+    its layer schedule (None: a layer the core cannot run). A shared layer is packed once, each
+    unshared layer once. `names`: module id -> name, for the errors. ValueError naming the first
+    module the frozen path cannot compute exactly: one that is not plain (:func:`is_plain`),
+    called as a module (hooks, another class), an active dropout, or an activation that is not
+    GELU (erf or tanh form, as ``F.gelu``)."""
+    name = lambda m: f"{names.get(id(m), type(m).__name__)} ({type(m).__name__})"
+    problem = None
+    if mapping is not None and not is_plain(mapping):
+        problem = f"{name(mapping)} is not a plain module"
+    elif steps is None:
+        problem = (f"a layer of {name(encoder)} is not its model's own layer class (or is "
+                   "configured for cross-attention)")
+    layers = {}
+    for step in steps or ():
+        if problem is not None:
+            break
+        p = step.parts
+        if p is None or p.attention_module is not None:
+            problem = f"{name(step.module if p is None else p.attention_module)} has hooks"
+        elif p.activation is not None:
+            problem = (f"{name(p.activation)} is not GELU as F.gelu computes it (the frozen "
+                       "kernel has erf GELU, hidden_act 'gelu', and tanh GELU, "
+                       "'gelu_pytorch_tanh'), so freezing would change the model's numbers")
+        elif p.output_dropout is not None or p.ffn_dropout is not None:
+            problem = (f"{name(p.output_dropout or p.ffn_dropout)} is a dropout that is active "
+                       "or has hooks")
+        else:
+            culprit = next((getattr(p, f) for f, ok in p.plain.items() if not ok), None)
+            if culprit is not None:
+                problem = f"{name(culprit)} is not a plain module"
+        layers[step.key] = p
+    if problem is not None:
+        raise ValueError(
+            f"freeze: {problem}: the frozen path would not compute what calling the modules "
+            "computes (it needs plain nn.Linear / nn.LayerNorm modules with their weights, no "
+            "hooks, wrappers or offloading, and GELU). Merge adapters (PEFT: merge_and_unload()) "
+            "or remove the hooks first, or run unfrozen")
+    modules = frozen_modules(mapping, steps)
+    run = kernels.freeze_encoder(mapping, layers)
+    encoder._frozen = Frozen(run, modules, weight_signature(modules))

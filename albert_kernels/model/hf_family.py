@@ -180,6 +180,21 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
             return True
         return any(core.user_hooks(m, True) for m in self.modules())
 
+    def _steps_for_call(self) -> Optional[list]:
+        """The layer schedule for this call, or None when transformers' forward must run (a
+        module has hooks, see ``core.module_state``, or a layer is not the family's own). Kept
+        between calls while ``core.module_state`` is unchanged (no module, parameter, mode or
+        adapter-read attribute changed), so a call does not extract the parts again."""
+        key = core.module_state(self)
+        if key is None:
+            return None
+        cache = self.__dict__.get("_ak_steps")
+        if cache is not None and cache.key == key:
+            return cache.steps
+        steps = self._core_steps()
+        self._ak_steps = core.StepsCache(key, steps, self)
+        return steps
+
     def _core_steps(self) -> Optional[list]:
         """One :class:`core.Step` per layer, or None when a layer cannot run on the core."""
         steps = []
@@ -190,6 +205,22 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
             steps.append(core.Step(id(layer), parts, layer))
         return steps
 
+    def _freeze(self, kernels, names: dict) -> None:
+        """Pack every layer's weights for the backend's frozen path (``albert_kernels.freeze``,
+        ``core.freeze_steps``; the layers are unshared: one packed copy each). ValueError naming
+        the first module it cannot run frozen (not plain, hooks, an activation other than
+        ``F.gelu``'s erf or tanh form)."""
+        if self._hooked():
+            hooked = next((m for m in self.modules() if core.user_hooks(m, True)), self)
+            raise ValueError(
+                f"freeze: {names.get(id(hooked), type(hooked).__name__)} has hooks (or torch's "
+                "global module hooks are set): a hooked encoder runs transformers' own forward, "
+                "which the frozen path would bypass. Remove the hooks first, or run unfrozen")
+        core.freeze_steps(self, None, self._core_steps(), kernels, names)
+
+    def _unfreeze(self) -> None:
+        self.__dict__.pop("_frozen", None)
+
     def _needs_transformers(self, args, kwargs) -> bool:
         config = self._ak_model_config
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
@@ -198,10 +229,8 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
             return True
         if any(kwargs.get(k) is not None for k in _DECODER_ARGS):
             return True
-        if self.training and any(getattr(m, "gradient_checkpointing", False)
-                                 for m in self.modules()):
-            return True
-        return self._hooked()
+        return self.training and any(getattr(m, "gradient_checkpointing", False)
+                                     for m in self.modules())
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
         """transformers' encoder call: hidden_states [B, L, hidden] (float); attention_mask as
@@ -216,14 +245,15 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
         head_mask = kwargs.get("head_mask")
         if head_mask is not None and any(m is not None for m in head_mask):
             raise ValueError("head_mask is not supported by albert_kernels")
-        steps = None if self._needs_transformers(args, kwargs) else self._core_steps()
+        steps = None if self._needs_transformers(args, kwargs) else self._steps_for_call()
         if steps is None:
             return self._hf_class.forward(self, hidden_states, attention_mask, *args, **kwargs)
         kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
 
         def run(tokens, plan, recorder):
+            frozen = core.frozen_for_call(self, None, steps, tokens, plan)
             h = tokens if recorder is None else recorder.hidden(tokens)
-            return core.run_layers(steps, h, plan, recorder)
+            return core.run_layers(steps, h, plan, recorder, frozen)
 
         out, extra = padding_free_call(hidden_states, attention_mask, kwargs, kernels, run)
         if kwargs.get("return_dict", True) is False:

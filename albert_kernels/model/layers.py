@@ -278,31 +278,10 @@ class CoreEncoder:
         return core.run_layers(steps, h, plan, recorder, frozen)
 
     def _freeze(self, kernels: Kernels, names: dict) -> None:
-        """Pack this encoder's weights for the backend's frozen path (``albert_kernels.freeze``).
-        ValueError naming the first module that is not plain (see ``core.is_plain``)."""
-        mapping = self.embedding_hidden_mapping_in
-        steps = self._core_steps(call_hooked=True)
-        culprit = None if core.is_plain(mapping) else mapping
-        layers = {}
-        for step in steps:
-            if culprit is not None:
-                break
-            p = step.parts
-            if p is None or p.attention_module is not None:
-                culprit = step.module if p is None else p.attention_module
-                break
-            culprit = next((getattr(p, f) for f, plain in p.plain.items() if not plain), None)
-            layers[step.key] = p
-        if culprit is not None:
-            raise ValueError(
-                f"freeze: {names.get(id(culprit), type(culprit).__name__)} "
-                f"({type(culprit).__name__}) is not a plain module (an nn.Linear / nn.LayerNorm "
-                "with its weights, no hooks, wrappers or offloading): the frozen path would not "
-                "compute what calling it computes. Merge adapters (PEFT: merge_and_unload()) or "
-                "remove the hooks first, or run unfrozen")
-        modules = core.frozen_modules(mapping, steps)
-        run = kernels.freeze_encoder(mapping, layers)
-        self._frozen = core.Frozen(run, tuple(modules), core.weight_signature(modules))
+        """Pack this encoder's weights for the backend's frozen path (``albert_kernels.freeze``,
+        ``core.freeze_steps``). ValueError naming the first module it cannot run frozen."""
+        core.freeze_steps(self, self.embedding_hidden_mapping_in,
+                          self._core_steps(call_hooked=True), kernels, names)
 
     def _unfreeze(self) -> None:
         self.__dict__.pop("_frozen", None)
@@ -424,23 +403,29 @@ class AlbertTransformer(CoreEncoder, nn.Module):
 
 
 def _encoders(model: nn.Module) -> list:
-    """(encoder, owner that resolves its kernels) for every core encoder in `model`."""
+    """(encoder, owner that resolves its kernels) for every encoder run by the core in `model`
+    that can be frozen (it has ``_freeze``): ours and patched transformers ALBERT encoders
+    (:class:`CoreEncoder`) and patched BERT-family encoders (``hf_family``)."""
     out, seen = [], set()
     for module in model.modules():
         if not isinstance(module, ResolvesKernels):
             continue
-        encoder = module if isinstance(module, CoreEncoder) else getattr(module, "encoder", None)
-        if isinstance(encoder, CoreEncoder) and id(encoder) not in seen:
+        encoder = module if hasattr(module, "_freeze") else getattr(module, "encoder", None)
+        if hasattr(encoder, "_freeze") and id(encoder) not in seen:
             seen.add(id(encoder))
             out.append((encoder, module))
     return out
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Opt in to the frozen-weight path: every ALBERT encoder in `model` (an albert_kernels
-    model, or a transformers model after ``patch_hf``) packs its weights now, and its eval-mode
-    CPU float32 calls that need no autograd graph run on that packed copy (the cpp backend's
-    small-M kernels, ``backends/cpp/frozen.py``; faster for short inputs).
+    """Opt in to the frozen-weight path: every encoder in `model` run by the core packs its
+    weights now, and its eval-mode CPU float32 calls that need no autograd graph run on that
+    packed copy (the cpp backend's small-M kernels, ``backends/cpp/frozen.py``, one extension
+    call per layer; faster for short inputs). `model`: an albert_kernels model, or a transformers
+    ALBERT, BERT, RoBERTa, XLM-RoBERTa, ELECTRA or DistilBERT model after ``patch_hf`` (also
+    inside a SentenceTransformer or a PEFT model). ALBERT's shared layer is packed once; the
+    BERT family's layers are unshared, one packed copy each (it adds about the encoder layers'
+    weight size: ~340 MB for BERT-base, ~43 MB for all-MiniLM-L6-v2).
 
     The weights are frozen from here: call ``freeze(model)`` again after changing them (or
     :func:`unfreeze`). A change torch records (a new parameter tensor, an optimizer step,
@@ -451,14 +436,18 @@ def freeze(model: nn.Module) -> nn.Module:
     calls, calls with autograd, autocast, other dtypes or devices never use the copy.
 
     Returns model. ValueError if a weight is not float32 on the CPU, or a module is not plain
-    (``core.is_plain``: e.g. an unmerged LoRA adapter, a hook, offloading), naming it;
-    BackendUnavailable if the backend has no frozen path (only 'cpp' has one); TypeError if
-    `model` holds no ALBERT encoder.
+    (``core.is_plain``: e.g. an unmerged LoRA adapter, a hook, offloading), or a layer's
+    activation is not GELU as ``F.gelu`` computes it (erf: hidden_act "gelu"; tanh:
+    "gelu_pytorch_tanh"; for ALBERT, whose own code runs "gelu_new" as tanh GELU, also that),
+    naming it; BackendUnavailable if the backend has no frozen path (only 'cpp' has one);
+    TypeError if `model` holds no such encoder (a model not patched, or left unpatched by
+    ``patch_hf``: a decoder).
     """
     encoders = _encoders(model)
     if not encoders:
-        raise TypeError(f"freeze expects an albert_kernels model or a patched transformers ALBERT "
-                        f"model, got {type(model).__name__}")
+        raise TypeError(f"freeze expects an albert_kernels model or a transformers ALBERT, BERT, "
+                        f"RoBERTa, XLM-RoBERTa, ELECTRA or DistilBERT model after patch_hf, got "
+                        f"{type(model).__name__} (call albert_kernels.patch_hf(model) first)")
     names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
     for encoder, owner in encoders:
         for name, p in encoder.named_parameters():

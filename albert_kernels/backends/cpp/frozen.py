@@ -35,7 +35,9 @@ from typing import Mapping
 
 import torch
 
-from .isa import gemm_kernel
+import sys
+
+from .isa import SMALL_M_MIN_TOKENS, small_m_max_tokens
 
 def use_small_m(tokens: int, hidden: int, intermediate: int) -> bool:
     """Whether the encoder's products on `tokens` rows (hidden -> hidden, hidden -> 3 * hidden,
@@ -43,10 +45,12 @@ def use_small_m(tokens: int, hidden: int, intermediate: int) -> bool:
     place that chooses between it and the library GEMM, from the per-ISA table of
     ``backends/cpp/isa.py`` (measured: AVX-512 1..1024 tokens, AVX2 1..4096, the portable build
     never; ``$ALBERT_KERNELS_CPU_GEMM`` forces either). Every product of a layer must agree, as
-    one extension call runs them all."""
-    shapes = ((3 * hidden, hidden), (hidden, hidden), (intermediate, hidden),
-              (hidden, intermediate))
-    return all(gemm_kernel(tokens, n, k) == "small_m" for n, k in shapes)
+    one extension call runs them all: ``isa.small_m_max_tokens`` is the limit for every shape
+    (one read of the table and the environment per call, not one per product)."""
+    limit = small_m_max_tokens()
+    if limit == sys.maxsize:   # forced "small_m": every size
+        return True
+    return SMALL_M_MIN_TOKENS <= tokens <= limit
 
 
 def _ops():
