@@ -493,3 +493,36 @@ def test_jit_trace_of_a_patched_model(padding, backend):
     with torch.no_grad():
         traced = torch.jit.trace(ours, (ids, mask))
         _close(traced(ids, mask)[0], ref(ids, attention_mask=mask)[0])
+
+
+def test_lora_merged_weights_never_outlive_a_call_on_bert(backend, monkeypatch):
+    """A patched BERT keeps its layer parts between calls; the LoRA weights merged for one
+    no-grad call must not be reused by the next: after a write torch does not record (.data)
+    the next call answers with the new adapter weights, as transformers + PEFT unpatched."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                           target_modules=["query", "value", "intermediate.dense", "output.dense"])
+    ref = peft.get_peft_model(BertModel(cfg, add_pooling_layer=False), lora).eval()
+    ours = ak.patch_hf(copy.deepcopy(ref), backend=backend)
+    made = _count_merges(monkeypatch)
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+
+    def out(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+    _close(out(ours), out(ref))
+    first = len(made)
+    assert first > 0, "no LoRA weight was merged: the test would not see a stale one"
+    for model in (ref, ours):
+        layer = model.base_model.model.encoder.layer[1]
+        layer.intermediate.dense.lora_B["default"].weight.data.mul_(-3.0)
+        layer.attention.self.query.lora_A["default"].weight.data.add_(0.5)
+    _close(out(ours), out(ref))
+    assert len(made) == 2 * first, "the second call reused the first call's merged weights"

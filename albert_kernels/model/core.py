@@ -404,11 +404,19 @@ def run_layers(steps: Sequence[Step], h: torch.Tensor, plan, recorder=None,
     only when hidden states are asked for) records every layer's output; `frozen`: the cpp
     backend's frozen copy (``Frozen.run``), used for every step (only when
     :func:`frozen_for_call` returned it). Under autocast, parameter casts are made once for the
-    whole loop (``autocast.cast_cache``), not once per layer application."""
-    if torch.is_autocast_enabled(h.device.type):
-        with autocast.cast_cache():
-            return _run_steps(steps, h, plan, recorder, frozen)
-    return _run_steps(steps, h, plan, recorder, frozen)
+    whole loop (``autocast.cast_cache``), not once per layer application. LoRA weights merged
+    for this call (:class:`Merged`) are dropped when the loop returns: layer parts may be kept
+    between calls, and a merged weight must never outlive the forward that made it (a write
+    through ``.data`` between calls is not recorded by any version counter)."""
+    try:
+        if torch.is_autocast_enabled(h.device.type):
+            with autocast.cast_cache():
+                return _run_steps(steps, h, plan, recorder, frozen)
+        return _run_steps(steps, h, plan, recorder, frozen)
+    finally:
+        for step in steps:
+            if step.parts is not None and step.parts.merged:
+                step.parts.merged.clear()
 
 
 def _run_steps(steps, h, plan, recorder, frozen):
