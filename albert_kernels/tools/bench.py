@@ -323,6 +323,16 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="draw the speed-ups to FILE.png instead "
                    "of the results folder (then no JSON unless --json)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, just the table")
+    p.add_argument("--family", action="store_true",
+                   help="the BERT family instead (tools/family.py): BERT-base and RoBERTa-base "
+                   "(random weights, --batch x --seq with --padding) and all-MiniLM-L6-v2 "
+                   "(real weights) through sentence-transformers encode at batch 1 and a ragged "
+                   "32, fp32 on CPU: ours (patch_hf, freeze where it applies; "
+                   "attn_implementation=albert_kernels; quantize_dynamic where present) vs "
+                   "transformers sdpa, torch.compile, ONNX Runtime fp32 and int8, OpenVINO at "
+                   "its default precision, f32 and int8 (the `bench` extra), each contender's "
+                   "error against transformers fp32 beside its time; uses --min-time, "
+                   "--no-compile, --quick, --quiet and the output options")
     p.add_argument("--latency", action="store_true",
                    help="one short request at a time instead (tools/latency.py): batch 1 and 4, "
                    "L = 8, 32, 128, fp32 on CPU, ours vs transformers sdpa, torch.compile, "
@@ -375,8 +385,9 @@ def _model_options(args) -> Optional[str]:
     asked = [f for f, on in (("--dropout", args.dropout), ("--autocast", args.autocast)) if on]
     if not asked:
         return None
-    if getattr(args, "latency", False):
-        return f"{' and '.join(asked)}: --latency runs float32 inference only"
+    if getattr(args, "latency", False) or getattr(args, "family", False):
+        which = "--latency" if getattr(args, "latency", False) else "--family"
+        return f"{' and '.join(asked)}: {which} runs float32 inference only"
     if args.ops and not args.model:
         return f"{' and '.join(asked)} set the model benchmarks: add --model (the ops run neither)"
     if args.ops:
@@ -395,6 +406,12 @@ def main(args) -> int:
     if conflict:
         print(conflict, file=sys.stderr)
         return 1
+    if getattr(args, "family", False):
+        if getattr(args, "latency", False) or args.ops or args.model:
+            print("--family runs on its own: drop --latency, --ops and --model", file=sys.stderr)
+            return 1
+        from .family import main as family_main
+        return family_main(args)
     if getattr(args, "latency", False):
         from .latency import main as latency_main
         return latency_main(args)

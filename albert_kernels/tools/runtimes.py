@@ -8,9 +8,10 @@ length; the contenders built from that file:
   onnxruntime fp32    the onnxruntime.transformers BERT optimizer (its fusions) when it works for
                       the graph ("(bert fusions)"), else the exported graph ("(graph opt all)");
                       ORT_ENABLE_ALL graph optimizations either way
-  onnxruntime int8    ``onnxruntime.quantization.quantize_dynamic`` of that fp32 file with its
-                      default settings (int8 weights, activations quantized at run time), as
-                      users run it
+  onnxruntime int8    ``onnxruntime.quantization.quantize_dynamic`` of the exported file with
+                      its default settings (int8 weights, activations quantized at run time), as
+                      users run it (on the optimizer's output it fails: its fused operators
+                      defeat the quantizer's shape inference)
   openvino (default)  ``openvino.convert_model`` of the ONNX file, compiled for CPU at OpenVINO's
                       default precision: bf16 on CPUs with AMX / AVX512-BF16. The precision it
                       ran is read back from ``INFERENCE_PRECISION_HINT`` (the row's note)
@@ -72,13 +73,26 @@ def _torchscript_export(wrapped, example, names, path) -> None:
                                         for n in names + ["last_hidden_state"]})
 
 
+def max_length(config) -> int:
+    """The longest input a transformers encoder config allows: max_position_embeddings, less
+    the padding_idx + 1 offset of RoBERTa-style position ids; 512 when the config has none."""
+    n = getattr(config, "max_position_embeddings", None) or 512
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        n -= (config.pad_token_id or 0) + 1
+    return int(n)
+
+
 def _dynamo_export(wrapped, example, names, path) -> None:
-    batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=4096)
+    # the length's upper bound must hold for the model (its position embeddings), or
+    # torch.export's shape constraints fail
+    longest = max_length(getattr(wrapped.model, "config", None))
+    batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=longest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapped, example, path, dynamo=True, input_names=names,
                           output_names=["last_hidden_state"],
-                          dynamic_shapes=tuple({0: batch, 1: seq} for _ in names))
+                          # one entry: forward's *inputs, a tuple of the inputs' shapes
+                          dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),))
 
 
 EXPORTERS = {"torchscript": _torchscript_export, "dynamo": _dynamo_export}
@@ -154,7 +168,9 @@ def _ort_session(ort, path: str) -> tuple:
 
 def onnxruntime_int8(fp32_path: Optional[str], tmp: str,
                      name: str = "onnxruntime int8 (quantize_dynamic)") -> Runtime:
-    """ONNX Runtime on ``quantize_dynamic(fp32_path)`` with its default settings."""
+    """ONNX Runtime on ``quantize_dynamic(fp32_path)`` with its default settings. Give it the
+    exported graph: the BERT optimizer's fused operators (com.microsoft domain) defeat its shape
+    inference ("Unable to find data type for weight_name")."""
     try:
         import onnxruntime as ort
         from onnxruntime.quantization import quantize_dynamic
@@ -171,7 +187,8 @@ def onnxruntime_int8(fp32_path: Optional[str], tmp: str,
 def _openvino_runtime(name: str, compiled, note_prefix: str = "") -> Runtime:
     out = compiled.output(0)
     names = [p.get_any_name() for p in compiled.inputs]
-    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     return Runtime(name, lambda inputs: torch.from_numpy(
         compiled(_numpy_feeds(inputs, names))[out].copy()),
         note=f"{note_prefix}ran at INFERENCE_PRECISION_HINT {precision}")
@@ -233,11 +250,12 @@ def _guarded(name: str, build: Callable[[], Runtime]) -> Runtime:
 def runtime_contenders(model: torch.nn.Module, example: Inputs, tmp: str,
                        calibration: Sequence[Inputs] = (),
                        say: Callable[[str], None] = lambda what: None,
-                       exporters: Sequence[str] = ("dynamo", "torchscript")) -> list[Runtime]:
+                       exporters: Sequence[str] = ("dynamo",)) -> list[Runtime]:
     """Every runtime of this module on `model`'s weights, in :data:`RUNTIMES`' order, skipped
     ones with their reason. example: inputs for the export (their names become the ONNX inputs);
     calibration: inputs for OpenVINO's int8 (none: that row is skipped); tmp: a folder for the
-    ONNX files."""
+    ONNX files; exporters: as :func:`export_onnx` (the dynamo exporter alone by default: the
+    tracer's graph is wrong at other shapes once an attention_mask is an input)."""
     path = os.path.join(tmp, "encoder.onnx")
     names = ["onnxruntime fp32", "onnxruntime int8 (quantize_dynamic)",
              "openvino (default precision)", "openvino f32", "openvino int8 (nncf)"]
@@ -253,7 +271,8 @@ def runtime_contenders(model: torch.nn.Module, example: Inputs, tmp: str,
         fp32, fp32_path = Runtime(names[0], skip=f"build failed: {type(e).__name__}: "
                                   f"{str(e)[:200]}"), None
     out.append(fp32)
-    out.append(_guarded(names[1], lambda: onnxruntime_int8(fp32_path, tmp)))
+    out.append(_guarded(names[1], lambda: onnxruntime_int8(
+        None if fp32_path is None else path, tmp)))
     out.append(_guarded(names[2], lambda: openvino(path)))
     out.append(_guarded(names[3], lambda: openvino(path, "f32")))
     out.append(_guarded(names[4], lambda: openvino_int8(path, calibration)))
