@@ -20,7 +20,9 @@ length; the contenders built from that file:
                       ``model_type=TRANSFORMER``) on calibration inputs the caller gives, compiled
                       at the default precision; only when ``nncf`` is importable
 
-Every contender is a :class:`Runtime`: ``run(inputs)`` maps a dict of int64 CPU tensors (the
+Each runtime runs on as many threads as torch (``torch.get_num_threads()`` when it is built:
+ORT's ``intra_op_num_threads``, OpenVINO's ``INFERENCE_NUM_THREADS``), so that a 1-thread
+comparison is one. Every contender is a :class:`Runtime`: ``run(inputs)`` maps a dict of int64 CPU tensors (the
 input names of the export) to ``last_hidden_state`` as a float32 tensor. A runtime whose package
 is missing, or whose build fails, comes back with ``run=None`` and ``skip`` saying why; nothing
 raises. The outputs are not checked here: the benchmarks compare every contender with
@@ -161,6 +163,7 @@ def onnxruntime_fp32(onnx_path: str, config, tmp: str, say: Callable[[str], None
 def _ort_session(ort, path: str) -> tuple:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     return (lambda inputs: torch.from_numpy(sess.run(None, _numpy_feeds(inputs, names))[0]),)
@@ -204,7 +207,9 @@ def openvino(onnx_path: str, precision: Optional[str] = None,
         import openvino as ov
     except ImportError as e:
         return Runtime(name, skip=f"openvino not installed ({e})")
-    config = {} if precision is None else {"INFERENCE_PRECISION_HINT": precision}
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
     compiled = ov.Core().compile_model(ov.convert_model(onnx_path), "CPU", config)
     return _openvino_runtime(name, compiled)
 
@@ -231,7 +236,8 @@ def openvino_int8(onnx_path: str, calibration: Sequence[Inputs],
         warnings.simplefilter("ignore")
         quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(calibration))
-    compiled = ov.Core().compile_model(quantized, "CPU")
+    compiled = ov.Core().compile_model(quantized, "CPU",
+                                       {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
     return _openvino_runtime(name, compiled,
                              note_prefix=f"calibrated on {len(calibration)} inputs; ")
 
