@@ -192,9 +192,10 @@ def encoder_inputs(config, batch: int, seqlen: int, padding: str = "realistic",
 
 
 def encoder_contenders(hf, inputs: dict, calibration: Sequence[dict], tmp: str,
-                       compile_baseline: bool, runtimes_on: bool,
+                       compile_baseline: bool, runtimes_on,
                        say: Callable[[str], None]) -> list[Contender]:
-    """Every contender on transformers model `hf`'s weights, calling on `inputs`."""
+    """Every contender on transformers model `hf`'s weights, calling on `inputs`. runtimes_on:
+    True, or the reason the runtimes' rows are skipped."""
     import transformers
 
     from ..integrations import register_hf_attention
@@ -226,10 +227,11 @@ def encoder_contenders(hf, inputs: dict, calibration: Sequence[dict], tmp: str,
             return Contender(INT8, skip="albert_kernels has no quantize_dynamic")
         return Contender(INT8, last(quantize(patch_hf(copy.deepcopy(hf)).eval())))
     out.append(_safe(INT8, int8))
-    if runtimes_on:
-        for r in runtimes.runtime_contenders(hf, inputs, tmp, calibration, say):
-            out.append(Contender(r.name, None if r.run is None else (lambda r=r: r.run(inputs)),
-                                 r.skip, r.note))
+    if runtimes_on is not True:
+        return out + [Contender(n, skip=runtimes_on) for n in runtimes.NAMES]
+    for r in runtimes.runtime_contenders(hf, inputs, tmp, calibration, say):
+        out.append(Contender(r.name, None if r.run is None else (lambda r=r: r.run(inputs)),
+                             r.skip, r.note))
     return out
 
 
@@ -280,9 +282,10 @@ def _runtime_st(path: str, r: runtimes.Runtime, names: Sequence[str]):
     return st
 
 
-def minilm_models(path: str, tmp: str, compile_baseline: bool, runtimes_on: bool,
+def minilm_models(path: str, tmp: str, compile_baseline: bool, runtimes_on,
                   calibration: Sequence[str], say: Callable[[str], None]) -> list[tuple]:
-    """[(name, SentenceTransformer or None, skip, note)], the baseline first."""
+    """[(name, SentenceTransformer or None, skip, note)], the baseline first. runtimes_on: True,
+    or the reason the runtimes' rows are skipped."""
     from sentence_transformers import SentenceTransformer
 
     from ..integrations import register_hf_attention
@@ -316,7 +319,9 @@ def minilm_models(path: str, tmp: str, compile_baseline: bool, runtimes_on: bool
             return (INT8, None, "albert_kernels has no quantize_dynamic", "")
         return (INT8, quantize(patch_hf(load())), None, "")
     out.append(guarded(INT8, int8))
-    if runtimes_on:
+    if runtimes_on is not True:
+        out += [(n, None, runtimes_on, "") for n in runtimes.NAMES]
+    else:
         st = out[0][1]
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                  if n in st.tokenize(["a"])]
@@ -409,13 +414,18 @@ def check_and_time(group: str, unit: str, work: float, contenders: list[Contende
 
 def run_family(batch: int = 8, seqlen: int = 128, padding: str = "realistic",
                min_time_s: float = 2.0, compile_baseline: bool = True,
-               runtimes_on: bool = True, encoders: Sequence[str] = ENCODERS,
+               runtimes_on=True, encoders: Sequence[str] = ENCODERS,
                minilm: Sequence[str] = MINILM_WORKLOADS, minilm_dir: Optional[str] = None,
-               quality_n: int = 256, tiny: bool = False,
+               quality_n: int = 256, tiny: bool = False, minilm_runtimes=None,
                say: Callable[[str], None] = lambda what: None) -> list[Row]:
-    """Every group's rows (see the module doc). encoders: among :data:`ENCODERS`; minilm: among
+    """Every group's rows (see the module doc). runtimes_on: True, or the reason the serving
+    runtimes' rows are skipped (False: "runtimes off"); minilm_runtimes: the same for MiniLM
+    (None: as runtimes_on); encoders: among :data:`ENCODERS`; minilm: among
     :data:`MINILM_WORKLOADS` (empty: no MiniLM); quality_n: sentences of MiniLM's quality check;
     tiny: 2-layer, hidden-32 encoders (tests). A missing package gives skipped rows."""
+    runtimes_on = True if runtimes_on is True else (runtimes_on or "runtimes off")
+    minilm_runtimes = runtimes_on if minilm_runtimes is None else (
+        True if minilm_runtimes is True else (minilm_runtimes or "runtimes off"))
     import transformers
     rows = []
     for name in encoders:
@@ -436,7 +446,7 @@ def run_family(batch: int = 8, seqlen: int = 128, padding: str = "realistic",
         del hf, cons
     if minilm:
         rows += _minilm_rows(minilm, minilm_dir, quality_n, min_time_s, compile_baseline,
-                             runtimes_on, say)
+                             minilm_runtimes, say)
     return rows
 
 
@@ -511,7 +521,8 @@ def format_family(rows: list[Row]) -> str:
 
 def main(args) -> int:
     """`albert-kernels bench --family`: CPU float32; --quick: tiny BERT/RoBERTa configs at B2 L32,
-    MiniLM checked on its 32 sentences, short timings, no compile."""
+    MiniLM checked on its 32 sentences without the serving runtimes, short timings, no
+    compile."""
     import sys
 
     from .info import machine
@@ -530,7 +541,9 @@ def main(args) -> int:
     t0 = time.perf_counter()
     rows = run_family(batch, seqlen, args.padding, min_time,
                       compile_baseline=not (args.no_compile or quick),
-                      quality_n=32 if quick else 256, tiny=quick, say=say)
+                      quality_n=32 if quick else 256, tiny=quick, say=say,
+                      minilm_runtimes="--quick (MiniLM's export and int8 calibration take "
+                      "minutes)" if quick else None)
     m = machine()
     print(describe_machine(m))
     print(format_family(rows))

@@ -242,8 +242,9 @@ def openvino_int8(onnx_path: str, calibration: Sequence[Inputs],
                              note_prefix=f"calibrated on {len(calibration)} inputs; ")
 
 
-RUNTIMES = ("onnxruntime fp32", "onnxruntime int8", "openvino default", "openvino f32",
-            "openvino int8")
+# the contenders' names (ORT fp32's gains "(bert fusions)" or "(graph opt all)" once built)
+NAMES = ("onnxruntime fp32", "onnxruntime int8 (quantize_dynamic)",
+         "openvino (default precision)", "openvino f32", "openvino int8 (nncf)")
 
 
 def _guarded(name: str, build: Callable[[], Runtime]) -> Runtime:
@@ -257,14 +258,13 @@ def runtime_contenders(model: torch.nn.Module, example: Inputs, tmp: str,
                        calibration: Sequence[Inputs] = (),
                        say: Callable[[str], None] = lambda what: None,
                        exporters: Sequence[str] = ("dynamo",)) -> list[Runtime]:
-    """Every runtime of this module on `model`'s weights, in :data:`RUNTIMES`' order, skipped
+    """Every runtime of this module on `model`'s weights, in :data:`NAMES`' order, skipped
     ones with their reason. example: inputs for the export (their names become the ONNX inputs);
     calibration: inputs for OpenVINO's int8 (none: that row is skipped); tmp: a folder for the
     ONNX files; exporters: as :func:`export_onnx` (the dynamo exporter alone by default: the
     tracer's graph is wrong at other shapes once an attention_mask is an input)."""
     path = os.path.join(tmp, "encoder.onnx")
-    names = ["onnxruntime fp32", "onnxruntime int8 (quantize_dynamic)",
-             "openvino (default precision)", "openvino f32", "openvino int8 (nncf)"]
+    names = NAMES
     try:
         say(f"ONNX export: {export_onnx(model, example, path, exporters)}")
     except Exception as e:  # noqa: BLE001
