@@ -162,3 +162,23 @@ def test_quality_and_calibration_sentences():
     assert len(set(quality)) > 240 and len(calibration) == 64
     assert not set(quality) & set(calibration)
     assert all(5 <= len(s.split()) <= 60 for s in quality[32:])
+
+
+def test_export_is_right_at_other_shapes(tmp_path):
+    """The ONNX file runs at batch sizes, lengths and paddings other than the export example's
+    (the tracer's export bakes the attention-mask arithmetic in; the dynamo export must not)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import transformers
+    config = family.encoder_config("BERT-base", tiny=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    path = str(tmp_path / "tiny.onnx")
+    runtimes.export_onnx(model, family.encoder_inputs(config, 2, 8), path)
+    fp32, _ = runtimes.onnxruntime_fp32(path, config, str(tmp_path), lambda what: None)
+    for batch, seqlen in ((3, 13), (1, 5), (5, 40)):
+        inputs = family.encoder_inputs(config, batch, seqlen, seed=batch)
+        with torch.no_grad():
+            want = model(**inputs).last_hidden_state
+        max_abs, cosine = family.errors(fp32.run(inputs), want, inputs["attention_mask"])
+        assert max_abs <= 1e-4 and cosine > 0.99999, (batch, seqlen, max_abs)

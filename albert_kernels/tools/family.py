@@ -146,7 +146,7 @@ def _freeze_note(model) -> tuple[str, str]:
         freeze(model)
         return "ours (patch_hf + freeze)", "patch_hf, then freeze (packed weights)"
     except TypeError as e:
-        return "ours (patch_hf)", f"unfrozen: ak.freeze does not cover this model ({e})"[:160]
+        return "ours (patch_hf)", f"unfrozen: ak.freeze raised TypeError ({str(e)[:70]})"
 
 
 def _quantize_dynamic():
@@ -323,9 +323,11 @@ def minilm_models(path: str, tmp: str, compile_baseline: bool, runtimes_on,
         out += [(n, None, runtimes_on, "") for n in runtimes.NAMES]
     else:
         st = out[0][1]
+        # newer sentence-transformers name it preprocess (tokenize is deprecated there)
+        tokenize = getattr(st, "preprocess", None) or st.tokenize
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
-                 if n in st.tokenize(["a"])]
-        token = lambda sentences: {n: v for n, v in st.tokenize(sentences).items() if n in names}
+                 if n in tokenize(["a"])]
+        token = lambda sentences: {n: v for n, v in tokenize(sentences).items() if n in names}
         example = token(["An example sentence.", "A second, longer example sentence here."])
         calib = [token(list(calibration[i:i + 8])) for i in range(0, len(calibration), 8)]
         for r in runtimes.runtime_contenders(st[0].auto_model, example, tmp, calib, say):
