@@ -346,6 +346,16 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="draw the speed-ups to FILE.png instead "
                    "of the results folder (then no JSON unless --json)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, just the table")
+    p.add_argument("--family", action="store_true",
+                   help="the BERT family instead (tools/family.py): BERT-base and RoBERTa-base "
+                   "(random weights, --batch x --seq with --padding) and all-MiniLM-L6-v2 "
+                   "(real weights) through sentence-transformers encode at batch 1 and a ragged "
+                   "32, fp32 on CPU: ours (patch_hf, freeze where it applies; "
+                   "attn_implementation=albert_kernels; quantize_dynamic where present) vs "
+                   "transformers sdpa, torch.compile, ONNX Runtime fp32 and int8, OpenVINO at "
+                   "its default precision, f32 and int8 (the `bench` extra), each contender's "
+                   "error against transformers fp32 beside its time; uses --min-time, "
+                   "--no-compile, --quick, --quiet and the output options")
     p.add_argument("--latency", action="store_true",
                    help="one short request at a time instead (tools/latency.py): batch 1 and 4, "
                    "L = 8, 32, 128 on CPU, in --dtype float32 (default) or bfloat16 or under "
@@ -400,6 +410,8 @@ def _model_options(args) -> Optional[str]:
     asked = [f for f, on in (("--dropout", args.dropout), ("--autocast", args.autocast)) if on]
     if not asked:
         return None
+    if getattr(args, "family", False):
+        return f"{' and '.join(asked)}: --family runs float32 inference only"
     if getattr(args, "latency", False):
         if args.dropout:
             return "--dropout: --latency runs inference only (no dropout)"
@@ -422,6 +434,12 @@ def main(args) -> int:
     if conflict:
         print(conflict, file=sys.stderr)
         return 1
+    if getattr(args, "family", False):
+        if getattr(args, "latency", False) or args.ops or args.model:
+            print("--family runs on its own: drop --latency, --ops and --model", file=sys.stderr)
+            return 1
+        from .family import main as family_main
+        return family_main(args)
     if getattr(args, "latency", False):
         from .latency import main as latency_main
         return latency_main(args)

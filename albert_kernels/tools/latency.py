@@ -15,6 +15,7 @@ Contenders, all on the same weights:
   onnxruntime                   torch.onnx.export of the transformers model, then the
                                 onnxruntime.transformers BERT optimizer (fusions) if it works for
                                 the graph, else plain ORT with all graph optimizations
+                                (tools/runtimes.py, shared with `bench --family`)
   openvino                      openvino.convert_model of the same ONNX file, compiled for CPU
 
 A contender whose package is absent or whose export fails is skipped with the reason printed.
@@ -46,7 +47,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -54,7 +54,7 @@ import torch
 
 from ..model import AlbertConfig, AlbertModel
 from ..model.layers import freeze
-from . import accuracy, timing
+from . import accuracy, runtimes, timing
 
 TOLERANCE = 1e-3       # max |diff| vs transformers' last_hidden_state, fp32
 BASELINE = "transformers sdpa"
@@ -106,68 +106,25 @@ def _hf_model(cfg: AlbertConfig):
 
 
 def _onnx_export(hf, cfg: AlbertConfig, path: str) -> str:
-    """transformers model -> ONNX file with dynamic batch and length; the exporter used."""
+    """transformers model -> ONNX file with dynamic batch and length (input_ids only: the
+    tracer first, then the dynamo exporter); the exporter used."""
     ids = torch.randint(5, cfg.vocab_size, (2, 16))
-    wrapped = _LastHidden(hf)
-    kw = dict(input_names=["input_ids"], output_names=["last_hidden_state"])
-    try:
-        # quiet: the legacy exporter's deprecation notice, and the tracer's note that
-        # transformers' is_causal test becomes a constant (False for an encoder at any length;
-        # each exported runtime's output is checked against transformers at every shape anyway)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(wrapped, (ids,), path, dynamo=False, opset_version=17,
-                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                            "last_hidden_state": {0: "batch", 1: "seq"}}, **kw)
-        return "torchscript exporter"
-    except Exception:               # legacy exporter gone or failing: the dynamo exporter
-        batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
-        torch.onnx.export(wrapped, (ids,), path, dynamo=True, **kw,
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq}})
-        return "dynamo exporter"
+    return runtimes.export_onnx(hf, {"input_ids": ids}, path,
+                                exporters=("torchscript", "dynamo"))
 
 
-class _LastHidden(torch.nn.Module):
-    def __init__(self, hf):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids):
-        return self.hf(input_ids).last_hidden_state
+def _from_runtime(r: runtimes.Runtime) -> Contender:
+    return Contender(r.name, None if r.run is None else
+                     (lambda ids: r.run({"input_ids": ids})), r.skip)
 
 
 def _ort(onnx_path: str, cfg: AlbertConfig, tmp: str, say) -> Contender:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        return Contender("onnxruntime", None, f"onnxruntime not installed ({e})")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    name, path = "onnxruntime (bert fusions)", os.path.join(tmp, "albert_opt.onnx")
-    try:
-        from onnxruntime.transformers.optimizer import optimize_model
-        opt = optimize_model(onnx_path, model_type="bert", num_heads=cfg.num_attention_heads,
-                             hidden_size=cfg.hidden_size)
-        opt.save_model_to_file(path)
-        say(f"onnxruntime fusions: {opt.get_fused_operator_statistics()}")
-    except Exception as e:  # noqa: BLE001 (any optimizer failure: plain ORT instead)
-        say(f"onnxruntime transformers optimizer failed ({type(e).__name__}: {e}); plain ORT")
-        name, path = "onnxruntime (graph opt all)", onnx_path
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    return Contender(name, lambda ids: torch.from_numpy(
-        sess.run(None, {"input_ids": ids.numpy()})[0]))
+    return _from_runtime(runtimes.onnxruntime_fp32(onnx_path, cfg, tmp, say,
+                                                   name="onnxruntime")[0])
 
 
 def _openvino(onnx_path: str) -> Contender:
-    try:
-        import openvino as ov
-    except ImportError as e:
-        return Contender("openvino", None, f"openvino not installed ({e})")
-    compiled = ov.Core().compile_model(ov.convert_model(onnx_path), "CPU")
-    out = compiled.output(0)
-    return Contender("openvino", lambda ids: torch.from_numpy(
-        compiled({0: ids.numpy()})[out].copy()))
+    return _from_runtime(runtimes.openvino(onnx_path, name="openvino"))
 
 
 def _guarded(name: str, build: Callable[[], Contender]) -> Contender:
