@@ -316,3 +316,49 @@ def test_kept_layer_parts_follow_changes(cpu_backend):
     with torch.no_grad():
         dropped = model(**inputs).last_hidden_state[mask]
     assert (dropped - no_dropout).abs().max() > 1e-3, "the new attention dropout p was not used"
+
+
+def _edit_scaling(model, value):
+    for layer in model.encoder.layer:
+        layer.attention.self.scaling = value
+
+
+def _edit_eps(model, value):
+    for layer in model.encoder.layer:
+        layer.output.LayerNorm.eps = value
+
+
+@pytest.mark.parametrize("edit", [_edit_scaling, _edit_eps], ids=["scaling", "eps"])
+def test_setting_edits_after_a_call_reach_the_patched_model(edit):
+    """The patched forward keeps its layer parts between calls; a plain attribute the parts are
+    built from (attention scale, LayerNorm eps) edited after a call is read by the next call,
+    as transformers reads it: the outputs move with transformers' (the edit changes them)."""
+    ref = _model("bert")
+    ours = ak.patch_hf(copy.deepcopy(ref), backend="cpp")
+    inputs, real = _inputs()
+    with torch.no_grad():
+        before = ours(**inputs).last_hidden_state[real]
+        for model in (ref, ours):
+            edit(model, 0.05)
+        want, got = ref(**inputs).last_hidden_state[real], ours(**inputs).last_hidden_state[real]
+    assert (want - before).abs().max() > 1e-3, "the edit does not change transformers' output"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_setting_edits_after_freeze_raise(family):
+    """The frozen copy bakes in each layer's eps, head count and softmax scale: an edit to one
+    after freeze raises (never the old setting's numbers); freeze again follows it."""
+    ref = _model(family)
+    ours = ak.freeze(ak.patch_hf(copy.deepcopy(ref), backend="cpp"))
+    inputs, real = _inputs()
+    for model in (ref, ours):
+        layers = model.transformer.layer if family == "distilbert" else model.encoder.layer
+        norm = layers[1].output_layer_norm if family == "distilbert" else layers[1].output.LayerNorm
+        norm.eps = 0.1
+    with torch.no_grad(), pytest.raises(RuntimeError, match="freeze"):
+        ours(**inputs)
+    ak.freeze(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).last_hidden_state[real],
+                                   ref(**inputs).last_hidden_state[real], atol=1e-5, rtol=0)

@@ -244,3 +244,24 @@ def test_torch_compile_fullgraph(kind, backend):
         eager = call(model)[0][mask.bool()]
         compiled = call(torch.compile(model, fullgraph=True))[0][mask.bool()]
     assert (compiled - eager).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_restarting_position_ids_are_not_packing_for_patched_albert(impl):
+    """transformers' ALBERT (eager, sdpa) attends across a row whatever its position_ids; the
+    patched model must too: position ids restarting at 0, or all zeros, give transformers'
+    output (reading them as packed rows would differ by ~0.1)."""
+    from transformers import AlbertConfig as HFConfig, AlbertModel as HFModel
+    torch.manual_seed(0)
+    cfg = HFConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_attention_heads=4,
+                   intermediate_size=48, num_hidden_layers=2, max_position_embeddings=32,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                   initializer_range=0.2, attn_implementation=impl)
+    ref = HFModel(cfg).eval()
+    ours = ak.patch_hf(copy.deepcopy(ref), backend="cpp")
+    ids = torch.randint(5, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    for pos in (torch.zeros(2, 8, dtype=torch.long), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)):
+        with torch.no_grad():
+            want = ref(input_ids=ids, position_ids=pos).last_hidden_state
+            got = ours(input_ids=ids, position_ids=pos).last_hidden_state
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

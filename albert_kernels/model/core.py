@@ -88,6 +88,16 @@ def has_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> b
             or user_hooks(module, ignore_transformers_capture))
 
 
+# Plain attributes the layer adapters read when they build the parts (``LayerParts`` keeps
+# their values): a change to one must build the parts again. Attention: its head count and size,
+# softmax scale, decoder / cross-attention flags, activation functions kept as plain attributes;
+# LayerNorm: eps and shape (read at every call too, listed for the frozen copy's check).
+_PARTS_ATTRIBUTES = ("num_attention_heads", "attention_head_size", "all_head_size", "n_heads",
+                     "dim", "scaling", "is_decoder", "is_cross_attention", "is_causal",
+                     "position_embedding_type", "intermediate_act_fn", "activation", "eps",
+                     "normalized_shape", "approximate")
+
+
 def module_state(root: nn.Module) -> Optional[list]:
     """One pass over `root` and its submodules: None when one of them has hooks
     (:func:`user_hooks`, transformers' output capturing aside) or torch's global module hooks
@@ -112,6 +122,9 @@ def module_state(root: nn.Module) -> Optional[list]:
         append(id(m))
         append(type(m))
         append(d["training"])
+        for attr in _PARTS_ATTRIBUTES:
+            if attr in d:
+                append(d[attr])
         params = d["_parameters"]
         if params:
             extend(map(id, params.values()))
@@ -507,13 +520,14 @@ class Frozen:
     """The opt-in packed weights of one encoder (``albert_kernels.freeze``): ``run``, the
     backend's frozen copy (what ``Kernels.freeze_encoder`` returns: ``usable(x, plan)``,
     ``mapping_in(x)``, ``layer(key, h, plan)``; ``backends/cpp/frozen.py``), the modules it was
-    made from and their :func:`weight_signature`. Copies and pickles as None (a copy's
-    parameters are new tensors)."""
+    made from, their :func:`weight_signature` and the :func:`layer_settings` it was packed with.
+    Copies and pickles as None (a copy's parameters are new tensors)."""
 
-    __slots__ = ("run", "modules", "signature")
+    __slots__ = ("run", "modules", "signature", "settings")
 
-    def __init__(self, run, modules: tuple, signature: tuple) -> None:
+    def __init__(self, run, modules: tuple, signature: tuple, settings: tuple = ()) -> None:
         self.run, self.modules, self.signature = run, modules, signature
+        self.settings = settings
 
     def __deepcopy__(self, memo):
         return None
@@ -553,13 +567,28 @@ def weight_signature(modules: Sequence[nn.Module]) -> tuple:
     return tuple(out)
 
 
+def layer_settings(steps: Sequence[Step]) -> tuple:
+    """Per distinct layer, the numbers a frozen copy bakes in besides the weights: head count and
+    size, softmax scale, GELU form, and both LayerNorms' eps (read from the modules now)."""
+    out, seen = [], set()
+    for step in steps:
+        p = step.parts
+        if step.key in seen or p is None:
+            continue
+        seen.add(step.key)
+        out.append((step.key, p.num_heads, p.head_dim, p.scale, p.approximate,
+                    getattr(p.norm1, "eps", None), getattr(p.norm2, "eps", None)))
+    return tuple(out)
+
+
 def frozen_for_call(encoder: nn.Module, mapping: Optional[nn.Module], steps: Sequence[Step],
                     x: torch.Tensor, plan):
     """The encoder's frozen copy (``Frozen.run``) if this call may run on it, else None: it was
     frozen, the input mapping (None: the encoder has none) and every part are still plain (a hook or wrapper added since is honoured by running the
     modules), the call needs no autograd graph and is eval-mode inference the backend's frozen
     path takes (``run.usable``). RuntimeError if the weights were detectably changed since
-    ``freeze`` (a new tensor, an in-place update that bumps the version, another module)."""
+    ``freeze`` (a new tensor, an in-place update that bumps the version, another module) or a
+    setting it baked in changed (:func:`layer_settings`)."""
     state = encoder.__dict__.get("_frozen")
     if state is None or encoder.training or torch.jit.is_tracing():
         return None
@@ -576,6 +605,12 @@ def frozen_for_call(encoder: nn.Module, mapping: Optional[nn.Module], steps: Seq
         raise RuntimeError(
             "the encoder's weights changed since albert_kernels.freeze(model): call freeze(model) "
             "again after changing frozen weights, or albert_kernels.unfreeze(model)")
+    if layer_settings(steps) != state.settings:
+        raise RuntimeError(
+            "a layer setting the frozen copy was packed with changed since "
+            "albert_kernels.freeze(model) (a LayerNorm's eps, the attention's head count or "
+            "softmax scale, the GELU form): call freeze(model) again, or "
+            "albert_kernels.unfreeze(model)")
     return state.run
 
 
@@ -622,4 +657,4 @@ def freeze_steps(encoder: nn.Module, mapping: Optional[nn.Module], steps: Option
             "or remove the hooks first, or run unfrozen")
     modules = frozen_modules(mapping, steps)
     run = kernels.freeze_encoder(mapping, layers)
-    encoder._frozen = Frozen(run, modules, weight_signature(modules))
+    encoder._frozen = Frozen(run, modules, weight_signature(modules), layer_settings(steps))

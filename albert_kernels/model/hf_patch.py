@@ -97,7 +97,10 @@ class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
         """transformers' encoder call: hidden_states [B, L, embedding_size]; attention_mask as
         transformers passes it (None, [B, 1, L, L] additive or bool; see ``layout.mask_layout``);
-        position_ids (transformers 5 passes them): restarting at 0 inside a row = packed rows.
+        position_ids (transformers 5 passes them) are read as packed rows (restarting at 0
+        inside a row) only under a flash-attention implementation, the only one with which
+        transformers' ALBERT splits rows by them; with eager and sdpa it attends across the row,
+        and so does the core.
         Hidden states and attention probabilities go where transformers expects them: the
         collector of its ``capture_outputs`` (5.x), or this call's output (4.x flags).
         transformers' own forward runs instead when a layer-level module has hooks (see the
@@ -110,6 +113,9 @@ class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
             return self._hf_class.forward(self, hidden_states, attention_mask, **kwargs)
         return_dict = kwargs.get("return_dict", True)
         kernels = self.kernels_for(hidden_states.device, hidden_states.dtype)
+        impl = str(getattr(self.config, "_attn_implementation", None) or "")
+        if "position_ids" in kwargs and not impl.startswith("flash"):
+            kwargs = {k: v for k, v in kwargs.items() if k != "position_ids"}
         out, extra = padding_free_call(
             hidden_states, attention_mask, kwargs, kernels,
             lambda tokens, plan, recorder: self._run_core(tokens, plan, steps, recorder),
