@@ -289,3 +289,18 @@ def test_minilm_quality_gate(minilm_path):
     cos = (got * ref).sum(-1)
     assert cos.min().item() >= 0.999, cos.min().item()
     assert cos.min().item() < 1.0 - 1e-7   # int8 did run
+
+
+@pytest.mark.parametrize("name", ["ours", "albert", "bert"])
+def test_quantized_model_under_autocast(models, name):
+    """Under torch.autocast("cpu", bfloat16) the int8 products run as ops of their own
+    precision (float32 in and out, autocast off inside) and the rest of the model under
+    autocast: the output stays within bf16 rounding of the float32 run of the quantized model."""
+    qmodel = ak.quantize_dynamic(models[name])
+    ids, mask = _inputs("right")
+    want = _hidden(qmodel, ids, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _hidden(qmodel, ids, mask).float()
+    real = mask.bool()
+    err = (got - want)[real].abs().max().item()
+    assert err < 0.05 * want[real].abs().max().item(), err

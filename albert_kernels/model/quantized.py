@@ -111,8 +111,15 @@ class QuantizedLinear(nn.Module):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
             raise ValueError(f"x must be on the CPU (int8 products are CPU only), got {x.device}")
+        if torch.is_autocast_enabled("cpu") and x.dtype in (torch.float32, torch.bfloat16,
+                                                           torch.float16):
+            # Under torch.autocast the int8 product is an op of its own precision (as autocast
+            # runs its fp32-listed ops): float32 in, float32 out, autocast off inside.
+            with torch.autocast("cpu", enabled=False):
+                return self._run(x.float(), gelu)
         if x.dtype != torch.float32:
-            raise TypeError(f"x must be float32, got {x.dtype}")
+            raise TypeError(f"x must be float32 (a quantize_dynamic model runs float32 "
+                            f"inference, or under torch.autocast), got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dim must be in_features = {self.in_features}, "
                              f"got shape {tuple(x.shape)}")

@@ -384,7 +384,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight_packed,
     add = addend->contiguous();
     TORCH_CHECK(add.scalar_type() == at::kFloat && add.dim() == 2 && add.size(0) == m &&
                     add.size(1) == n,
-                "addend must be float32 [M, N] = [", m, ", ", n, "], got ", add.sizes());
+                "addend must be float32 [M, N] = [", m, ", ", n, "], got ", add.scalar_type(), " ",
+                add.sizes());
     add_p = add.data_ptr<float>();
   }
   std::optional<Gelu> gelu;
