@@ -91,34 +91,33 @@ def has_hooks(module: nn.Module, ignore_transformers_capture: bool = False) -> b
 # Plain attributes the layer adapters read when they build the parts (``LayerParts`` keeps
 # their values): a change to one must build the parts again. Attention: its head count and size,
 # softmax scale, decoder / cross-attention flags, activation functions kept as plain attributes;
-# LayerNorm: eps and shape (read at every call too, listed for the frozen copy's check).
+# LayerNorm: eps and shape (read at every call too, listed for the frozen copy's check); a
+# dropout's probability.
 _PARTS_ATTRIBUTES = ("num_attention_heads", "attention_head_size", "all_head_size", "n_heads",
                      "dim", "scaling", "is_decoder", "is_cross_attention", "is_causal",
                      "position_embedding_type", "intermediate_act_fn", "activation", "eps",
-                     "normalized_shape", "approximate")
+                     "normalized_shape", "approximate", "p")
 
 
 def module_state(root: nn.Module) -> Optional[list]:
     """One pass over `root` and its submodules: None when one of them has hooks
     (:func:`user_hooks`, transformers' output capturing aside) or torch's global module hooks
     are set; else a key of what decides the layer parts: per module its identity, class and
-    training flag, its parameters' identities, a dropout's probability. Equal keys (while the
-    modules and parameters of the first are kept alive, so identities are not reused:
-    :class:`StepsCache`) mean equal layer parts, given that the attributes the adapters read
-    besides these (attention scaling, decoder flags, the activation) are set at construction."""
+    training flag, its parameters' identities, and the values of the plain attributes in
+    :data:`_PARTS_ATTRIBUTES` it has (head counts, softmax scale, LayerNorm eps, dropout
+    probability, ...). Equal keys (while the modules and parameters of the first are kept alive,
+    so identities are not reused: :class:`StepsCache`) mean equal layer parts."""
     if global_hooks():
         return None
     key, stack = [], [root]
     append, extend, push, pop = key.append, key.extend, stack.extend, stack.pop
-    dropout = nn.Dropout
     while stack:
         m = pop()
         if m is None:
             continue
-        d = m.__dict__
-        if "forward" in d or d["_forward_pre_hooks"] or d["_backward_hooks"] \
-                or d["_backward_pre_hooks"] or (d["_forward_hooks"] and user_hooks(m, True)):
+        if user_hooks(m, True):
             return None
+        d = m.__dict__
         append(id(m))
         append(type(m))
         append(d["training"])
@@ -128,8 +127,6 @@ def module_state(root: nn.Module) -> Optional[list]:
         params = d["_parameters"]
         if params:
             extend(map(id, params.values()))
-        if type(m) is dropout:
-            append(d["p"])
         push(d["_modules"].values())
     return key
 
@@ -152,6 +149,11 @@ class StepsCache:
         return (_none, ())
 
 
+def _plain_tensor(t: Optional[torch.Tensor]) -> bool:
+    """An ordinary tensor or Parameter (not a subclass), not on the meta device."""
+    return t is not None and type(t) in _PLAIN_TENSORS and not t.is_meta
+
+
 def is_plain(module: Optional[nn.Module]) -> bool:
     """True if a fused kernel may read `module`'s weight and bias instead of calling it: exactly
     an ``nn.Linear`` (with a bias), ``nn.LayerNorm`` (affine, with a bias) or ``nn.Embedding``;
@@ -159,13 +161,17 @@ def is_plain(module: Optional[nn.Module]) -> bool:
     subclass, not on the meta device). Parametrized modules have another type and are not plain."""
     if module is None or type(module) not in _PLAIN_TYPES or has_hooks(module):
         return False
-    weight = module.__dict__["_parameters"].get("weight")
-    if weight is None or type(weight) not in _PLAIN_TENSORS or weight.is_meta:
+    params = module.__dict__["_parameters"]
+    if not _plain_tensor(params.get("weight")):
         return False
-    if type(module) is nn.Embedding:
-        return True
-    bias = module.__dict__["_parameters"].get("bias")
-    return bias is not None and type(bias) in _PLAIN_TENSORS and not bias.is_meta
+    return type(module) is nn.Embedding or _plain_tensor(params.get("bias"))
+
+
+def encoder_hooked(encoder: nn.Module) -> bool:
+    """Hooks anywhere in `encoder` that would see the core's token-major tensors (transformers'
+    output capturing aside), or torch's global module hooks: then transformers' own forward
+    runs."""
+    return global_hooks() or any(user_hooks(m, True) for m in encoder.modules())
 
 
 def bare(module: nn.Module, expected_type: type, ignore_transformers_capture: bool = False) -> bool:
@@ -190,10 +196,9 @@ def _bare_linear(module: nn.Module, bias: bool) -> bool:
     if not bare(module, nn.Linear):
         return False
     params = module.__dict__["_parameters"]
-    w, b = params.get("weight"), params.get("bias")
-    if w is None or type(w) not in _PLAIN_TENSORS or w.is_meta:
+    if not _plain_tensor(params.get("weight")):
         return False
-    return (b is not None and type(b) in _PLAIN_TENSORS and not b.is_meta) if bias else b is None
+    return _plain_tensor(params.get("bias")) if bias else params.get("bias") is None
 
 
 def lora_adapters(module: nn.Module) -> Optional[list]:
@@ -525,7 +530,7 @@ class Frozen:
 
     __slots__ = ("run", "modules", "signature", "settings")
 
-    def __init__(self, run, modules: tuple, signature: tuple, settings: tuple = ()) -> None:
+    def __init__(self, run, modules: tuple, signature: tuple, settings: tuple) -> None:
         self.run, self.modules, self.signature = run, modules, signature
         self.settings = settings
 
@@ -540,16 +545,22 @@ def _none() -> None:
     return None
 
 
+def _distinct_layers(steps: Sequence[Step]):
+    """(key, parts) of each distinct layer of `steps` (a shared layer once), in order."""
+    seen = set()
+    for step in steps:
+        if step.key not in seen:
+            seen.add(step.key)
+            yield step.key, step.parts
+
+
 def frozen_modules(mapping: Optional[nn.Module], steps: Sequence[Step]) -> tuple:
     """The modules a frozen copy reads, in a fixed order: the input mapping (None for an encoder
     without one, e.g. BERT's), then per distinct layer (by key) its eight weight-holding parts.
     Every step must have parts."""
-    out, seen = [mapping], set()
-    for step in steps:
-        if step.key not in seen:
-            seen.add(step.key)
-            p = step.parts
-            out += [p.query, p.key, p.value, p.dense, p.norm1, p.ffn_in, p.ffn_out, p.norm2]
+    out = [mapping]
+    for _, p in _distinct_layers(steps):
+        out += [p.query, p.key, p.value, p.dense, p.norm1, p.ffn_in, p.ffn_out, p.norm2]
     return tuple(out)
 
 
@@ -570,15 +581,9 @@ def weight_signature(modules: Sequence[nn.Module]) -> tuple:
 def layer_settings(steps: Sequence[Step]) -> tuple:
     """Per distinct layer, the numbers a frozen copy bakes in besides the weights: head count and
     size, softmax scale, GELU form, and both LayerNorms' eps (read from the modules now)."""
-    out, seen = [], set()
-    for step in steps:
-        p = step.parts
-        if step.key in seen or p is None:
-            continue
-        seen.add(step.key)
-        out.append((step.key, p.num_heads, p.head_dim, p.scale, p.approximate,
-                    getattr(p.norm1, "eps", None), getattr(p.norm2, "eps", None)))
-    return tuple(out)
+    return tuple((key, p.num_heads, p.head_dim, p.scale, p.approximate,
+                  getattr(p.norm1, "eps", None), getattr(p.norm2, "eps", None))
+                 for key, p in _distinct_layers(steps) if p is not None)
 
 
 def frozen_for_call(encoder: nn.Module, mapping: Optional[nn.Module], steps: Sequence[Step],

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import core
-from .hf_patch import padding_free_call
+from .hf_patch import padding_free_call, reject_head_mask
 from .layers import ResolvesKernels
 
 
@@ -175,11 +175,6 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
     def _head_dim(self) -> int:
         return self._ak_head_dim
 
-    def _hooked(self) -> bool:
-        if core.global_hooks():
-            return True
-        return any(core.user_hooks(m, True) for m in self.modules())
-
     def _steps_for_call(self) -> Optional[list]:
         """The layer schedule for this call, or None when transformers' forward must run (a
         module has hooks, see ``core.module_state``, or a layer is not the family's own). Kept
@@ -210,7 +205,7 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
         ``core.freeze_steps``; the layers are unshared: one packed copy each). ValueError naming
         the first module it cannot run frozen (not plain, hooks, an activation other than
         ``F.gelu``'s erf or tanh form)."""
-        if self._hooked():
+        if core.encoder_hooked(self):
             hooked = next((m for m in self.modules() if core.user_hooks(m, True)), self)
             raise ValueError(
                 f"freeze: {names.get(id(hooked), type(hooked).__name__)} has hooks (or torch's "
@@ -242,9 +237,7 @@ class PatchedFamilyEncoderMixin(ResolvesKernels):
         collector (5.x) or into the output (4.x flags). transformers' forward runs instead for
         decoder use, hooks, foreign layer classes and gradient checkpointing (see the module
         docstring). ValueError for a head_mask or an attention_mask of another form."""
-        head_mask = kwargs.get("head_mask")
-        if head_mask is not None and any(m is not None for m in head_mask):
-            raise ValueError("head_mask is not supported by albert_kernels")
+        reject_head_mask(kwargs)
         steps = None if self._needs_transformers(args, kwargs) else self._steps_for_call()
         if steps is None:
             return self._hf_class.forward(self, hidden_states, attention_mask, *args, **kwargs)

@@ -33,6 +33,14 @@ from .layout import mask_layout
 from .outputs import Recorder, find_transformers_collector, transformers_collector, warn_not_fused
 
 
+def reject_head_mask(kwargs: dict) -> None:
+    """ValueError for a head_mask with a non-None entry in a patched encoder's call (the fused
+    attention has no per-head mask)."""
+    head_mask = kwargs.get("head_mask")
+    if head_mask is not None and any(m is not None for m in head_mask):
+        raise ValueError("head_mask is not supported by albert_kernels")
+
+
 def padding_free_call(hidden_states: torch.Tensor, attention_mask, kwargs: dict, kernels,
                       run: Callable, per_group: bool = False) -> tuple:
     """The body of a patched transformers encoder's forward, for every family: lay the batch out
@@ -88,12 +96,6 @@ class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
         c = self.config
         return c.num_hidden_layers, c.num_hidden_groups, self._ak_config.gelu_approximate
 
-    def _hooked(self) -> bool:
-        """Hooks anywhere in the encoder that would see the core's token-major tensors."""
-        if core.global_hooks():
-            return True
-        return any(core.user_hooks(m, True) for m in self.modules())
-
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
         """transformers' encoder call: hidden_states [B, L, embedding_size]; attention_mask as
         transformers passes it (None, [B, 1, L, L] additive or bool; see ``layout.mask_layout``);
@@ -105,10 +107,8 @@ class PatchedEncoderMixin(ResolvesKernels, CoreEncoder):
         collector of its ``capture_outputs`` (5.x), or this call's output (4.x flags).
         transformers' own forward runs instead when a layer-level module has hooks (see the
         module docstring). ValueError for a head_mask (not supported)."""
-        head_mask = kwargs.get("head_mask")
-        if head_mask is not None and any(m is not None for m in head_mask):
-            raise ValueError("head_mask is not supported by albert_kernels")
-        steps = None if self._hooked() else self._core_steps(call_hooked=False)
+        reject_head_mask(kwargs)
+        steps = None if core.encoder_hooked(self) else self._core_steps(call_hooked=False)
         if steps is None:
             return self._hf_class.forward(self, hidden_states, attention_mask, **kwargs)
         return_dict = kwargs.get("return_dict", True)
