@@ -130,18 +130,25 @@ def cpu_isa() -> CpuIsa:
                   avx512_bf16=has["avx512_bf16"], amx=has["amx"])
 
 
-def forced_choice(force: Optional[str] = None) -> Optional[str]:
-    """``force`` if given, else ``$ALBERT_KERNELS_CPU_GEMM``; None for ``"auto"`` / unset.
-    Raises ValueError naming the argument or variable for any other value."""
+def _choice(variable: str, choices: tuple, force: Optional[str] = None) -> tuple:
+    """(source, value): ``force`` if given, else the environment `variable` (lower-cased;
+    unset or empty: ``"auto"``). ValueError naming the argument or variable for a value other
+    than ``"auto"`` and `choices`."""
     if force is not None:
         source, value = "force", force
     else:
-        source, value = ENV_VAR, os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value == "auto":
-        return None
-    if value not in CHOICES:
-        raise ValueError(f"{source} must be 'auto', 'small_m' or 'library', got {value!r}")
-    return value
+        source, value = variable, os.environ.get(variable, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in choices:
+        allowed = ", ".join(repr(c) for c in ("auto",) + choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{source} must be {allowed}, got {value!r}")
+    return source, value
+
+
+def forced_choice(force: Optional[str] = None) -> Optional[str]:
+    """``force`` if given, else ``$ALBERT_KERNELS_CPU_GEMM``; None for ``"auto"`` / unset.
+    Raises ValueError naming the argument or variable for any other value."""
+    value = _choice(ENV_VAR, CHOICES, force)[1]
+    return None if value == "auto" else value
 
 
 def built_vector_isa() -> str:
@@ -213,6 +220,7 @@ def bf16_attention_kernel(*, isa: Optional[CpuIsa] = None) -> str:
     ``fp32``). isa: a :class:`CpuIsa` (default: this CPU's, :func:`cpu_isa`). ValueError naming
     the variable for another value. (The kernel also needs the OS to grant the tile state; where
     Linux refuses, it runs fp32 while this says ``"amx"``.)"""
+    # case-sensitive, as csrc/cpu/attention.cpp reads it (not through _choice)
     value = os.environ.get(BF16_ATTENTION_ENV, "auto").strip() or "auto"
     if value not in ("auto", "fp32"):
         raise ValueError(f"{BF16_ATTENTION_ENV} must be 'auto' or 'fp32', got {value!r}")
@@ -257,13 +265,7 @@ def int8_kernel(m: int, *, force: Optional[str] = None) -> str:
     force, else ``$ALBERT_KERNELS_CPU_INT8``: ``auto`` (default) or one of
     :data:`INT8_KERNELS`. ValueError for another value, or for ``vnni`` / ``avx2`` on a CPU that
     lacks the instructions (``library`` is honoured as asked: exact only with VNNI or AMX)."""
-    if force is not None:
-        source, value = "force", force
-    else:
-        source = INT8_ENV_VAR
-        value = os.environ.get(INT8_ENV_VAR, "auto").strip().lower() or "auto"
-    if value != "auto" and value not in INT8_KERNELS:
-        raise ValueError(f"{source} must be 'auto' or one of {INT8_KERNELS}, got {value!r}")
+    source, value = _choice(INT8_ENV_VAR, INT8_KERNELS, force)
     has_vnni, has_avx2, vector = _int8_machine(os.environ.get("ALBERT_KERNELS_CPU_ISA"))
     if value == "vnni" and not has_vnni:
         raise ValueError(f"{source}='vnni': this CPU has no AVX-512 VNNI")
