@@ -68,7 +68,8 @@ from . import memory, timing
 from .info import machine
 from .model_workloads import AUTOCAST_DTYPES, model_workloads
 from . import accuracy
-from .report import RESULTS_DIR, describe_machine, dtype_note, output_paths, write_outputs
+from .report import (RESULTS_DIR, cell as _fmt, describe_machine, dtype_note, output_paths,
+                     write_outputs)
 from .timing import measure
 from .workloads import (Workload, add_layer_norm_workloads, attention_workloads,
                         linear_gelu_workloads)
@@ -205,10 +206,6 @@ def ratios(results: list[Result]) -> dict[int, dict]:
                 "flags": why,
             }
     return out
-
-
-def _fmt(value: Optional[float], spec: str, width: int, suffix: str = "") -> str:
-    return f"{format(value, spec) + suffix if value is not None else '-':>{width}s}"
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:

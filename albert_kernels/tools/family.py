@@ -52,7 +52,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import runtimes, timing
+from . import accuracy, runtimes, timing
+from .report import cell as _f
 
 BASELINE = "transformers sdpa"
 COMPILED = "torch.compile(transformers sdpa)"
@@ -112,14 +113,8 @@ def errors(got: torch.Tensor, want: torch.Tensor,
            mask: Optional[torch.Tensor] = None) -> tuple[float, float]:
     """(max abs error, min cosine) of `got` against `want`, per vector of the last dimension:
     [B, L, H] with `mask` [B, L] (the real tokens), or [N, H]."""
-    got, want = got.detach().double(), want.detach().double()
-    if got.shape != want.shape:
-        raise ValueError(f"output shape {tuple(got.shape)} != reference {tuple(want.shape)}")
-    if mask is not None:
-        got, want = got[mask.bool()], want[mask.bool()]
-    got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
-    cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
-    return (got - want).abs().max().item(), cosine
+    e = accuracy.measure(got, want, mask)
+    return e.max_abs, e.min_cos
 
 
 def judge(row: Row, max_abs: float, min_cosine: float) -> None:
@@ -489,10 +484,6 @@ def _minilm_rows(workloads, minilm_dir, quality_n, min_time_s, compile_baseline,
 
 
 # ---------------------------------------------------------------- output
-
-
-def _f(value, spec: str, width: int, suffix: str = "") -> str:
-    return f"{format(value, spec) + suffix if value is not None else '-':>{width}s}"
 
 
 def format_family(rows: list[Row]) -> str:

@@ -55,6 +55,7 @@ import torch
 from ..model import AlbertConfig, AlbertModel
 from ..model.layers import freeze
 from . import accuracy, runtimes, timing
+from .report import cell as _f
 
 TOLERANCE = 1e-3       # max |diff| vs transformers' last_hidden_state, fp32
 BASELINE = "transformers sdpa"
@@ -379,10 +380,6 @@ def run_latency(cfg: AlbertConfig, batches=(1, 4), lengths=(8, 32, 128), min_tim
                 rows += _shape_rows(cfg, cons, b, n, rates[-1], min_time_s, say, gold, dtype,
                                     autocast or dtype)
     return rows, {k: statistics.median(r[k] for r in rates) for k in (GEMM_PROBE, COPY_PROBE)}
-
-
-def _f(v: Optional[float], spec: str, width: int) -> str:
-    return f"{format(v, spec) if v is not None else '-':>{width}s}"
 
 
 def format_latency(rows: list[Row], floors: dict,

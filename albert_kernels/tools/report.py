@@ -11,6 +11,11 @@ from typing import Optional
 from . import timing
 from .info import machine_slug
 
+
+def cell(value: Optional[float], spec: str, width: int, suffix: str = "") -> str:
+    """`value` formatted with `spec` (and `suffix`), right-aligned in `width`; "-" for None."""
+    return f"{format(value, spec) + suffix if value is not None else '-':>{width}s}"
+
 RESULTS_DIR = os.path.join("benchmarks", "results")
 
 
