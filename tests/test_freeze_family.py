@@ -13,6 +13,7 @@ import albert_kernels as ak
 from albert_kernels.backends.cpp import frozen as packed
 from albert_kernels.tools.budget import check_budget
 from minilm import SENTENCES, minilm_path  # noqa: F401  (the fixture)
+from family_batches import padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,18 +44,8 @@ def _model(family="bert", cls_name=None, seed=0, **kw):
 
 
 def _inputs(padding="right", batch=3):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, VOCAB, (batch, SEQ), generator=gen)
-    mask = torch.ones(batch, SEQ, dtype=torch.long)
-    if padding == "right":
-        mask[0, 6:] = 0
-        if batch > 1:
-            mask[1, 9:] = 0
-    elif padding == "left":
-        mask[0, :5] = 0
-        if batch > 1:
-            mask[1, :2] = 0
-    return {"input_ids": ids.masked_fill(mask == 0, 1), "attention_mask": mask}, mask.bool()
+    ids, mask = padded_batch(VOCAB, SEQ, padding, batch)
+    return {"input_ids": ids, "attention_mask": mask}, mask.bool()
 
 
 @pytest.fixture

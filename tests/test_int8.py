@@ -22,6 +22,7 @@ from albert_kernels.model.quantized import DEFAULT_PRODUCTS, QuantizedLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from minilm import SENTENCES, minilm_path  # noqa: E402,F401
+from family_batches import padded_batch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 ops = torch.ops.albert_kernels
@@ -161,16 +162,7 @@ VOCAB, SEQ = 100, 11
 
 
 def _inputs(padding):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, VOCAB, (3, SEQ), generator=gen)
-    mask = torch.ones(3, SEQ, dtype=torch.long)
-    if padding == "right":
-        mask[0, 6:] = 0
-        mask[1, 9:] = 0
-    else:
-        mask[0, :5] = 0
-        mask[1, :2] = 0
-    return ids.masked_fill(mask == 0, 1), mask
+    return padded_batch(VOCAB, SEQ, padding)
 
 
 def _models():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import albert_kernels as ak
+from family_batches import padded_batch
 from albert_kernels.model.hf_family import PatchedFamilyEncoderMixin
 from albert_kernels.tools.budget import check_budget
 
@@ -40,16 +41,7 @@ def _model(cls_name, family="bert", impl="sdpa", dtype=torch.float32, **kw):
 
 
 def _inputs(cls_name, padding="right"):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, VOCAB, (3, SEQ), generator=gen)
-    mask = torch.ones(3, SEQ, dtype=torch.long)
-    if padding == "right":
-        mask[0, 6:] = 0
-        mask[1, 9:] = 0
-    elif padding == "left":
-        mask[0, :5] = 0
-        mask[1, :2] = 0
-    ids = ids.masked_fill(mask == 0, 1)
+    ids, mask = padded_batch(VOCAB, SEQ, padding)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if cls_name.endswith("MultipleChoice"):
         inputs = {k: v[None] for k, v in inputs.items()}
