@@ -698,9 +698,11 @@ void run_forward(int64_t n_slices, const std::vector<int64_t>& slice_rows, Slice
                  *vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   acc* lp = lse.data_ptr<acc>();
+  // read (and checked) in every build, so a bad value is an error on any CPU
+  [[maybe_unused]] const bool amx = std::is_same_v<scalar_t, c10::BFloat16> && bf16_amx_enabled();
 #ifdef AK_ATTENTION_AMX
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (bf16_amx_enabled()) {
+    if (amx) {
       at::parallel_for(0, static_cast<int64_t>(task_slice.size()), 1, [&](int64_t t0, int64_t t1) {
         Workspace<acc> ws(D, max_keys, false);
         AmxWork w(D, ws.Dp, max_keys);
