@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from albert_kernels.backends.extension import build
+from lower_isa import lower_isa
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,17 +78,9 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def _lower_isa():
-    order = ["AVX512", "AVX2", "DEFAULT"]
-    native = build.build_isa() if not os.environ.get(build.ISA_ENV) else None
-    if native is None or native == "DEFAULT":
-        return None
-    return order[order.index(native) + 1]
-
-
 @pytest.mark.slow
 def test_lower_isa_build_runs_within_budget(tmp_path):
-    lower = _lower_isa()
+    lower = lower_isa()
     if lower is None:
         pytest.skip("this CPU has no vector ISA above the portable build")
     env = dict(os.environ, **{build.ISA_ENV: lower.lower(), "OMP_NUM_THREADS": "2",
