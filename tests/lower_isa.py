@@ -2,9 +2,8 @@
 (shared with tests/test_cpp_extension.py, whose compile-only check skips the ISAs built for real)."""
 import os
 
+from albert_kernels.backends.cpp.isa import ISAS
 from albert_kernels.backends.extension import build
-
-ORDER = ["AVX512", "AVX2", "DEFAULT"]  # the keys of build.ISA_FLAGS, widest first
 
 
 def lower_isa():
@@ -14,4 +13,5 @@ def lower_isa():
     native = build.build_isa() if not os.environ.get(build.ISA_ENV) else None
     if native is None or native == "DEFAULT":
         return None
-    return ORDER[ORDER.index(native) + 1]
+    order = [name.upper() for name in ISAS]  # the vector tiers, widest first
+    return order[order.index(native) + 1]
